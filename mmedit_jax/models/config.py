@@ -1,0 +1,163 @@
+"""Model configs as frozen dataclasses (hashable, so they can be static arguments of `jax.jit`).
+
+Field names follow transformers' `Blip2VisionConfig`, `Blip2QFormerConfig`, `OPTConfig` and `Blip2Config`,
+so `from_hf` / `to_hf` are plain renames. Training-only fields (dropout, init ranges) are not kept: the
+models here run inference and editing, where dropout is off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+def _pick(cls, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _as_int(x) -> int:
+    """HF allows `image_size`/`patch_size` as int or (h, w); only square ones are supported here."""
+    if isinstance(x, (list, tuple)):
+        if len(set(x)) != 1:
+            raise ValueError(f"only square sizes are supported, got {x}")
+        return int(x[0])
+    return int(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """BLIP-2's EVA ViT (`Blip2VisionModel`)."""
+
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> VisionConfig:
+        d = _pick(cls, d)
+        for k in ("image_size", "patch_size"):
+            if k in d:
+                d[k] = _as_int(d[k])
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class QFormerConfig:
+    """BLIP-2's Q-Former (`Blip2QFormerModel`): BERT-like, cross-attention every `cross_attention_frequency`."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    cross_attention_frequency: int = 2
+    encoder_hidden_size: int = 1408
+    # Kept only so `to_hf` round-trips; the query-only Q-Former of BLIP-2 uses no word embeddings.
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+
+    def __post_init__(self):
+        if self.num_hidden_layers % self.cross_attention_frequency:
+            raise ValueError(
+                f"num_hidden_layers ({self.num_hidden_layers}) must be a multiple of "
+                f"cross_attention_frequency ({self.cross_attention_frequency}): layers are scanned in groups"
+            )
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> QFormerConfig:
+        if d.get("use_qformer_text_input"):
+            raise ValueError("Q-Former text input (InstructBLIP-style) is not supported")
+        return cls(**_pick(cls, d))
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+    """The OPT decoder (`OPTForCausalLM`)."""
+
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int | None = None
+    activation_function: str = "relu"
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    remove_final_layer_norm: bool = False
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 2
+    model_type: str = "opt"
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings (`word_embed_proj_dim`, defaulting to `hidden_size`)."""
+        return self.word_embed_proj_dim or self.hidden_size
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> OPTConfig:
+        if d.get("model_type", "opt") != "opt":
+            raise ValueError(f"text model {d.get('model_type')!r} is not supported (only OPT)")
+        kw = _pick(cls, d)
+        if "_remove_final_layer_norm" in d:
+            kw["remove_final_layer_norm"] = bool(d["_remove_final_layer_norm"])
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip2Config:
+    """`Blip2ForConditionalGeneration`: vision -> Q-Former -> language projection -> OPT."""
+
+    vision: VisionConfig = VisionConfig()
+    qformer: QFormerConfig = QFormerConfig()
+    text: OPTConfig = OPTConfig()
+    num_query_tokens: int = 32
+    # transformers 5 marks where the projected query outputs go with this token id in `input_ids`.
+    image_token_index: int | None = None
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> Blip2Config:
+        if d.get("model_type") not in (None, "blip-2"):
+            raise ValueError(f"not a BLIP-2 config: model_type={d.get('model_type')!r}")
+        image_token = d.get("image_token_index", d.get("image_token_id"))
+        return cls(
+            vision=VisionConfig.from_hf(d.get("vision_config") or {}),
+            qformer=QFormerConfig.from_hf(d.get("qformer_config") or {}),
+            text=OPTConfig.from_hf(d.get("text_config") or {}),
+            num_query_tokens=int(d.get("num_query_tokens", 32)),
+            image_token_index=None if image_token is None else int(image_token),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Blip2Config:
+        return cls(
+            vision=VisionConfig(**d["vision"]),
+            qformer=QFormerConfig(**d["qformer"]),
+            text=OPTConfig(**d["text"]),
+            num_query_tokens=d["num_query_tokens"],
+            image_token_index=d["image_token_index"],
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

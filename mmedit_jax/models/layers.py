@@ -1,0 +1,223 @@
+"""Building blocks shared by every model: a patchable linear layer and the scanned layer-stack runner.
+
+Edits reach the layers through an `EditView`: a read-only view of the patch deltas and "taps" for the linear
+layers under one module. A tap on a linear layer adds a perturbation `eps` (zeros) to its output and records
+its input `x`; differentiating the loss with respect to `eps` gives the output gradient `delta`, so editors
+(MEND, KE) get the per-token factors `(x, delta)` of the weight gradient without ever forming it.
+
+Stacks of identical layers run under `lax.scan`, so compile time does not grow with depth. The stack is cut
+into *segments* of consecutive layers that carry the same kind of edits: layers below the first edited one
+scan with no patch at all (and autodiff never touches them when only later layers carry taps), edited layers
+scan with their stacked deltas. Which layers are edited is static (the patch's site names), the delta values
+are traced, so one compiled program serves every edit with the same layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmedit_jax.patch import Dense, LowRank
+
+# --------------------------------------------------------------------------------------------------
+# EditView: how patches and taps reach one module.
+
+
+class EditView:
+    """Deltas and taps for the linear layers under one module, keyed by path relative to the scanned unit.
+
+    `child(name)` descends one module level; `PatchableDense` looks itself up by the view's path. Inputs of
+    tapped layers are recorded into `captured` (a dict shared by every view of one unit), which the stack
+    runner returns. Views are plain Python objects, built fresh inside each traced call.
+    """
+
+    def __init__(self, deltas: Mapping[str, Any], taps: Mapping[str, Any], path: str = "", captured=None):
+        self.deltas = deltas
+        self.taps = taps
+        self.path = path
+        self.captured = {} if captured is None else captured
+
+    def child(self, name: str) -> EditView:
+        path = f"{self.path}/{name}" if self.path else name
+        return EditView(self.deltas, self.taps, path, self.captured)
+
+    @property
+    def delta(self):
+        return self.deltas.get(self.path)
+
+    @property
+    def eps(self):
+        return self.taps.get(self.path)
+
+    def capture(self, x):
+        self.captured[self.path] = x
+
+
+def child(edits: EditView | None, name: str) -> EditView | None:
+    """`edits.child(name)`, passing `None` through (the unedited fast path)."""
+    return None if edits is None else edits.child(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# The patchable linear layer.
+
+
+class PatchableDense(nn.Module):
+    """`nn.Dense` (kernel `[in, out]`, `y = x @ W + b`) that applies an edit delta and records taps.
+
+    With `edits.delta = LowRank(a, b, s)` it computes `x @ W + s * (x @ a.T) @ b + bias` without forming the
+    dense delta; with `Dense(d)` it uses `W + d`. With a tap `eps` (shape of `y`) it returns `y + eps` and
+    records `x`, so `d loss / d eps` is the gradient at the layer output.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, edits: EditView | None = None) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        delta = eps = None
+        if edits is not None:
+            delta, eps = edits.delta, edits.eps
+        dtype = self.dtype or jnp.result_type(x.dtype, kernel.dtype)
+        x = x.astype(dtype)
+        if isinstance(delta, Dense):
+            kernel = kernel + delta.delta.astype(kernel.dtype)
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(dtype))
+        if isinstance(delta, LowRank):
+            low = jnp.einsum("...i,ri->...r", x, delta.a.astype(dtype))
+            y = y + jnp.asarray(delta.scale, dtype) * jnp.einsum("...r,ro->...o", low, delta.b.astype(dtype))
+        elif delta is not None and not isinstance(delta, Dense):
+            raise TypeError(f"{edits.path}: unknown delta type {type(delta).__name__}")
+        if bias is not None:
+            y = y + bias.astype(dtype)
+        if eps is not None:
+            edits.capture(x)
+            y = y + eps.astype(y.dtype)
+        return y
+
+
+# --------------------------------------------------------------------------------------------------
+# The scanned layer-stack runner.
+
+
+def _unit_entries(table: Mapping[str, Any], prefix: str, num_units: int, per_unit: int):
+    """Splits a `{site: value}` table into per-unit `{relative path: value}` dicts for one stack."""
+    units: list[dict[str, Any]] = [{} for _ in range(num_units)]
+    for site, value in table.items():
+        if not site.startswith(prefix + "/"):
+            continue
+        idx, _, rest = site[len(prefix) + 1 :].partition("/")
+        if not idx.isdigit() or not rest:
+            raise KeyError(f"site {site!r}: expected '{prefix}/<layer index>/<module path>'")
+        i = int(idx)
+        if i >= num_units * per_unit:
+            raise KeyError(f"site {site!r}: layer {i} out of range (the stack has {num_units * per_unit})")
+        rel = rest if per_unit == 1 else f"{i % per_unit}/{rest}"
+        units[i // per_unit][rel] = value
+    return units
+
+
+def _signature(deltas: Mapping[str, Any], taps: Mapping[str, Any]):
+    def sig(v):
+        return (type(v).__name__, tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(v)))
+
+    return (tuple(sorted((k, sig(v)) for k, v in deltas.items())), tuple(sorted((k, sig(v)) for k, v in taps.items())))
+
+
+def _stack(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    if not dicts or not dicts[0]:
+        return {}
+    return {k: jax.tree.map(lambda *xs: jnp.stack(xs), *(d[k] for d in dicts)) for k in dicts[0]}
+
+
+def run_stack(
+    unit: nn.Module,
+    stacked_params,
+    carry,
+    *args,
+    prefix: str,
+    per_unit: int = 1,
+    patch: Mapping[str, Any] | None = None,
+    taps: Mapping[str, Any] | None = None,
+    per_unit_xs=None,
+    remat: bool = False,
+    **kwargs,
+):
+    """Runs a stack of `num_units` identical units (`unit.apply`) over `carry`, segment by segment.
+
+    Args:
+      unit: an unbound module (`parent=None`) whose `__call__(carry, *args, edits=view, xs=..., **kwargs)`
+        returns `(carry, ys)`; `ys` may be None. `xs` is only passed when `per_unit_xs` is given.
+      stacked_params: the unit's params with a leading `[num_units]` axis on every leaf.
+      carry: the running state (a pytree), e.g. hidden states `[B, L, D]`.
+      *args, **kwargs: broadcast to every unit (masks, encoder states, ...).
+      prefix: the stack's site prefix, e.g. `"language_model/layers"`.
+      per_unit: layers per scanned unit (Q-Former groups); site layer `i` is member `i % per_unit` of unit
+        `i // per_unit`.
+      patch: `{site: LowRank | Dense}`; sites outside this stack are ignored.
+      taps: `{site: eps}` perturbations whose layers record their inputs.
+      per_unit_xs: optional pytree with a leading `[num_units]` axis handed to each unit as `xs` (KV caches).
+      remat: rematerialise each unit in the backward pass (saves activation memory when training).
+
+    Returns:
+      `(carry, ys, captured)`: `ys` stacked over units (or None), `captured` maps each tapped site to the
+      input its layer saw.
+    """
+    num_units = jax.tree.leaves(stacked_params)[0].shape[0]
+    unit_deltas = _unit_entries(patch or {}, prefix, num_units, per_unit)
+    unit_taps = _unit_entries(taps or {}, prefix, num_units, per_unit)
+    sigs = [_signature(d, t) for d, t in zip(unit_deltas, unit_taps)]
+
+    # Maximal runs of units that carry the same kind of edits.
+    segments, start = [], 0
+    for u in range(1, num_units + 1):
+        if u == num_units or sigs[u] != sigs[start]:
+            segments.append((start, u))
+            start = u
+
+    def body(c, x):
+        p, deltas, eps, xs = x
+        view = EditView(deltas, eps)
+        extra = {} if xs is None else {"xs": xs}
+        c, ys = unit.apply({"params": p}, c, *args, edits=view, **extra, **kwargs)
+        return c, (ys, view.captured)
+
+    if remat:
+        body = jax.checkpoint(body)
+
+    ys_parts, captured = [], {}
+    for s, e in segments:
+        seg = lambda t: jax.tree.map(lambda a: a[s:e], t)  # noqa: B023 (used immediately)
+        xs = (seg(stacked_params), _stack(unit_deltas[s:e]), _stack(unit_taps[s:e]),
+              None if per_unit_xs is None else seg(per_unit_xs))
+        carry, (ys, cap) = jax.lax.scan(body, carry, xs)
+        ys_parts.append(ys)
+        for rel, x in cap.items():
+            for j, u in enumerate(range(s, e)):
+                if per_unit == 1:
+                    site = f"{prefix}/{u}/{rel}"
+                else:
+                    member, _, rest = rel.partition("/")
+                    site = f"{prefix}/{u * per_unit + int(member)}/{rest}"
+                captured[site] = x[j]
+    ys = None
+    if ys_parts and jax.tree.leaves(ys_parts[0]):
+        ys = jax.tree.map(lambda *p: jnp.concatenate(p), *ys_parts)
+    return carry, ys, captured
+
+
+def init_stack(unit: nn.Module, rng: jax.Array, num_units: int, *sample_args, **sample_kwargs):
+    """Initialises `num_units` independent copies of `unit` as one stacked param tree (`[num_units, ...]`)."""
+    rngs = jax.random.split(rng, num_units)
+    init = lambda r: unit.init(r, *sample_args, **sample_kwargs)["params"]
+    return jax.vmap(init)(rngs)

@@ -1,0 +1,164 @@
+"""Edits as patches: values that say how some parameters change, never in-place writes.
+
+A patch is a plain dict `{site: delta}`. A *site* names one linear layer by its readable path, with the layer
+index spelled out for stacked (scanned) layers, e.g. `"language_model/layers/31/fc1"` or
+`"qformer/layers/10/output_query/dense"`; its parameter is that module's `kernel` (`[in, out]`, `y = x @ W`).
+
+Deltas:
+  * `LowRank(a [r, in], b [r, out], scale [])`: `W + scale * a.T @ b`, applied factored inside the layer as
+    `y + scale * (x @ a.T) @ b` (see `models/layers.py`), so an edit costs `r * (in + out)` numbers, not
+    `in * out`, and E vmapped edits share one copy of the base weights.
+  * `Dense(delta [in, out])`: a full delta, for fine-tuning baselines.
+
+Both are pytrees (flax.struct), so a batch of E independent patches is the same dict with a leading `[E]`
+axis on every leaf, and `jax.vmap` over it evaluates E edited models at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class LowRank:
+    """`delta W = scale * a.T @ b` for a kernel `W: [in, out]`. Shapes: a `[r, in]`, b `[r, out]`, scale `[]`."""
+
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-2]
+
+    def dense(self) -> jax.Array:
+        """The materialised `[in, out]` delta (tests and export only: it costs `in * out`)."""
+        return jnp.asarray(self.scale)[..., None, None] * jnp.einsum("...ri,...ro->...io", self.a, self.b)
+
+
+@struct.dataclass
+class Dense:
+    """A full delta `W + delta`, `delta: [in, out]`."""
+
+    delta: jax.Array
+
+    def dense(self) -> jax.Array:
+        return self.delta
+
+
+Delta = LowRank | Dense
+Patch = dict  # dict[str, Delta]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sites: readable names <-> where the kernel lives in the (stacked) parameter tree.
+
+
+def resolve_site(site: str, stacks: Mapping[str, int]) -> tuple[tuple[str, ...], int | None]:
+    """Maps a site to `(path of its kernel leaf, index on the leaf's leading layer axis or None)`.
+
+    `stacks` maps each stacked-layer prefix (e.g. `"language_model/layers"`) to how many layers one scanned
+    unit holds: 1 for plain stacks; k for the Q-Former, whose layers are scanned in groups of k (cross-attention
+    every k-th layer), stored as members `"0".."k-1"` of each group.
+    """
+    for prefix, per_unit in stacks.items():
+        if site.startswith(prefix + "/"):
+            idx, _, rest = site[len(prefix) + 1 :].partition("/")
+            if not idx.isdigit() or not rest:
+                raise KeyError(f"site {site!r}: expected '{prefix}/<layer index>/<module path>'")
+            i = int(idx)
+            path = prefix.split("/")
+            if per_unit > 1:
+                path.append(str(i % per_unit))
+            return (*path, *rest.split("/"), "kernel"), i // per_unit
+    return (*site.split("/"), "kernel"), None
+
+
+def _get(tree, path: tuple[str, ...], site: str):
+    node = tree
+    for i, k in enumerate(path):
+        if not isinstance(node, Mapping) or k not in node:
+            have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
+            raise KeyError(f"site {site!r}: no {'/'.join(path[: i + 1])!r} in params (have {have})")
+        node = node[k]
+    return node
+
+
+def _set(tree, path: tuple[str, ...], value):
+    """A new dict spine with `value` at `path`; every other leaf is shared, not copied."""
+    if not path:
+        return value
+    new = dict(tree)
+    new[path[0]] = _set(tree[path[0]], path[1:], value)
+    return new
+
+
+def kernel_of(params, site: str, stacks: Mapping[str, int]) -> jax.Array:
+    """The `[in, out]` kernel a site edits."""
+    path, idx = resolve_site(site, stacks)
+    leaf = _get(params, path, site)
+    return leaf if idx is None else leaf[idx]
+
+
+def apply_patch(params, patch: Patch, stacks: Mapping[str, int]):
+    """Materialises `patch` into a new parameter tree (untouched leaves are shared).
+
+    The editors never need this: forward passes take the patch and apply it factored. It exists for export,
+    for tests (factored == materialised), and for fine-tuning loops that want plain parameters.
+    """
+    for site, delta in patch.items():
+        path, idx = resolve_site(site, stacks)
+        leaf = _get(params, path, site)
+        d = delta.dense().astype(leaf.dtype)
+        target_shape = leaf.shape if idx is None else leaf.shape[1:]
+        if d.shape != target_shape:
+            raise ValueError(f"site {site!r}: delta shape {d.shape} does not match kernel shape {target_shape}")
+        params = _set(params, path, leaf + d if idx is None else leaf.at[idx].add(d))
+    return params
+
+
+# --------------------------------------------------------------------------------------------------
+# Algebra on patches.
+
+
+def scale(patch: Patch, c) -> Patch:
+    """`c * patch` (c may be a traced scalar)."""
+    out = {}
+    for site, d in patch.items():
+        out[site] = d.replace(scale=d.scale * c) if isinstance(d, LowRank) else Dense(d.delta * c)
+    return out
+
+
+def compose(*patches: Patch) -> Patch:
+    """The sum of several patches. Low-rank deltas on one site concatenate their factors (rank adds up), with
+    each scale folded into its `b`; a dense delta anywhere on a site makes that site dense."""
+    out: dict[str, list] = {}
+    for p in patches:
+        for site, d in p.items():
+            out.setdefault(site, []).append(d)
+    result = {}
+    for site, ds in out.items():
+        if len(ds) == 1:
+            result[site] = ds[0]
+        elif all(isinstance(d, LowRank) for d in ds):
+            a = jnp.concatenate([d.a for d in ds], axis=-2)
+            b = jnp.concatenate([jnp.asarray(d.scale)[..., None, None] * d.b for d in ds], axis=-2)
+            result[site] = LowRank(a, b, jnp.ones(a.shape[:-2], a.dtype))
+        else:
+            result[site] = Dense(sum(d.dense() for d in ds))
+    return result
+
+
+def nbytes(patch: Patch) -> int:
+    """Bytes held by the patch's arrays (all leaves, including any leading edit axis)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(patch))
+
+
+def dense_nbytes(shapes: Mapping[str, tuple[int, int]], itemsize: int = 4) -> int:
+    """Bytes one edit would take as dense deltas on kernels of the given `[in, out]` shapes."""
+    return sum(math.prod(s) * itemsize for s in shapes.values())
