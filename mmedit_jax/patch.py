@@ -162,3 +162,48 @@ def nbytes(patch: Patch) -> int:
 def dense_nbytes(shapes: Mapping[str, tuple[int, int]], itemsize: int = 4) -> int:
     """Bytes one edit would take as dense deltas on kernels of the given `[in, out]` shapes."""
     return sum(math.prod(s) * itemsize for s in shapes.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequential editing: a fixed-capacity running sum of patches, so every step has the same shapes.
+
+
+def empty_accumulator(example: Patch, steps: int) -> Patch:
+    """A zero patch that can hold the sum of `steps` patches shaped like `example` (one compile for all steps).
+
+    Low-rank sites get `steps * r` zero rows (filled step by step); dense sites are a zero delta.
+    """
+    out = {}
+    for site, d in example.items():
+        if isinstance(d, LowRank):
+            r = d.a.shape[-2]
+            out[site] = LowRank(
+                jnp.zeros((*d.a.shape[:-2], steps * r, d.a.shape[-1]), d.a.dtype),
+                jnp.zeros((*d.b.shape[:-2], steps * r, d.b.shape[-1]), d.b.dtype),
+                jnp.ones(d.a.shape[:-2], d.a.dtype),
+            )
+        else:
+            out[site] = Dense(jnp.zeros_like(d.delta))
+    return out
+
+
+def accumulate(total: Patch, new: Patch, step) -> Patch:
+    """`total + new`, writing `new`'s low-rank factors into rows `[step * r, (step + 1) * r)` of `total`.
+
+    `step` may be traced. `total` must come from `empty_accumulator` (its scale is 1; `new`'s scale is folded
+    into its `b`).
+    """
+    out = dict(total)
+    for site, d in new.items():
+        t = total[site]
+        if isinstance(d, LowRank) and isinstance(t, LowRank):
+            r = d.a.shape[-2]
+            b = jnp.asarray(d.scale)[..., None, None] * d.b
+            out[site] = LowRank(
+                jax.lax.dynamic_update_slice_in_dim(t.a, d.a.astype(t.a.dtype), step * r, axis=-2),
+                jax.lax.dynamic_update_slice_in_dim(t.b, b.astype(t.b.dtype), step * r, axis=-2),
+                t.scale,
+            )
+        else:
+            out[site] = Dense(t.dense() + d.dense())
+    return out

@@ -144,3 +144,20 @@ def test_bad_site_names_are_clear(setup):
         P.apply_patch(params, {"net/layers/0/fc9": P.Dense(jnp.zeros((D, 12)))}, STACKS)
     with pytest.raises(ValueError, match="does not match kernel shape"):
         P.apply_patch(params, {"net/layers/0/fc1": P.Dense(jnp.zeros((3, 3)))}, STACKS)
+
+
+def test_accumulator_equals_compose(setup):
+    params, x = setup
+    steps = [
+        {"net/layers/2/fc1": random_lowrank(jax.random.PRNGKey(10 + i), 2, D, 12),
+         "net/layers/4/fc2": P.Dense(0.1 * jax.random.normal(jax.random.PRNGKey(20 + i), (12, D)))}
+        for i in range(3)
+    ]
+    total = P.empty_accumulator(steps[0], 3)
+    add = jax.jit(P.accumulate)
+    for i, p in enumerate(steps):
+        total = add(total, p, i)
+    want = P.compose(*steps)
+    for site in want:
+        np.testing.assert_allclose(total[site].dense(), want[site].dense(), rtol=1e-5, atol=1e-5)
+    assert add._cache_size() == 1  # one program for every step
