@@ -1,0 +1,335 @@
+"""Import an EasyEdit-trained MEND editor (a PyTorch checkpoint) as our MEND params + statistics.
+
+EasyEdit's trainer saves `torch.save({"model": MEND.state_dict(), "opt": ..., ...})`; the MEND state dict holds
+(base-model weights removed, `model_config` added):
+  * `mend.<group>.<net>.layers.<i>.{u [D, mid], v [mid, D], bias [D], mode_scale.weight [M, D],
+    mode_shift.weight [M, D]}` with `<group>` = `"(in, out)"` when shared (else the parameter name with `.` ->
+    `#`) and `<net>` = `mlp` (combine) or `mlp1` (u side) / `mlp2` (delta side);
+  * `mend.<group>.{u_mean, v_mean, u_std, v_std, u_s, v_s, k}`: Welford buffers (`u_s`, `v_s` are M2, `k` the
+    count; `v` means delta here);
+  * `edit_lrs [n]`, one per inner param in the hparams' `inner_params` order.
+The shared-mode keys name shapes, not parameters, so the inner-param names come from the hparams YAML (or the
+caller), and each name is matched to its shape group (`--shape`, or by its projection kind, see
+`infer_shapes`). The result uses `descent=False`: these editors were trained with `W + lr * g`.
+
+CLI (`python -m mmedit_jax.convert mend-easyedit ...`, `main(argv)` gets the arguments after the subcommand):
+    --ckpt FILE --out DIR [--hparams YAML] [--inner-param NAME ...] [--shape NAME=IN,OUT ...]
+    [--init id|xavier] [--no-norm] [--trust-pickle]
+Output directory (`save_mend` / `load_mend`): `spec.json` (config, sites, shapes, source names), `params.npz`,
+`stats.npz`; npz keys are tree paths joined by `::`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmedit_jax.editors import mend_net as mn
+
+_SHARED_GROUP = re.compile(r"^\((\d+), (\d+)\)$")
+_NETS = {"mlp": "mlp", "mlp1": "mlp_u", "mlp2": "mlp_delta"}
+_LAYER_KEY = re.compile(r"^(mlp|mlp1|mlp2)\.layers\.(\d+)\.(u|v|bias|mode_scale\.weight|mode_shift\.weight)$")
+_BUFFERS = ("u_mean", "v_mean", "u_std", "v_std", "u_s", "v_s", "k")
+
+# Module kinds whose Linear expands (in < out) or contracts (in > out): enough to place BLIP-2/OPT, Q-Former,
+# LLaMA, GPT-J and GPT-2 MLP matrices in their shape group without loading the model.
+_EXPANDING = ("fc1", "fc_in", "c_fc", "up_proj", "gate_proj", "intermediate.dense", "intermediate_query.dense")
+_CONTRACTING = ("fc2", "fc_out", "c_proj", "down_proj", "output.dense", "output_query.dense")
+
+_SITE_RULES = (
+    (re.compile(r"^opt_model\.model\.decoder\.layers\.(\d+)\.(.+)\.weight$"), "language_model/layers/{0}/{1}"),
+    (re.compile(r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(.+)\.weight$"), "qformer/layers/{0}/{1}"),
+)
+
+
+def site_name(torch_name: str) -> str:
+    """Our patch site for an EasyEdit inner-param name, e.g.
+    `opt_model.model.decoder.layers.31.fc1.weight` -> `language_model/layers/31/fc1`,
+    `Qformer.bert.encoder.layer.10.output_query.dense.weight` -> `qformer/layers/10/output_query/dense`;
+    anything else: drop `.weight` and use `/` for `.`."""
+    for pattern, fmt in _SITE_RULES:
+        m = pattern.match(torch_name)
+        if m:
+            return fmt.format(m.group(1), m.group(2).replace(".", "/"))
+    return torch_name.removesuffix(".weight").replace(".", "/")
+
+
+def load_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+    """The MEND state dict of an EasyEdit checkpoint as float32 NumPy arrays (non-tensor entries dropped)."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as e:  # torch raises UnpicklingError subclasses with long messages
+        if trust_pickle:
+            raise
+        raise ValueError(f"{path}: could not be read with torch.load(weights_only=True) ({type(e).__name__}). "
+                         "EasyEdit checkpoints pickle the base model's config; if you trust this file, pass "
+                         "--trust-pickle (trust_pickle=True)") from e
+    sd = obj["model"] if isinstance(obj, Mapping) and "model" in obj else obj
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: expected a dict with a 'model' state dict, got {type(obj).__name__}")
+    return {k: v.detach().to(torch.float32).numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _parse_groups(sd: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in sd.items():
+        if not key.startswith("mend."):
+            continue
+        group, _, rest = key[len("mend."):].partition(".")
+        if not (rest in _BUFFERS or _LAYER_KEY.match(rest)):
+            raise ValueError(f"unexpected MEND state-dict key {key!r}")
+        groups.setdefault(group, {})[rest] = value
+    if not groups:
+        heads = sorted({k.split(".")[0] for k in sd})
+        raise ValueError(f"no 'mend.*' keys in the state dict (its keys start with {heads})")
+    return groups
+
+
+def infer_shapes(inner_params: Sequence[str], group_shapes: Sequence[tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """`{name: (in, out)}` for shared-mode groups: one group takes every name; otherwise a name goes to the only
+    group whose direction (expanding in < out / contracting in > out) matches its module kind."""
+    if len(group_shapes) == 1:
+        return {n: tuple(group_shapes[0]) for n in inner_params}
+    out = {}
+    for name in inner_params:
+        stem = name.removesuffix(".weight")
+        if any(stem.endswith(k) for k in _EXPANDING):
+            cands = [s for s in group_shapes if s[0] < s[1]]
+        elif any(stem.endswith(k) for k in _CONTRACTING):
+            cands = [s for s in group_shapes if s[0] > s[1]]
+        else:
+            cands = []
+        if len(cands) != 1:
+            raise ValueError(f"cannot tell which shape group {list(group_shapes)} inner param {name!r} belongs to; "
+                             "pass its shape explicitly (--shape NAME=IN,OUT)")
+        out[name] = tuple(cands[0])
+    return out
+
+
+def convert_state_dict(
+    sd: Mapping[str, np.ndarray],
+    inner_params: Sequence[str],
+    *,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
+    sites: Mapping[str, str] | None = None,
+    init: str = "id",
+    norm: bool = True,
+    edit_lr: float | None = None,
+) -> tuple[mn.MendSpec, dict, dict]:
+    """`(spec, params, stats)` from an EasyEdit MEND state dict.
+
+    Args:
+      sd: the state dict (`load_checkpoint`), torch layout, NumPy arrays.
+      inner_params: EasyEdit's `inner_params` in hparams order (fixes `edit_lrs` order and modes).
+      shapes: `{inner param: (in, out)}` where `infer_shapes` cannot tell (shared mode only).
+      sites: `{inner param: our site name}` overrides (default `site_name`).
+      init, norm: not recoverable from weights (forward-relevant): take them from the hparams.
+      edit_lr: the config's initial edit lr (informational; the learned values come from `edit_lrs`).
+    """
+    inner_params = list(inner_params)
+    groups = _parse_groups(sd)
+    if "edit_lrs" not in sd:
+        raise ValueError("state dict has no 'edit_lrs'")
+    edit_lrs = np.asarray(sd["edit_lrs"]).reshape(-1)
+    if len(edit_lrs) != len(inner_params):
+        raise ValueError(f"edit_lrs has {len(edit_lrs)} entries but {len(inner_params)} inner params were given: "
+                         f"{inner_params}")
+    shared = all(_SHARED_GROUP.match(g) for g in groups)
+    if not shared and any(_SHARED_GROUP.match(g) for g in groups):
+        raise ValueError(f"mixed shared and per-parameter MEND groups: {list(groups)}")
+
+    # Network structure, checked to be the same in every group.
+    nets = {g: sorted({k.split(".")[0] for k in entries if _LAYER_KEY.match(k)}) for g, entries in groups.items()}
+    some = next(iter(groups.values()))
+    net0 = sorted({k.split(".")[0] for k in some if _LAYER_KEY.match(k)})
+    n_layers = len({k.split(".")[2] for k in some if _LAYER_KEY.match(k) and k.startswith(net0[0] + ".")})
+    rank = some[f"{net0[0]}.layers.0.v"].shape[0]
+    combine = net0 == ["mlp"]
+    sides = {tuple(v) for v in nets.values()}
+    flags = {}
+    if not combine and sides != {("mlp1", "mlp2")}:
+        if sides == {("mlp1",)}:
+            flags = {"x_only": True}
+        elif sides == {("mlp2",)}:
+            flags = {"delta_only": True}
+        else:
+            flags = {"one_sided": True}
+    cfg = mn.MendConfig(rank=int(rank), n_hidden=n_layers - 1, init=init, combine=combine, norm=norm,
+                        shared=shared, descent=False, **flags,
+                        **({"edit_lr": float(edit_lr)} if edit_lr is not None else {}))
+
+    # Sites and shapes, in inner-params order.
+    if shared:
+        group_shapes = [tuple(int(x) for x in _SHARED_GROUP.match(g).groups()) for g in groups]
+        given = dict(shapes or {})
+        rest = [n for n in inner_params if n not in given]
+        given.update(infer_shapes(rest, group_shapes) if rest else {})
+        by_name = {n: tuple(int(x) for x in given[n]) for n in inner_params}
+    else:
+        by_name = {}
+        for n in inner_params:
+            g = groups.get(n.replace(".", "#"))
+            if g is None:
+                raise ValueError(f"inner param {n!r} has no group 'mend.{n.replace('.', '#')}' in the state dict")
+            by_name[n] = (g["u_mean"].shape[0], g["v_mean"].shape[0])
+    site_of = {n: (sites or {}).get(n, site_name(n)) for n in inner_params}
+    spec = mn.mend_spec(cfg, {site_of[n]: by_name[n] for n in inner_params})
+
+    src_group = {}
+    for key, members in spec.groups:
+        src = key if shared else next(n for n in inner_params if site_of[n] == key).replace(".", "#")
+        if src not in groups:
+            raise ValueError(f"no MEND group 'mend.{src}' in the state dict for sites {members} "
+                             f"(groups present: {list(groups)})")
+        n_modes = groups[src].get(f"{net0[0]}.layers.0.mode_scale.weight")
+        if shared and (n_modes is None or n_modes.shape[0] != len(members)):
+            raise ValueError(f"group {src!r}: state dict has "
+                             f"{None if n_modes is None else n_modes.shape[0]} modes, inner params give "
+                             f"{len(members)} ({members}); check inner_params / --shape")
+        src_group[key] = src
+
+    # Shapes only (no random init of a possibly large network).
+    params = jax.eval_shape(lambda: mn.init_mend(jax.random.key(0), spec)[0])
+    stats = mn.init_stats(spec)
+    for key, src in src_group.items():
+        entries = groups[src]
+        net = {}
+        for tname, ours in _NETS.items():
+            if not any(k.startswith(tname + ".") for k in entries):
+                continue
+            layers = {}
+            for i in range(n_layers):
+                p = f"{tname}.layers.{i}."
+                layer = {"down": entries[p + "v"].T, "up": entries[p + "u"].T, "bias": entries[p + "bias"]}
+                if shared:
+                    layer["mode_scale"] = entries[p + "mode_scale.weight"]
+                    layer["mode_shift"] = entries[p + "mode_shift.weight"]
+                layers[f"layer_{i}"] = layer
+            net[ours] = layers
+        want = jax.tree.map(lambda x: tuple(x.shape), params["nets"][key])
+        got = jax.tree.map(np.shape, net)
+        if want != got:
+            raise ValueError(f"group {src!r}: converted network shapes {got} differ from the config's {want}")
+        params["nets"][key] = jax.tree.map(jnp.asarray, net)
+
+        k = float(np.asarray(entries["k"]).reshape(-1)[0]) if "k" in entries else float("nan")
+        if np.isnan(k):  # never trained: empty statistics
+            continue
+        stats[key] = {
+            "u": {"count": jnp.asarray(k, jnp.float32), "mean": jnp.asarray(entries["u_mean"]),
+                  "m2": jnp.asarray(entries["u_s"])},
+            "delta": {"count": jnp.asarray(k, jnp.float32), "mean": jnp.asarray(entries["v_mean"]),
+                      "m2": jnp.asarray(entries["v_s"])},
+        }
+    params = {"nets": params["nets"]}
+    params["edit_lrs"] = {site_of[n]: jnp.asarray(edit_lrs[i], jnp.float32) for i, n in enumerate(inner_params)}
+    return spec, params, stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving our editor (a plain directory; the trainer's own checkpoints use orbax).
+
+_SEP = "::"
+
+
+def _flatten(tree) -> dict[str, np.ndarray]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(p.key) for p in path]
+        if any(_SEP in k for k in keys):
+            raise ValueError(f"tree key {keys} contains {_SEP!r}")
+        out[_SEP.join(keys)] = np.asarray(leaf)
+    return out
+
+
+def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, last = key.split(_SEP)
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = jnp.asarray(value)
+    return tree
+
+
+def save_mend(out_dir: str, spec: mn.MendSpec, params: dict, stats: dict, source: Mapping | None = None) -> None:
+    """Writes `spec.json`, `params.npz`, `stats.npz` under `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"format": "mmedit_jax.mend/1", "config": dataclasses.asdict(spec.cfg), "sites": list(spec.sites),
+            "shapes": [list(s) for s in spec.shapes], "source": dict(source or {})}
+    with open(os.path.join(out_dir, "spec.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    np.savez(os.path.join(out_dir, "params.npz"), **_flatten(params))
+    np.savez(os.path.join(out_dir, "stats.npz"), **_flatten(stats))
+
+
+def load_mend(out_dir: str) -> tuple[mn.MendSpec, dict, dict]:
+    """Reads what `save_mend` wrote."""
+    with open(os.path.join(out_dir, "spec.json")) as f:
+        meta = json.load(f)
+    spec = mn.mend_spec(mn.MendConfig(**meta["config"]),
+                        {s: tuple(sh) for s, sh in zip(meta["sites"], meta["shapes"])})
+    with np.load(os.path.join(out_dir, "params.npz")) as z:
+        params = _unflatten(dict(z))
+    with np.load(os.path.join(out_dir, "stats.npz")) as z:
+        stats = _unflatten(dict(z))
+    return spec, params, stats
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mmedit_jax.convert mend-easyedit",
+                                 description="Convert an EasyEdit-trained MEND checkpoint to mmedit_jax.")
+    ap.add_argument("--ckpt", required=True, help="EasyEdit checkpoint (torch.save of {'model': state_dict, ...})")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--hparams", help="EasyEdit hparams YAML (inner_params, init, norm, edit_lr)")
+    ap.add_argument("--inner-param", action="append", default=[], help="inner param name, in order (repeat)")
+    ap.add_argument("--shape", action="append", default=[], help="NAME=IN,OUT for an inner param (repeat)")
+    ap.add_argument("--init", choices=("id", "xavier"), help="IDMLP init (default: hparams or 'id')")
+    ap.add_argument("--no-norm", action="store_true", help="the editor was trained with norm: False")
+    ap.add_argument("--trust-pickle", action="store_true",
+                    help="allow torch.load to unpickle objects (EasyEdit stores the model config this way)")
+    args = ap.parse_args(argv)
+
+    hp = {}
+    if args.hparams:
+        import yaml
+
+        with open(args.hparams) as f:
+            hp = yaml.safe_load(f) or {}
+    inner = args.inner_param or list(hp.get("inner_params") or [])
+    if not inner:
+        ap.error("give the inner params (--hparams YAML with inner_params, or --inner-param NAME ...)")
+    shapes = {}
+    for item in args.shape:
+        name, _, dims = item.partition("=")
+        try:
+            shapes[name] = tuple(int(x) for x in dims.split(","))
+            assert len(shapes[name]) == 2
+        except (ValueError, AssertionError):
+            ap.error(f"--shape {item!r}: expected NAME=IN,OUT")
+    sd = load_checkpoint(args.ckpt, trust_pickle=args.trust_pickle)
+    spec, params, stats = convert_state_dict(
+        sd, inner, shapes=shapes, init=args.init or hp.get("init", "id"),
+        norm=False if args.no_norm else bool(hp.get("norm", True)), edit_lr=hp.get("edit_lr"))
+    save_mend(args.out, spec, params, stats,
+              source={"ckpt": os.path.abspath(args.ckpt), "inner_params": inner})
+    print(f"converted {len(spec.sites)} sites in {len(spec.groups)} groups "
+          f"({mn.param_count(params):,} parameters) -> {args.out}")
+    for site in spec.sites:
+        print(f"  {site}: shape {spec.shape(site)}, group {spec.group_of(site)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
