@@ -256,3 +256,34 @@ def test_bad_shapes_and_config_raise(setup):
         mn.check_stats(spec, stats)
     cfg = mn.MendConfig.from_hparams({"rank": 8, "lr": 1e-6, "alg": "MEND"}, descent=False)
     assert dataclasses.replace(cfg, rank=8) == cfg and not cfg.descent
+
+
+def test_gradients_match_torch_clamp_at_identity_init():
+    """At init every pre-activation is exactly 0: torch's clamp passes the gradient there, so must we."""
+    import torch
+
+    cfg = mn.MendConfig(rank=3, norm=False, shared=False)
+    spec = mn.mend_spec(cfg, {"w": (4, 5)})
+    params, stats = mn.init_mend(jax.random.key(8), spec)
+    u = jax.random.normal(jax.random.key(9), (T, 4))
+    d = jax.random.normal(jax.random.key(10), (T, 5))
+    probe = jax.random.normal(jax.random.key(11), (4, 5))
+
+    def loss(p):
+        a, b, s = mn.mend_patch(spec, p, stats["w"], "w", u, d, jnp.ones(T))
+        return jnp.sum(s * (a.T @ b) * probe)
+
+    grads = jax.grad(loss)(params)
+    net = {k: torch.tensor(np.asarray(v), requires_grad=True) for k, v in params["nets"]["w"]["mlp"]["layer_0"].items()}
+    net1 = {k: torch.tensor(np.asarray(v)) for k, v in params["nets"]["w"]["mlp"]["layer_1"].items()}
+    x = torch.cat([torch.tensor(np.asarray(u)), torch.tensor(np.asarray(d))], -1)
+    h = x + ((x @ net["down"]) @ net["up"] + net["bias"]).clamp(min=0)
+    h = h + ((h @ net1["down"]) @ net1["up"] + net1["bias"]).clamp(min=0)
+    lr = float(params["edit_lrs"]["w"])
+    torch_loss = (-lr * (h[:, :4].T @ h[:, 4:]) * torch.tensor(np.asarray(probe))).sum()
+    torch_loss.backward()
+    for k in ("bias", "up"):
+        np.testing.assert_allclose(grads["nets"]["w"]["mlp"]["layer_0"][k], net[k].grad.numpy(), rtol=1e-4,
+                                   atol=1e-6)
+    assert np.abs(np.asarray(grads["nets"]["w"]["mlp"]["layer_0"]["up"])).max() > 0
+    assert float(grads["edit_lrs"]["w"]) != 0

@@ -210,6 +210,7 @@ def ke_patch(cfg: KEConfig, params: dict, site: str, c: jax.Array, u: jax.Array,
         raise ValueError(f"KE site {site!r}: expected u [T, in], delta [T, out], mask [T]; got {u.shape}, "
                          f"{delta.shape}, {mask.shape}")
     out = head_outputs(params["heads"][site], c, (u.shape[1], delta.shape[1]))
+    u, delta = jax.lax.stop_gradient((u, delta))  # the gradient fed to KE is a constant, as the reference
     m = mask.astype(jnp.float32)[:, None]
     a = jnp.concatenate([u.astype(jnp.float32) * m * out["a_col"], out["b_col"][None]], axis=0)
     b = jnp.concatenate([delta.astype(jnp.float32) * jax.nn.softmax(out["a_row"]),

@@ -317,7 +317,9 @@ def lrlinear(layer: dict, x: jax.Array, mode, residual: bool) -> jax.Array:
     pre = (x @ layer["down"]) @ layer["up"] + layer["bias"]
     if "mode_scale" in layer:
         pre = pre * layer["mode_scale"][mode] + layer["mode_shift"][mode]
-    act = jnp.maximum(pre, 0.0)
+    # torch's clamp(min=0) passes the gradient at exactly 0 (relu, and jnp.maximum's 1/2, would not); at the
+    # identity init every pre-activation is exactly 0, so this sets the first training steps.
+    act = jnp.where(pre >= 0, pre, 0.0)
     return x + act if residual else act
 
 
@@ -335,6 +337,8 @@ def _normalise(x, moments, norm: bool):
 
 
 def _gtransform(cfg: MendConfig, net: dict, site_stats: dict, u, delta, mask, mode):
+    # First-order like the reference: no meta-gradient through the captured factors or the statistics.
+    u, delta, site_stats = jax.lax.stop_gradient((u, delta, site_stats))
     u = _normalise(u.astype(jnp.float32), site_stats["u"], cfg.norm)
     delta = _normalise(delta.astype(jnp.float32), site_stats["delta"], cfg.norm)
     residual = cfg.init == "id"
