@@ -103,13 +103,31 @@ def test_converted_editor_matches_torch_reference(combine, shared):
         np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+class _Opaque:
+    """A class the loader must not import or run."""
+
+    def __reduce__(self):
+        return (_explode, ())
+
+
+def _explode():
+    raise AssertionError("the checkpoint loader ran pickled code")
+
+
 def test_cli_roundtrip_and_errors(tmp_path):
     sd = reference_state_dict()
     ckpt = tmp_path / "blip2"
-    torch.save({"model": {**sd, "model_config": {"model_type": "opt"}}, "opt": None, "step": 3}, ckpt)
+    # EasyEdit pickles the base model's config (and trainer objects): they must load as inert stubs.
+    import transformers
+
+    config = transformers.OPTConfig(hidden_size=IN, ffn_dim=OUT)
+    torch.save({"model": {**sd, "model_config": config}, "opt": {"state": {}}, "val_stats": _Opaque(), "step": 3},
+               ckpt)
     hp = tmp_path / "blip2.yaml"
     hp.write_text("inner_params:\n" + "".join(f"- {n}\n" for n in INNER) + "norm: True\ninit: id\nedit_lr: 1e-4\n")
     out = tmp_path / "out"
+    with pytest.raises(AssertionError, match="ran pickled code"):  # what plain torch.load would do
+        me.load_checkpoint(str(ckpt), trust_pickle=True)
     assert me.main(["--ckpt", str(ckpt), "--out", str(out), "--hparams", str(hp)]) == 0
     spec, params, stats = me.load_mend(str(out))
     spec2, params2, stats2 = me.convert_state_dict({k: v.numpy() for k, v in sd.items()}, INNER)

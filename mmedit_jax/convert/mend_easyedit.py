@@ -15,6 +15,7 @@ caller), and each name is matched to its shape group (`--shape`, or by its proje
 CLI (`python -m mmedit_jax.convert mend-easyedit ...`, `main(argv)` gets the arguments after the subcommand):
     --ckpt FILE --out DIR [--hparams YAML] [--inner-param NAME ...] [--shape NAME=IN,OUT ...]
     [--init id|xavier] [--no-norm] [--trust-pickle]
+The checkpoint is read without importing or running any pickled class (see `load_checkpoint`).
 Output directory (`save_mend` / `load_mend`): `spec.json` (config, sites, shapes, source names), `params.npz`,
 `stats.npz`; npz keys are tree paths joined by `::`.
 """
@@ -25,7 +26,9 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import re
+import types
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -62,18 +65,64 @@ def site_name(torch_name: str) -> str:
     return torch_name.removesuffix(".weight").replace(".", "/")
 
 
+class _Stub:
+    """Stands in for any pickled object of a class we do not load (e.g. the base model's config): it swallows
+    its construction arguments and state, and nothing of it is ever called."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self._args = args
+
+    def __setstate__(self, state):
+        self._state = state
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    """Resolves torch's tensor-rebuild helpers and plain containers; every other global becomes a `_Stub`
+    subclass, so no foreign code (EasyEdit, transformers, omegaconf classes) is imported or run."""
+
+    _ALLOWED = {("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"), ("torch", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED or (module == "torch._utils" and name.startswith("_rebuild_")) or (
+                module == "torch" and name in _TORCH_DTYPES):
+            return super().find_class(module, name)
+        return type(name, (_Stub,), {"__module__": f"stub.{module}"})
+
+
+_TORCH_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "bool"}
+
+
 def load_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
-    """The MEND state dict of an EasyEdit checkpoint as float32 NumPy arrays (non-tensor entries dropped)."""
+    """The MEND state dict of an EasyEdit checkpoint as float32 NumPy arrays (non-tensor entries dropped).
+
+    EasyEdit pickles the base model's config into the checkpoint. By default the file is read with an
+    unpickler that rebuilds tensors and replaces every other object by an inert stub (no foreign classes
+    are imported, no code is run); `trust_pickle=True` uses plain `torch.load` instead.
+    """
     import torch
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as e:  # torch raises UnpicklingError subclasses with long messages
-        if trust_pickle:
-            raise
-        raise ValueError(f"{path}: could not be read with torch.load(weights_only=True) ({type(e).__name__}). "
-                         "EasyEdit checkpoints pickle the base model's config; if you trust this file, pass "
-                         "--trust-pickle (trust_pickle=True)") from e
+    if trust_pickle:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        module = types.SimpleNamespace(__name__="mmedit_jax_tensors_only", Unpickler=_TensorsOnlyUnpickler,
+                                       load=pickle.load)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+        except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
+            raise ValueError(f"{path}: could not read the checkpoint with the tensors-only unpickler "
+                             f"({type(e).__name__}: {e}); if you trust this file, pass --trust-pickle") from e
     sd = obj["model"] if isinstance(obj, Mapping) and "model" in obj else obj
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: expected a dict with a 'model' state dict, got {type(obj).__name__}")
@@ -298,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--init", choices=("id", "xavier"), help="IDMLP init (default: hparams or 'id')")
     ap.add_argument("--no-norm", action="store_true", help="the editor was trained with norm: False")
     ap.add_argument("--trust-pickle", action="store_true",
-                    help="allow torch.load to unpickle objects (EasyEdit stores the model config this way)")
+                    help="read with plain torch.load (imports and runs pickled classes; trusted files only)")
     args = ap.parse_args(argv)
 
     hp = {}
