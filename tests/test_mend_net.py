@@ -174,6 +174,15 @@ def test_vmapped_edits_equal_one_at_a_time(setup):
             np.testing.assert_allclose(patches[site][2][e], s)
 
 
+def test_spec_is_a_static_jit_argument(setup):
+    spec, params, stats, inputs, masks = setup
+    edit = jax.jit(mn.mend_edit, static_argnums=(0, 5))
+    p1, s1 = edit(spec, params, stats, inputs, masks, True)
+    p2, s2 = edit(mn.mend_spec(spec.cfg, SHAPES), params, stats, inputs, masks, True)  # equal spec: cache hit
+    assert edit._cache_size() == 1
+    jax.tree.map(np.testing.assert_array_equal, (p1, s1), (p2, s2))
+
+
 def _trained(spec, stats, inputs, masks):
     return mn.update_stats(spec, stats, inputs, masks)[0]
 

@@ -28,7 +28,8 @@ code is not public):
     tokenised with the base LM's tokenizer; the image does not enter the conditioner, only the gradient
     (which comes from the multimodal forward on the edited LM matrices);
   * one condition per edit (the original conditions a whole batch on its single edit); E edits are vmapped;
-  * the mask of the conditioner is explicit (the reference's `padding_idx=0` does not match OPT/BART pads);
+  * the mask of the conditioner is explicit (the reference's `padding_idx=0` does not match OPT/BART pads,
+    and it also freezes embedding row 0; here every row trains);
     any padding layout works: valid tokens are moved to the front (stable) before the packed-LSTM scan;
   * sizes default to the EFK port: LSTM hidden 512, condition 768, head hidden 512, max_scale 1.
 
