@@ -1,0 +1,50 @@
+"""MEND as an editor: one forward/backward on the edit example, then the learned gradient transform.
+
+Per edited site the forward pass records the layer input `u [L, in]` (a tap) and the loss gradient at the layer
+output `delta [L, out]` (the gradient with respect to the tap's zero perturbation), with no dense weight
+gradient formed and autodiff stopping at the earliest edited layer. Rows are kept as the reference keeps them
+(`any(u) & any(delta)`), masked rather than dropped. `mend_net` turns `(u, delta)` into the factored patch
+`W - edit_lr * u~.T @ delta~` (sign per `MendConfig.descent`). Both factors are constants for the
+meta-gradient (stop_gradient), as in the reference's first-order treatment.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mmedit_jax.editors import mend_net as MN
+from mmedit_jax.editors.base import Case, Editor, ModelFns, answer_nll, touches_vision
+
+
+def capture_factors(model: ModelFns, params, prior: dict, case: Case, sites, out_dims: dict):
+    """`{site: (u [L, in], delta [L, out])}` of the edit loss on `case.edit`, through the model with `prior`."""
+    length = case.edit.input_ids.shape[-1]
+    eps = {s: jnp.zeros((1, length, out_dims[s]), jnp.float32) for s in sites}
+
+    def loss(eps):
+        logits, captured = model.forward(params, prior, case.edit, case.images["edit"], taps=eps)
+        return answer_nll(logits, case.edit.labels), captured
+
+    delta, captured = jax.grad(loss, has_aux=True)(eps)
+    return {s: (jax.lax.stop_gradient(captured[s]), jax.lax.stop_gradient(delta[s][0])) for s in sites}
+
+
+def mend_case_patch(spec: MN.MendSpec, model: ModelFns, mend_params, site_stats, params, case: Case, prior: dict):
+    """The patch of one edit (eval-mode statistics `site_stats`)."""
+    out_dims = {s: spec.shape(s)[1] for s in spec.sites}
+    factors = capture_factors(model, params, prior, case, spec.sites, out_dims)
+    masks = {s: MN.nonzero_mask(u, d) for s, (u, d) in factors.items()}
+    return MN.as_low_rank(MN.mend_patches(spec, mend_params, site_stats, factors, masks))
+
+
+def make_mend(spec: MN.MendSpec, model: ModelFns, mend_params, stats) -> Editor:
+    """A trained (or freshly initialised) MEND as an `Editor`; `editor_params = (mend_params, stats)`."""
+    MN.check_stats(spec, stats)
+
+    def edit(editor_params, params, case: Case, prior: dict) -> dict:
+        net, st = editor_params
+        return mend_case_patch(spec, model, net, MN.frozen_site_stats(spec, st), params, case, prior)
+
+    return Editor(name="mend", edit=edit, editor_params=(mend_params, stats), vision_side=touches_vision(spec.sites),
+                  hparams=spec)

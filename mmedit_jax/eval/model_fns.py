@@ -1,0 +1,45 @@
+"""Single-example forward functions of BLIP-2, the form editors and the harness vmap over.
+
+`Blip2Fns(module, pixels=False)` takes cached image embeddings `[nq, E]`; with `pixels=True` it takes pixels
+`[3, H, W]` and runs the (possibly patched) vision side itself, which vision-side editors (FT-V) need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+
+from mmedit_jax.editors.base import Seq
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip2Fns:
+    module: nn.Module
+    pixels: bool = False
+
+    @property
+    def uses_pixels(self) -> bool:
+        return self.pixels
+
+    def encode(self, params, patch, pixel_values: jax.Array) -> jax.Array:
+        """`[B, 3, H, W]` -> projected query outputs `[B, nq, E]`."""
+        embeds, _ = self.module.apply({"params": params}, pixel_values, patch=patch, method="encode_image")
+        return embeds
+
+    def forward(self, params, patch, seq: Seq, image, taps=None):
+        """One example: `seq` fields `[L]`, `image` `[nq, E]` / `[3, H, W]` / None -> (logits `[L, V]`, captured).
+
+        `captured` maps each tapped site to its layer input without the batch axis.
+        """
+        kw = {}
+        if image is not None:
+            kw["pixel_values" if self.pixels else "image_embeds"] = image[None]
+        logits, captured = self.module.apply(
+            {"params": params}, seq.input_ids[None], seq.attention_mask[None], patch=patch, taps=taps, **kw
+        )
+        return logits[0], {k: v[0] for k, v in captured.items()}
+
+    def logits(self, params, patch, seq: Seq, image) -> jax.Array:
+        return self.forward(params, patch, seq, image)[0]
