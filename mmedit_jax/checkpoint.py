@@ -1,0 +1,214 @@
+"""Checkpoints on disk: the only module that imports orbax.
+
+A converted model is a directory:
+  OUT/mmedit_config.json   {"format_version": 1, "model_type": "blip-2", "param_dtype": ..., "config": {...}}
+  OUT/params/              an Orbax (StandardCheckpointer) checkpoint of the parameter pytree
+Restoring reads the on-disk metadata first and checks it against the template (the `jax.eval_shape` of the
+model init for that config), so a mismatched checkpoint fails naming the parameter and both shapes, before
+any data is read (orbax itself silently ignores a shape mismatch for numpy-saved leaves).
+
+`CheckpointManager` wraps orbax's manager for periodic, atomic saves of a pytree plus JSON metadata (editor
+training), keeping the `max_to_keep` latest steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mmedit_jax.models.config import Blip2Config
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "mmedit_config.json"
+PARAMS_DIR = "params"
+
+
+class CheckpointError(ValueError):
+    """A converted checkpoint that is missing, malformed or does not fit the model."""
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in tree.items():
+        path = f"{prefix}/{name}" if prefix else str(name)
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def is_converted(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory written by `save_model`."""
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def save_model(path: str | os.PathLike, config: Blip2Config, params: Mapping[str, Any], overwrite: bool = False):
+    """Write `params` (numpy or jax arrays) as an Orbax checkpoint plus `config` as JSON under `path`."""
+    path = os.path.abspath(os.fspath(path))
+    params_dir = os.path.join(path, PARAMS_DIR)
+    if os.path.exists(params_dir) and not overwrite:
+        raise FileExistsError(f"{params_dir} exists; pass overwrite=True to replace it")
+    os.makedirs(path, exist_ok=True)
+    leaves = jax.tree.leaves(params)
+    dtypes = sorted({str(np.dtype(x.dtype)) for x in leaves})
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(params_dir, params, force=overwrite)
+        ckptr.wait_until_finished()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_type": "blip-2",
+        "param_dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "num_params": int(sum(int(np.prod(x.shape)) for x in leaves)),
+        "config": config.to_dict(),
+    }
+    # The config is written last: its presence marks a complete checkpoint.
+    tmp = os.path.join(path, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(path, CONFIG_FILE))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed `mmedit_config.json` of a converted checkpoint (format version checked)."""
+    file = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path} is not a converted checkpoint: {CONFIG_FILE} is missing") from e
+    except ValueError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{file} has format_version {version!r}; this code reads {FORMAT_VERSION}")
+    if "config" not in meta:
+        raise CheckpointError(f"{file} has no 'config'")
+    return meta
+
+
+def read_config(path: str | os.PathLike) -> Blip2Config:
+    meta = read_metadata(path)
+    try:
+        return Blip2Config.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)}: bad config: {e}") from e
+
+
+def params_metadata(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{'a/b/c': (shape, dtype)} of the saved parameters, read from Orbax metadata (no tensor data)."""
+    params_dir = os.path.join(os.path.abspath(os.fspath(path)), PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{params_dir} is missing")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.metadata(params_dir).item_metadata.tree
+    except Exception as e:
+        raise CheckpointError(f"cannot read the Orbax checkpoint {params_dir}: {e}") from e
+    return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flatten(tree).items()}
+
+
+def check_against_template(saved: Mapping[str, tuple], template: Mapping[str, Any], where: str):
+    """Raise `CheckpointError` naming every missing/extra parameter and the first shape mismatches."""
+    want = {k: tuple(v.shape) for k, v in _flatten(template).items()}
+    missing = sorted(set(want) - set(saved))
+    extra = sorted(set(saved) - set(want))
+    bad = [(k, saved[k][0], want[k]) for k in sorted(set(want) & set(saved)) if tuple(saved[k][0]) != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing parameters: {', '.join(missing[:20])}")
+    if extra:
+        problems.append(f"parameters the model does not have: {', '.join(extra[:20])}")
+    for k, got, exp in bad[:20]:
+        problems.append(f"parameter {k!r} has shape {tuple(got)} in the checkpoint, the model needs {exp}")
+    if problems:
+        raise CheckpointError(f"checkpoint {where} does not fit the model: " + "; ".join(problems))
+
+
+def restore_params(path: str | os.PathLike, template: Mapping[str, Any], shardings: Any = None) -> dict[str, Any]:
+    """Restore the parameters under `path` as jax arrays with `template`'s shapes and dtypes.
+
+    `template`: tree of `jax.ShapeDtypeStruct` (the dtype there is the restored dtype: a float32 checkpoint
+    restores as bfloat16 if asked). `shardings`: optional tree (same structure) of `jax.sharding.Sharding`;
+    by default every array goes to the default device.
+    """
+    path = os.path.abspath(os.fspath(path))
+    check_against_template(params_metadata(path), template, path)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, template)
+    target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), template, shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.join(path, PARAMS_DIR), target)
+
+
+# --------------------------------------------------------------------------------------------------
+# Periodic training checkpoints.
+
+
+class CheckpointManager:
+    """Periodic atomic saves of one pytree (`state`) plus JSON metadata, keeping the latest `max_to_keep`.
+
+    >>> mngr = CheckpointManager(dir, max_to_keep=2, save_interval_steps=100)
+    >>> mngr.save(step, state, {"val_acc": 0.9})      # a no-op between intervals (returns False)
+    >>> state, meta = mngr.restore(template=abstract_state)   # latest step
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3, save_interval_steps: int = 1):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state: Any, metadata: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(dict(metadata or {}))
+        )
+        return self._mngr.save(int(step), args=args, force=force)
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def restore(self, step: int | None = None, template: Any = None) -> tuple[Any, dict[str, Any]]:
+        """(state, metadata) at `step` (default: latest). `template`: abstract tree to restore into."""
+        self._mngr.wait_until_finished()
+        step = self._mngr.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint steps in {self.directory}")
+        if step not in self._mngr.all_steps():
+            raise CheckpointError(f"step {step} not in {self.directory} (have {self.all_steps()})")
+        state_args = ocp.args.StandardRestore(template) if template is not None else ocp.args.StandardRestore()
+        out = self._mngr.restore(step, args=ocp.args.Composite(state=state_args, metadata=ocp.args.JsonRestore()))
+        return out.state, dict(out.metadata)
+
+    def wait(self):
+        self._mngr.wait_until_finished()
+
+    def close(self):
+        self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest complete step saved by `CheckpointManager` under `directory` (None if there is none)."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        return None
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(directory, options=options) as mngr:
+        return mngr.latest_step()
