@@ -135,3 +135,16 @@ def test_bad_inputs_are_clear_errors():
         model.apply({"params": params}, query, np.concatenate([enc, enc]))
     with pytest.raises(ValueError, match="multiple of cross_attention_frequency"):
         QFormerConfig(num_hidden_layers=3, cross_attention_frequency=2)
+
+
+def test_bfloat16_close_to_float32():
+    _, params, cfg, run = setup(2)
+    query, enc = inputs(2, seed=11)
+    want, _ = run(params, query, enc)
+    model = QFormer(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    bf_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    got, _ = jax.jit(lambda p, q, e: model.apply({"params": p}, q, e))(bf_params, query, enc)
+    assert got.dtype == jnp.bfloat16
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+    print(f"qformer bf16 vs f32 max|diff|={err:.3f} (output std {float(jnp.std(want)):.2f})")
+    assert err < 0.03

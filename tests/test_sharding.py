@@ -87,8 +87,9 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     sys.path.insert(0, "tests")
-    from test_sharding import VISION, tiny_blip2_params
+    from test_sharding import QFORMER, VISION, tiny_blip2_params
     from mmedit_jax import sharding
+    from mmedit_jax.models.qformer import QFormer
     from mmedit_jax.models.vit import VisionModel
 
     assert len(jax.devices()) == 8, jax.devices()
@@ -99,8 +100,10 @@ SCRIPT = textwrap.dedent(
     for (path, leaf), s in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(shardings)):
         out["shards"][sharding.path_name(path)] = [list(leaf.shape), list(s.shard_shape(leaf.shape))]
 
-    params = VisionModel(VISION).init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
-    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
+    # Random values on the abstract tree (numpy: no init program to compile).
+    rng = np.random.default_rng(0)
+    values = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), jnp.float32), tree)
+    params = values["vision_model"]
     x = jax.random.normal(jax.random.PRNGKey(2), (4, 16, 16, 3))
     fwd = jax.jit(lambda p, x: VisionModel(VISION).apply({"params": p}, x)[0])
     want = fwd(params, x)
@@ -110,6 +113,15 @@ SCRIPT = textwrap.dedent(
     qkv = placed["layers"]["self_attn"]["qkv"]["kernel"]
     out["qkv_shard"] = list(qkv.addressable_shards[0].data.shape)
     out["max_diff"] = float(jnp.max(jnp.abs(got - want)))
+
+    # The Q-Former (grouped stack, cross-attention to the sharded image features) the same way.
+    q = jax.random.normal(jax.random.PRNGKey(3), (4, 4, QFORMER.hidden_size))
+    qparams = values["qformer"]
+    qfwd = jax.jit(lambda p, q, e: QFormer(QFORMER).apply({"params": p}, q, e)[0])
+    qwant = qfwd(qparams, q, want)
+    qplaced = sharding.shard_params({"qformer": qparams}, mesh)["qformer"]
+    qgot = qfwd(qplaced, jax.device_put(q, sharding.batch_sharding(mesh, 3)), got)
+    out["qformer_max_diff"] = float(jnp.max(jnp.abs(qgot - qwant)))
     print("RESULT" + json.dumps(out))
     """
 )
@@ -146,3 +158,8 @@ def test_sharded_vision_forward_equals_unsharded(eight_devices):
     assert eight_devices["qkv_shard"] == [2, 32, 24]  # the stacked qkv kernel really is split over "model"
     print(f"sharded vs unsharded vision forward max|diff|={eight_devices['max_diff']:.2e}")
     assert eight_devices["max_diff"] <= 1e-5
+
+
+def test_sharded_qformer_forward_equals_unsharded(eight_devices):
+    print(f"sharded vs unsharded Q-Former forward max|diff|={eight_devices['qformer_max_diff']:.2e}")
+    assert eight_devices["qformer_max_diff"] <= 1e-5
