@@ -148,3 +148,43 @@ def test_bfloat16_close_to_float32():
     err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
     print(f"qformer bf16 vs f32 max|diff|={err:.3f} (output std {float(jnp.std(want)):.2f})")
     assert err < 0.03
+
+
+def test_rules_cover_the_default_blip2_layout():
+    """With transformers' default BLIP-2 (opt-2.7b-sized vision and Q-Former, built on the meta device: no
+    memory), the rules use every `vision_model.*` / `qformer.*` key once and give exactly our modules' shapes."""
+    import transformers
+
+    from mmedit_jax.convert.blip2_vision import vision_rules
+    from mmedit_jax.models.config import Blip2Config
+    from mmedit_jax.models.vit import VisionModel
+
+    text = dict(model_type="opt", num_hidden_layers=1, vocab_size=64, hidden_size=64, ffn_dim=64, num_attention_heads=2)
+    hf_cfg = transformers.Blip2Config(text_config=text)
+    with torch.device("meta"):
+        hf = transformers.Blip2ForConditionalGeneration(hf_cfg)
+    keys = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k.startswith(("vision_model.", "qformer."))}
+    cfg = Blip2Config.from_hf(hf_cfg.to_dict())
+    assert cfg.vision.num_hidden_layers == 39 and cfg.qformer.cross_attention_frequency == 2
+    rules = vision_rules(cfg.vision) + qformer_rules(cfg.qformer)
+    sources = [s for r in rules for s in r.sources]
+    assert len(sources) == len(set(sources)) and set(sources) == set(keys)
+
+    perm = {"identity": lambda s: s, "linear": lambda s: s[::-1], "conv": lambda s: (s[2], s[3], s[1], s[0])}
+    got = {}
+    for r in rules:
+        shapes = {perm[r.transform](keys[s]) for s in r.sources}
+        assert len(shapes) == 1, r.target
+        shape = shapes.pop()
+        got[r.target] = (len(r.sources), *shape) if r.stacked else shape
+    nq = cfg.num_query_tokens
+    size = cfg.vision.image_size
+    want = {
+        "vision_model": jax.eval_shape(lambda: VisionModel(cfg.vision).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]),
+        "qformer": jax.eval_shape(lambda: QFormer(cfg.qformer).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, nq, cfg.qformer.hidden_size)),
+            jnp.zeros((1, 1 + cfg.vision.num_patches, cfg.vision.hidden_size)))["params"]),
+    }
+    flat = {"/".join(str(k.key) for k in p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(want)[0]}
+    assert got == flat
