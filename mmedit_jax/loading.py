@@ -1,0 +1,97 @@
+"""`from_pretrained`: a Hugging Face BLIP-2 directory or a converted one -> `Blip2Model`.
+
+Which kind a directory is: a converted one has `mmedit_config.json` (see `checkpoint.py`); a Hugging Face one
+has `config.json` with `model_type: blip-2` next to its safetensors (or `.bin`) files, and is converted in
+memory with `blip2_rules` (streaming, so host memory stays near the model's size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmedit_jax import checkpoint
+from mmedit_jax.models.config import Blip2Config
+
+HF_CONFIG = "config.json"
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> Blip2Config:
+    """`Blip2Config` from a Hugging Face directory's `config.json`; errors name the file."""
+    file = os.path.join(hf_dir, HF_CONFIG)
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{file} is missing: not a Hugging Face model directory") from e
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if d.get("model_type") != "blip-2":
+        raise ValueError(f"{file}: model_type is {d.get('model_type')!r}, expected 'blip-2'")
+    return Blip2Config.from_hf(d)
+
+
+def detect(path: str | os.PathLike) -> str:
+    """'converted' or 'hf' for a model directory; a clear error otherwise."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no model directory at {path}")
+    if checkpoint.is_converted(path):
+        return "converted"
+    if os.path.isfile(os.path.join(path, HF_CONFIG)):
+        return "hf"
+    raise FileNotFoundError(
+        f"{path} is neither a converted checkpoint ({checkpoint.CONFIG_FILE}) nor a Hugging Face BLIP-2 "
+        f"directory ({HF_CONFIG} + model.safetensors)"
+    )
+
+
+def param_template(config: Blip2Config, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The model's parameter tree as `jax.ShapeDtypeStruct`s (nothing is allocated)."""
+    from mmedit_jax.models.blip2 import Blip2Model
+
+    return jax.eval_shape(lambda rng: Blip2Model.init(config, rng, dtype=dtype).params, jax.random.key(0))
+
+
+def convert_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=None):
+    """(config, numpy param tree) from a Hugging Face BLIP-2 directory, converted tensor by tensor."""
+    from mmedit_jax.convert.blip2 import blip2_rules
+    from mmedit_jax.convert.engine import convert
+
+    config = read_hf_config(hf_dir)
+    rules, ignored = blip2_rules(config)
+    params = convert(hf_dir, param_template(config, dtype), rules, ignored, dtype=dtype, progress=progress)
+    return config, params
+
+
+def _resize_images(config: Blip2Config, params, image_size: int | None):
+    """Resample the vision position embeddings when the run's image size differs from the checkpoint's."""
+    if image_size is None or int(image_size) == config.vision.image_size:
+        return config, params
+    from mmedit_jax.models.vit import interpolate_position_embedding
+
+    return interpolate_position_embedding(config, params, int(image_size))
+
+
+def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_size: int | None = None):
+    """Load a BLIP-2 model from a Hugging Face directory or a converted one (`python -m mmedit_jax.convert`).
+
+    `dtype`: parameter and compute dtype (float32 or bfloat16). `image_size`: run at this image size,
+    interpolating the vision position embeddings (EasyEdit feeds 364 px images to 224 px checkpoints).
+    """
+    from mmedit_jax.models.blip2 import Blip2Model
+
+    kind = detect(path)
+    if kind == "converted":
+        config = checkpoint.read_config(path)
+        params = checkpoint.restore_params(path, param_template(config, dtype))
+    else:
+        config, params = convert_hf(path, dtype)
+        params = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), params)
+    config, params = _resize_images(config, params, image_size)
+    return Blip2Model(config, params, dtype=dtype)
