@@ -69,6 +69,17 @@ def convert_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=Non
     return config, params
 
 
+def to_device(tree: dict[str, Any]) -> dict[str, Any]:
+    """numpy tree -> jax arrays on the default device, emptying `tree` leaf by leaf as it goes, so the host
+    holds at most one leaf twice (a whole-tree `device_put` would briefly hold the model twice)."""
+    out = {}
+    for name in list(tree):
+        value = tree.pop(name)
+        out[name] = to_device(value) if isinstance(value, dict) else jax.device_put(np.asarray(value))
+        del value
+    return out
+
+
 def _resize_images(config: Blip2Config, params, image_size: int | None):
     """Resample the vision position embeddings when the run's image size differs from the checkpoint's."""
     if image_size is None or int(image_size) == config.vision.image_size:
@@ -92,6 +103,6 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_siz
         params = checkpoint.restore_params(path, param_template(config, dtype))
     else:
         config, params = convert_hf(path, dtype)
-        params = jax.tree.map(lambda x: jax.device_put(np.asarray(x)), params)
+        params = to_device(params)
     config, params = _resize_images(config, params, image_size)
     return Blip2Model(config, params, dtype=dtype)
