@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -147,6 +146,24 @@ def run_child(argv: list[str]) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss * 1024.0, out  # ru_maxrss is in KiB on Linux
 
 
+def engine_child(ckpt: str, out: str):
+    """Stream the checkpoint through the engine with one identity rule per tensor (no model needed), then
+    save it part by part like the CLI does: isolates the engine's and Orbax's memory from the model code."""
+    sys.path.insert(0, REPO)
+    import jax
+
+    from mmedit_jax import checkpoint
+    from mmedit_jax.convert.engine import iter_rules, open_checkpoint, unflatten
+    from mmedit_jax.convert.rules import plain
+    from mmedit_jax.loading import read_hf_config
+
+    reader = open_checkpoint(ckpt)
+    targets = {k: k.replace(".", "/") for k in reader.keys()}
+    template = unflatten({t: jax.ShapeDtypeStruct(reader.shapes[k], reader.dtypes[k]) for k, t in targets.items()})
+    pairs = iter_rules(reader, template, [plain(t, k) for k, t in targets.items()])
+    checkpoint.save_model(out, read_hf_config(ckpt), pairs)
+
+
 LOAD = "import jax, mmedit_jax, sys; m = mmedit_jax.from_pretrained(sys.argv[1]); jax.block_until_ready(m.params)"
 BASELINE = "import jax, jax.numpy as jnp, orbax.checkpoint, mmedit_jax.loading, mmedit_jax.convert.engine; jnp.ones(1)"
 
@@ -157,25 +174,38 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--workdir", default="/tmp/mmedit_convert_bench")
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--skip-load", action="store_true", help="only measure the CLI conversion")
+    parser.add_argument("--runs", default="baseline,engine,convert,hf_load,conv_load",
+                        help="comma-separated subset of: baseline, engine, convert, hf_load, conv_load")
+    parser.add_argument("--child-build", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-engine", nargs=2, metavar=("CKPT", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     args = parser.parse_args()
+    if args.child_engine:
+        return engine_child(*args.child_engine)
 
     ckpt, out = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "converted")
+    if args.child_build:
+        build_checkpoint(ckpt, args.preset, args.dtype)
+        return
     shutil.rmtree(args.workdir, ignore_errors=True)
-    t0 = time.perf_counter()
-    size = build_checkpoint(ckpt, args.preset, args.dtype)
-    build_s = time.perf_counter() - t0
-    build_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    # Every step runs in its own process, the build too: a child forked from a big parent would start
+    # with the parent's RSS in its ru_maxrss.
+    build_argv = [sys.executable, os.path.abspath(__file__), "--child-build", "--preset", args.preset,
+                  "--dtype", args.dtype, "--workdir", args.workdir]
+    build_s, build_rss, _ = run_child(build_argv)
+    size = sum(os.path.getsize(os.path.join(ckpt, n)) for n in os.listdir(ckpt) if n.endswith(".safetensors"))
     print(f"built {args.preset} ({args.dtype}) checkpoint: {size / 2**30:.2f} GiB in {build_s:.1f}s "
           f"(builder peak RSS {build_rss / 2**30:.2f} GiB)", flush=True)
 
     py = sys.executable
+    engine_out = os.path.join(args.workdir, "engine_out")
     runs = {"baseline": [py, "-c", BASELINE],
-            "convert": [py, "-m", "mmedit_jax.convert", "--hf-dir", ckpt, "--out", out]}
-    if not args.skip_load:
-        runs["hf_load"] = [py, "-c", LOAD, ckpt]
-        runs["conv_load"] = [py, "-c", LOAD, out]
+            "engine": [py, os.path.abspath(__file__), "--child-engine", ckpt, engine_out],
+            "convert": [py, "-m", "mmedit_jax.convert", "--hf-dir", ckpt, "--out", out],
+            "hf_load": [py, "-c", LOAD, ckpt],
+            "conv_load": [py, "-c", LOAD, out]}
+    wanted = args.runs.split(",")
+    runs = {k: v for k, v in runs.items() if k in wanted or k == "baseline"}
     results = {}
     for name, argv in runs.items():
         wall, peak, log = run_child(argv)
@@ -184,6 +214,8 @@ def main():
         print(f"  {name:<10} {wall:7.1f}s  peak {peak / 2**30:6.2f} GiB  ({peak / size:.2f}x)", flush=True)
         if name == "convert":
             print("   ", log.strip().splitlines()[-1], flush=True)
+        if name == "engine":
+            shutil.rmtree(engine_out, ignore_errors=True)  # free the disk before the next run
     base = results["baseline"]["peak_rss_gib"] * 2**30
     for r in results.values():
         r["peak_minus_baseline_over_ckpt"] = round((r["peak_rss_gib"] * 2**30 - base) / size, 3)
@@ -194,7 +226,11 @@ def main():
     for name, r in results.items():
         print(f"| {name} | {r['wall_s']} | {r['peak_rss_gib']} | {r['peak_over_ckpt']} | "
               f"{r['peak_minus_baseline_over_ckpt']} |")
-    report = {"preset": args.preset, "dtype": args.dtype, "checkpoint_bytes": size,
+    report = {"runs_doc": {"baseline": "python + jax + orbax + mmedit_jax imported",
+                           "engine": "engine with identity rules + Orbax save (no model code)",
+                           "convert": "python -m mmedit_jax.convert (blip2_rules + Orbax save)",
+                           "hf_load": "from_pretrained(HF dir)", "conv_load": "from_pretrained(converted dir)"},
+              "preset": args.preset, "dtype": args.dtype, "checkpoint_bytes": size,
               "checkpoint_gib": round(size / 2**30, 3), "build_s": round(build_s, 1),
               "builder_peak_rss_gib": round(build_rss / 2**30, 3), "runs": results,
               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}

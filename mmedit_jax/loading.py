@@ -58,15 +58,30 @@ def param_template(config: Blip2Config, dtype: Any = jnp.float32) -> dict[str, A
     return jax.eval_shape(lambda rng: Blip2Model.init(config, rng, dtype=dtype).params, jax.random.key(0))
 
 
-def convert_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=None):
-    """(config, numpy param tree) from a Hugging Face BLIP-2 directory, converted tensor by tensor."""
+def _hf_conversion(hf_dir, dtype):
     from mmedit_jax.convert.blip2 import blip2_rules
-    from mmedit_jax.convert.engine import convert
+    from mmedit_jax.convert.engine import open_checkpoint
 
     config = read_hf_config(hf_dir)
     rules, ignored = blip2_rules(config)
-    params = convert(hf_dir, param_template(config, dtype), rules, ignored, dtype=dtype, progress=progress)
-    return config, params
+    return config, open_checkpoint(hf_dir), param_template(config, dtype), rules, ignored
+
+
+def convert_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=None):
+    """(config, numpy param tree) from a Hugging Face BLIP-2 directory, converted tensor by tensor."""
+    from mmedit_jax.convert.engine import apply_rules
+
+    config, reader, template, rules, ignored = _hf_conversion(hf_dir, dtype)
+    return config, apply_rules(reader, template, rules, ignored, dtype=dtype, progress=progress)
+
+
+def iter_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32):
+    """(config, iterator of ('a/b/c', numpy array)): the conversion as a stream, one parameter at a time.
+    Every check runs when the iteration starts, before any tensor is read."""
+    from mmedit_jax.convert.engine import iter_rules
+
+    config, reader, template, rules, ignored = _hf_conversion(hf_dir, dtype)
+    return config, iter_rules(reader, template, rules, ignored, dtype=dtype)
 
 
 def to_device(tree: dict[str, Any]) -> dict[str, Any]:

@@ -47,30 +47,24 @@ def convert_main(argv: list[str]) -> int:
     import jax.numpy as jnp
 
     from mmedit_jax import checkpoint
-    from mmedit_jax.loading import convert_hf
+    from mmedit_jax.loading import iter_hf
 
     if not os.path.isdir(args.hf_dir):
         parser.error(f"--hf-dir {args.hf_dir} is not a directory")
     if os.path.exists(os.path.join(args.out, checkpoint.PARAMS_DIR)) and not args.overwrite:
         parser.error(f"{args.out} already holds a converted checkpoint; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    config, params = convert_hf(args.hf_dir, getattr(jnp, args.dtype))
-    t1 = time.perf_counter()
-    checkpoint.save_model(args.out, config, params, overwrite=args.overwrite)
+    # Converted parameters stream into the part-wise Orbax save: about one part is in memory at a time.
+    config, pairs = iter_hf(args.hf_dir, getattr(jnp, args.dtype))
+    checkpoint.save_model(args.out, config, pairs, overwrite=args.overwrite)
     copied = copy_side_files(args.hf_dir, args.out)
-    t2 = time.perf_counter()
-    n = sum(int(x.size) for x in _leaves(params))
-    print(f"converted {n:,} parameters ({args.dtype}) from {args.hf_dir} in {t1 - t0:.1f}s; saved to {args.out} "
-          f"in {t2 - t1:.1f}s; copied {', '.join(copied) or 'no side files'}")
+    meta = checkpoint.read_metadata(args.out)
+    print(
+        f"converted {meta['num_params']:,} parameters ({args.dtype}) from {args.hf_dir} to {args.out} in "
+        f"{time.perf_counter() - t0:.1f}s ({len(meta['params_parts'])} parts); copied "
+        f"{', '.join(copied) or 'no side files'}"
+    )
     return 0
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
 
 
 def main(argv: list[str] | None = None) -> int:
