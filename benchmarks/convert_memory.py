@@ -146,24 +146,32 @@ def run_child(argv: list[str]) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss * 1024.0, out  # ru_maxrss is in KiB on Linux
 
 
-def engine_child(ckpt: str, out: str):
-    """Stream the checkpoint through the engine with one identity rule per tensor (no model needed), then
-    save it part by part like the CLI does: isolates the engine's and Orbax's memory from the model code."""
+def engine_child(mode: str, ckpt: str, out: str):
+    """The engine with one identity rule per tensor (no model code needed):
+    save: stream it into a part-wise Orbax save as the CLI does; memory: convert into a numpy tree and move
+    it to the device as `from_pretrained(hf_dir)` does; restore: restore the saved one as
+    `from_pretrained(converted_dir)` does."""
     sys.path.insert(0, REPO)
     import jax
 
     from mmedit_jax import checkpoint
-    from mmedit_jax.convert.engine import iter_rules, open_checkpoint, unflatten
+    from mmedit_jax.convert.engine import apply_rules, iter_rules, open_checkpoint, unflatten
     from mmedit_jax.convert.rules import plain
-    from mmedit_jax.loading import read_hf_config
+    from mmedit_jax.loading import read_hf_config, to_device
 
     reader = open_checkpoint(ckpt)
     targets = {k: k.replace(".", "/") for k in reader.keys()}
     template = unflatten({t: jax.ShapeDtypeStruct(reader.shapes[k], reader.dtypes[k]) for k, t in targets.items()})
-    pairs = iter_rules(reader, template, [plain(t, k) for k, t in targets.items()])
-    checkpoint.save_model(out, read_hf_config(ckpt), pairs)
+    rules = [plain(t, k) for k, t in targets.items()]
+    if mode == "save":
+        checkpoint.save_model(out, read_hf_config(ckpt), iter_rules(reader, template, rules))
+    elif mode == "memory":
+        jax.block_until_ready(to_device(apply_rules(reader, template, rules)))
+    else:
+        jax.block_until_ready(checkpoint.restore_params(out, template))
 
 
+RUNS = ["baseline", "engine", "engine_restore", "engine_memory", "convert", "hf_load", "conv_load"]
 LOAD = "import jax, mmedit_jax, sys; m = mmedit_jax.from_pretrained(sys.argv[1]); jax.block_until_ready(m.params)"
 BASELINE = "import jax, jax.numpy as jnp, orbax.checkpoint, mmedit_jax.loading, mmedit_jax.convert.engine; jnp.ones(1)"
 
@@ -174,10 +182,10 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--workdir", default="/tmp/mmedit_convert_bench")
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--runs", default="baseline,engine,convert,hf_load,conv_load",
-                        help="comma-separated subset of: baseline, engine, convert, hf_load, conv_load")
+    parser.add_argument("--runs", default=",".join(RUNS),
+                        help="comma-separated subset of: " + ", ".join(RUNS))
     parser.add_argument("--child-build", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--child-engine", nargs=2, metavar=("CKPT", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-engine", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
     args = parser.parse_args()
     if args.child_engine:
@@ -200,7 +208,9 @@ def main():
     py = sys.executable
     engine_out = os.path.join(args.workdir, "engine_out")
     runs = {"baseline": [py, "-c", BASELINE],
-            "engine": [py, os.path.abspath(__file__), "--child-engine", ckpt, engine_out],
+            "engine": [py, os.path.abspath(__file__), "--child-engine", "save", ckpt, engine_out],
+            "engine_restore": [py, os.path.abspath(__file__), "--child-engine", "restore", ckpt, engine_out],
+            "engine_memory": [py, os.path.abspath(__file__), "--child-engine", "memory", ckpt, engine_out],
             "convert": [py, "-m", "mmedit_jax.convert", "--hf-dir", ckpt, "--out", out],
             "hf_load": [py, "-c", LOAD, ckpt],
             "conv_load": [py, "-c", LOAD, out]}
@@ -214,7 +224,7 @@ def main():
         print(f"  {name:<10} {wall:7.1f}s  peak {peak / 2**30:6.2f} GiB  ({peak / size:.2f}x)", flush=True)
         if name == "convert":
             print("   ", log.strip().splitlines()[-1], flush=True)
-        if name == "engine":
+        if name == "engine_restore":
             shutil.rmtree(engine_out, ignore_errors=True)  # free the disk before the next run
     base = results["baseline"]["peak_rss_gib"] * 2**30
     for r in results.values():
@@ -227,7 +237,9 @@ def main():
         print(f"| {name} | {r['wall_s']} | {r['peak_rss_gib']} | {r['peak_over_ckpt']} | "
               f"{r['peak_minus_baseline_over_ckpt']} |")
     report = {"runs_doc": {"baseline": "python + jax + orbax + mmedit_jax imported",
-                           "engine": "engine with identity rules + Orbax save (no model code)",
+                           "engine": "engine with identity rules streamed into the part-wise Orbax save",
+                           "engine_restore": "restore_params of that save (no model code)",
+                           "engine_memory": "engine into a numpy tree, then to_device (no model code)",
                            "convert": "python -m mmedit_jax.convert (blip2_rules + Orbax save)",
                            "hf_load": "from_pretrained(HF dir)", "conv_load": "from_pretrained(converted dir)"},
               "preset": args.preset, "dtype": args.dtype, "checkpoint_bytes": size,

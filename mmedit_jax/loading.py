@@ -90,7 +90,10 @@ def to_device(tree: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name in list(tree):
         value = tree.pop(name)
-        out[name] = to_device(value) if isinstance(value, dict) else jax.device_put(np.asarray(value))
+        if isinstance(value, dict):
+            out[name] = to_device(value)
+        else:  # wait for each copy: pending async copies would keep every numpy leaf alive at once
+            out[name] = jax.device_put(np.asarray(value)).block_until_ready()
         del value
     return out
 
