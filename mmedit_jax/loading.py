@@ -7,6 +7,7 @@ memory with `blip2_rules` (streaming, so host memory stays near the model's size
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -102,9 +103,10 @@ def _resize_images(config: Blip2Config, params, image_size: int | None):
     """Resample the vision position embeddings when the run's image size differs from the checkpoint's."""
     if image_size is None or int(image_size) == config.vision.image_size:
         return config, params
-    from mmedit_jax.models.vit import interpolate_position_embedding
+    from mmedit_jax.models.vit import interpolate_pos_encoding
 
-    return interpolate_position_embedding(config, params, int(image_size))
+    vision, vision_config = interpolate_pos_encoding(params["vision_model"], config.vision, int(image_size))
+    return dataclasses.replace(config, vision=vision_config), {**params, "vision_model": vision}
 
 
 def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_size: int | None = None):
