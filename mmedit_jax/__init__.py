@@ -8,3 +8,12 @@ The path of one edit:
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy, so `import mmedit_jax` stays cheap (no jax/orbax import until a model is loaded).
+    if name == "from_pretrained":
+        from mmedit_jax.loading import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module 'mmedit_jax' has no attribute {name!r}")

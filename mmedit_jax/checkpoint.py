@@ -1,8 +1,11 @@
 """Checkpoints on disk: the only module that imports orbax.
 
 A converted model is a directory:
-  OUT/mmedit_config.json   {"format_version": 1, "model_type": "blip-2", "param_dtype": ..., "config": {...}}
-  OUT/params/              an Orbax (StandardCheckpointer) checkpoint of the parameter pytree
+  OUT/mmedit_config.json   {"format_version": 1, "model_type": "blip-2", "param_dtype": ..., "config": {...},
+                            "params_parts": ["part_00000", ...]}
+  OUT/params/part_NNNNN/   Orbax (StandardCheckpointer) checkpoints, each of a subtree of the parameters
+The parameters are split into parts of about `part_bytes` and saved part by part: Orbax holds a second copy
+of whatever one save call writes, so one call for a whole 2.7B model would need twice its size in memory.
 Restoring reads the on-disk metadata first and checks it against the template (the `jax.eval_shape` of the
 model init for that config), so a mismatched checkpoint fails naming the parameter and both shapes, before
 any data is read (orbax itself silently ignores a shape mismatch for numpy-saved leaves).
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -49,30 +53,75 @@ def is_converted(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
-def save_model(path: str | os.PathLike, config: Blip2Config, params: Mapping[str, Any], overwrite: bool = False):
-    """Write `params` (numpy or jax arrays) as an Orbax checkpoint plus `config` as JSON under `path`."""
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def save_model(
+    path: str | os.PathLike,
+    config: Blip2Config,
+    params: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    overwrite: bool = False,
+    part_bytes: int = 1 << 28,
+):
+    """Write the parameters as Orbax checkpoints (parts of about `part_bytes`) plus `config` as JSON.
+
+    `params`: a tree of numpy/jax arrays, or an iterable of `('a/b/c', array)` pairs, consumed lazily: the
+    converter streams its output through here so only about one part is in memory at a time.
+    """
     path = os.path.abspath(os.fspath(path))
     params_dir = os.path.join(path, PARAMS_DIR)
-    if os.path.exists(params_dir) and not overwrite:
-        raise FileExistsError(f"{params_dir} exists; pass overwrite=True to replace it")
-    os.makedirs(path, exist_ok=True)
-    leaves = jax.tree.leaves(params)
-    dtypes = sorted({str(np.dtype(x.dtype)) for x in leaves})
+    if os.path.exists(params_dir):
+        if not overwrite:
+            raise FileExistsError(f"{params_dir} exists; pass overwrite=True to replace it")
+        shutil.rmtree(params_dir)
+    config_file = os.path.join(path, CONFIG_FILE)
+    if os.path.exists(config_file):
+        os.remove(config_file)
+    os.makedirs(params_dir)
+    pairs = _flatten(params).items() if isinstance(params, Mapping) else params
+    parts, dtypes, num_params = [], set(), 0
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(params_dir, params, force=overwrite)
-        ckptr.wait_until_finished()
+
+        def flush(group):
+            name = f"part_{len(parts):05d}"
+            ckptr.save(os.path.join(params_dir, name), _unflatten(group))
+            ckptr.wait_until_finished()
+            parts.append(name)
+
+        group, size = {}, 0
+        for name, array in pairs:
+            group[name] = array
+            size += array.nbytes
+            dtypes.add(str(np.dtype(array.dtype)))
+            num_params += int(np.prod(array.shape))
+            del array
+            if size >= part_bytes:
+                flush(group)
+                group, size = {}, 0
+        if group or not parts:
+            flush(group)
+        del group
     meta = {
         "format_version": FORMAT_VERSION,
         "model_type": "blip-2",
-        "param_dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "num_params": int(sum(int(np.prod(x.shape)) for x in leaves)),
+        "param_dtype": sorted(dtypes)[0] if len(dtypes) == 1 else sorted(dtypes),
+        "num_params": num_params,
+        "params_parts": parts,
         "config": config.to_dict(),
     }
     # The config is written last: its presence marks a complete checkpoint.
-    tmp = os.path.join(path, CONFIG_FILE + ".tmp")
+    tmp = config_file + ".tmp"
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(path, CONFIG_FILE))
+    os.replace(tmp, config_file)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -101,17 +150,31 @@ def read_config(path: str | os.PathLike) -> Blip2Config:
         raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)}: bad config: {e}") from e
 
 
-def params_metadata(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{'a/b/c': (shape, dtype)} of the saved parameters, read from Orbax metadata (no tensor data)."""
-    params_dir = os.path.join(os.path.abspath(os.fspath(path)), PARAMS_DIR)
+def _part_dirs(path: str) -> list[str]:
+    params_dir = os.path.join(path, PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"{params_dir} is missing")
+    parts = read_metadata(path).get("params_parts")
+    if not parts:
+        raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)} lists no params_parts")
+    return [os.path.join(params_dir, p) for p in parts]
+
+
+def _part_metadata(part_dir: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.metadata(params_dir).item_metadata.tree
+            tree = ckptr.metadata(part_dir).item_metadata.tree
     except Exception as e:
-        raise CheckpointError(f"cannot read the Orbax checkpoint {params_dir}: {e}") from e
-    return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flatten(tree).items()}
+        raise CheckpointError(f"cannot read the Orbax checkpoint {part_dir}: {e}") from e
+    return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flatten(tree or {}).items()}
+
+
+def params_metadata(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{'a/b/c': (shape, dtype)} of the saved parameters, read from Orbax metadata (no tensor data)."""
+    out = {}
+    for part in _part_dirs(os.path.abspath(os.fspath(path))):
+        out.update(_part_metadata(part))
+    return out
 
 
 def check_against_template(saved: Mapping[str, tuple], template: Mapping[str, Any], where: str):
@@ -143,9 +206,17 @@ def restore_params(path: str | os.PathLike, template: Mapping[str, Any], shardin
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, template)
-    target = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), template, shardings)
+    flat_template, flat_shardings = _flatten(template), _flatten(shardings)
+    restored = {}
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(path, PARAMS_DIR), target)
+        for part in _part_dirs(path):
+            names = list(_part_metadata(part))
+            target = {
+                n: jax.ShapeDtypeStruct(flat_template[n].shape, flat_template[n].dtype, sharding=flat_shardings[n])
+                for n in names
+            }
+            restored.update(_flatten(ckptr.restore(part, _unflatten(target))))
+    return _unflatten(restored)
 
 
 # --------------------------------------------------------------------------------------------------

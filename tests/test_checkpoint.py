@@ -98,3 +98,25 @@ def test_checkpoint_manager_keeps_latest(tmp_path):
         with pytest.raises(CheckpointError, match="step 3 not in"):
             mngr.restore(3)
     assert checkpoint.latest_step(tmp_path / "run") == 4
+
+
+def test_parts_and_streamed_input(tmp_path):
+    tree = small_tree(5)
+    tree["language_projection"] = {"kernel": np.ones((4, 8), np.float32), "bias": np.zeros(8, np.float32)}
+    flat = checkpoint._flatten(tree)
+    consumed = []
+
+    def stream():  # a generator, as the converter feeds it
+        for name, array in flat.items():
+            consumed.append(name)
+            yield name, array
+
+    checkpoint.save_model(tmp_path, CONFIG, stream(), part_bytes=40)
+    meta = checkpoint.read_metadata(tmp_path)
+    assert len(meta["params_parts"]) >= 3 and consumed == list(flat)
+    assert meta["num_params"] == sum(a.size for a in flat.values())
+    assert set(checkpoint.params_metadata(tmp_path)) == set(flat)
+    got = checkpoint._flatten(checkpoint.restore_params(tmp_path, abstract(tree)))
+    assert set(got) == set(flat)
+    for name, want in flat.items():
+        np.testing.assert_array_equal(np.asarray(got[name]), want)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -316,19 +316,20 @@ def _shape_message(key, src_shape, rule, got, want) -> str:
     )
 
 
-def apply_rules(
+def iter_rules(
     reader: CheckpointReader,
     template: Mapping[str, Any],
     rules: Iterable[Rule],
     ignored: Mapping[str, str] | None = None,
     dtype: Any = None,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Fill a numpy tree shaped like `template` from `reader`'s tensors (cast to `dtype`, default the
-    template leaf's dtype). Every check of `check_rules` runs first, then tensors are read one by one."""
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(target, array)` per rule, each array cast to `dtype` (default: the template leaf's dtype).
+
+    Every check of `check_rules` runs before the first tensor is read. A consumer that writes each array
+    away and drops it (the CLI's part-wise save) needs only about one parameter of memory at a time.
+    """
     rules = list(rules)
     flat = check_rules(reader, template, rules, ignored)
-    out = {}
     try:
         for rule in rules:
             want = tuple(flat[rule.target].shape)
@@ -344,11 +345,27 @@ def apply_rules(
                     raise ConversionError(_shape_message(key, reader.shapes[key], rule, value.shape, slot.shape))
                 slot[...] = value
                 del value
-            out[rule.target] = array
-            if progress is not None:
-                progress(rule.target)
+            yield rule.target, array
+            del array, slots
     finally:
         reader.close()
+
+
+def apply_rules(
+    reader: CheckpointReader,
+    template: Mapping[str, Any],
+    rules: Iterable[Rule],
+    ignored: Mapping[str, str] | None = None,
+    dtype: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Fill a numpy tree shaped like `template` from `reader`'s tensors (cast to `dtype`, default the
+    template leaf's dtype). Every check of `check_rules` runs first, then tensors are read one by one."""
+    out = {}
+    for target, array in iter_rules(reader, template, rules, ignored, dtype):
+        out[target] = array
+        if progress is not None:
+            progress(target)
     return unflatten(out)
 
 

@@ -1,0 +1,128 @@
+"""`from_pretrained`: a Hugging Face BLIP-2 directory or a converted one -> `Blip2Model`.
+
+Which kind a directory is: a converted one has `mmedit_config.json` (see `checkpoint.py`); a Hugging Face one
+has `config.json` with `model_type: blip-2` next to its safetensors (or `.bin`) files, and is converted in
+memory with `blip2_rules` (streaming, so host memory stays near the model's size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmedit_jax import checkpoint
+from mmedit_jax.models.config import Blip2Config
+
+HF_CONFIG = "config.json"
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> Blip2Config:
+    """`Blip2Config` from a Hugging Face directory's `config.json`; errors name the file."""
+    file = os.path.join(hf_dir, HF_CONFIG)
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{file} is missing: not a Hugging Face model directory") from e
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if d.get("model_type") != "blip-2":
+        raise ValueError(f"{file}: model_type is {d.get('model_type')!r}, expected 'blip-2'")
+    return Blip2Config.from_hf(d)
+
+
+def detect(path: str | os.PathLike) -> str:
+    """'converted' or 'hf' for a model directory; a clear error otherwise."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no model directory at {path}")
+    if checkpoint.is_converted(path):
+        return "converted"
+    if os.path.isfile(os.path.join(path, HF_CONFIG)):
+        return "hf"
+    raise FileNotFoundError(
+        f"{path} is neither a converted checkpoint ({checkpoint.CONFIG_FILE}) nor a Hugging Face BLIP-2 "
+        f"directory ({HF_CONFIG} + model.safetensors)"
+    )
+
+
+def param_template(config: Blip2Config, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """The model's parameter tree as `jax.ShapeDtypeStruct`s (nothing is allocated)."""
+    from mmedit_jax.models.blip2 import Blip2Model
+
+    return jax.eval_shape(lambda rng: Blip2Model.init(config, rng, dtype=dtype).params, jax.random.key(0))
+
+
+def _hf_conversion(hf_dir, dtype):
+    from mmedit_jax.convert.blip2 import blip2_rules
+    from mmedit_jax.convert.engine import open_checkpoint
+
+    config = read_hf_config(hf_dir)
+    rules, ignored = blip2_rules(config)
+    return config, open_checkpoint(hf_dir), param_template(config, dtype), rules, ignored
+
+
+def convert_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=None):
+    """(config, numpy param tree) from a Hugging Face BLIP-2 directory, converted tensor by tensor."""
+    from mmedit_jax.convert.engine import apply_rules
+
+    config, reader, template, rules, ignored = _hf_conversion(hf_dir, dtype)
+    return config, apply_rules(reader, template, rules, ignored, dtype=dtype, progress=progress)
+
+
+def iter_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32):
+    """(config, iterator of ('a/b/c', numpy array)): the conversion as a stream, one parameter at a time.
+    Every check runs when the iteration starts, before any tensor is read."""
+    from mmedit_jax.convert.engine import iter_rules
+
+    config, reader, template, rules, ignored = _hf_conversion(hf_dir, dtype)
+    return config, iter_rules(reader, template, rules, ignored, dtype=dtype)
+
+
+def to_device(tree: dict[str, Any]) -> dict[str, Any]:
+    """numpy tree -> jax arrays on the default device, emptying `tree` leaf by leaf as it goes, so the host
+    holds at most one leaf twice (a whole-tree `device_put` would briefly hold the model twice)."""
+    out = {}
+    for name in list(tree):
+        value = tree.pop(name)
+        if isinstance(value, dict):
+            out[name] = to_device(value)
+        else:  # wait for each copy: pending async copies would keep every numpy leaf alive at once
+            out[name] = jax.device_put(np.asarray(value)).block_until_ready()
+        del value
+    return out
+
+
+def _resize_images(config: Blip2Config, params, image_size: int | None):
+    """Resample the vision position embeddings when the run's image size differs from the checkpoint's."""
+    if image_size is None or int(image_size) == config.vision.image_size:
+        return config, params
+    from mmedit_jax.models.vit import interpolate_pos_encoding
+
+    vision, vision_config = interpolate_pos_encoding(params["vision_model"], config.vision, int(image_size))
+    return dataclasses.replace(config, vision=vision_config), {**params, "vision_model": vision}
+
+
+def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_size: int | None = None):
+    """Load a BLIP-2 model from a Hugging Face directory or a converted one (`python -m mmedit_jax.convert`).
+
+    `dtype`: parameter and compute dtype (float32 or bfloat16). `image_size`: run at this image size,
+    interpolating the vision position embeddings (EasyEdit feeds 364 px images to 224 px checkpoints).
+    """
+    from mmedit_jax.models.blip2 import Blip2Model
+
+    kind = detect(path)
+    if kind == "converted":
+        config = checkpoint.read_config(path)
+        params = checkpoint.restore_params(path, param_template(config, dtype))
+    else:
+        config, params = convert_hf(path, dtype)
+        params = to_device(params)
+    config, params = _resize_images(config, params, image_size)
+    return Blip2Model(config, params, dtype=dtype)
