@@ -17,8 +17,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
-import jax.numpy as jnp
 from flax import struct
+
+from mmedit_jax.eval.losses import masked_nll
 
 
 @struct.dataclass
@@ -86,10 +87,5 @@ class Editor:
 
 
 def answer_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean NLL of the answer tokens with the causal shift (`logits[:-1]` predict `labels[1:]`), as the
-    reference's `masked_log_probs(..., shift=True)`. `logits [L, V]`, `labels [L]` (-100 ignored) -> []."""
-    logp = jax.nn.log_softmax(logits[:-1].astype(jnp.float32), axis=-1)
-    target = labels[1:]
-    mask = target != -100
-    picked = jnp.take_along_axis(logp, jnp.where(mask, target, 0)[:, None], axis=-1)[:, 0]
-    return -jnp.sum(picked * mask) / jnp.maximum(jnp.sum(mask), 1)
+    """The edit loss of one example: `logits [L, V]`, `labels [L]` -> [] (`eval.losses.masked_nll`)."""
+    return masked_nll(logits[None], labels[None])

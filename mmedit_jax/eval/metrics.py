@@ -86,8 +86,17 @@ def topk_agreement(pre_logits: jax.Array, post_logits: jax.Array, mask: jax.Arra
     Args:
       pre_logits, post_logits: [B, S, V]; mask: [B, S] (nonzero = counted).
     """
-    _, pre_top = jax.lax.top_k(pre_logits, k)
-    _, post_top = jax.lax.top_k(post_logits, k)
+    return index_agreement(topk_indices(pre_logits, k), topk_indices(post_logits, k), mask)
+
+
+def topk_indices(logits: jax.Array, k: int) -> jax.Array:
+    """`[..., S, V] -> [..., S, k]` int32, most likely first: what locality compares. The harness keeps these
+    for the pre-edit model instead of its `[S, V]` logits."""
+    return jax.lax.top_k(logits, k)[1].astype(jnp.int32)
+
+
+def index_agreement(pre_top: jax.Array, post_top: jax.Array, mask: jax.Array) -> jax.Array:
+    """Rank-wise agreement of two `[B, S, k]` top-k index arrays, averaged over masked-in positions; [B]."""
     agree = jnp.mean((pre_top == post_top).astype(jnp.float32), axis=-1)  # [B, S]
     mask = mask.astype(jnp.float32)
     return jnp.sum(agree * mask, axis=-1) / jnp.sum(mask, axis=-1)
