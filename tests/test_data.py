@@ -320,3 +320,38 @@ def test_image_table_decodes_each_image_once(vqa_records, tok):
                                   _pil_preprocess(vqa_records[3].image_rephrase))
     with pytest.raises(IndexError):
         table.array(len(table))
+
+
+def test_pad_to_and_decode_answers(vqa_records, tok):
+    from mmedit_jax.eval.metrics import shifted_answer_predictions
+
+    t, _ = tok
+    table = C.ImageTable(_pil_preprocess)
+    cfg = _config(t, "vqa")
+    batch = C.build_edit_batch(vqa_records[5:], t, table, cfg, pad_to=4)
+    assert list(batch.valid) == [True, True, True, False] and list(batch.case_index) == [5, 6, 7, -1]
+    np.testing.assert_array_equal(batch.edit_inner.input_ids[3], batch.edit_inner.input_ids[2])
+    with pytest.raises(ValueError, match="pad_to=2"):
+        C.build_edit_batch(vqa_records[5:], t, table, cfg, pad_to=2)
+    # Logits that predict each label one step early decode back to the target text.
+    labels = batch.edit_outer.labels
+    v = len(t)
+    logits = np.zeros(labels.shape + (v,), np.float32)
+    for i, j in zip(*np.nonzero(labels[:, 1:] != -100)):
+        logits[i, j, labels[i, j + 1]] = 1.0
+    pred, _, mask = shifted_answer_predictions(logits, labels)
+    expected = [" " + r.alt for r in vqa_records[5:]] + [" " + vqa_records[7].alt]
+    assert C.decode_answers(t, pred, mask) == expected
+
+
+def test_image_table_names_bad_image(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    table = C.ImageTable(_pil_preprocess)
+    table.index(str(bad))
+    with pytest.raises(DataError, match=r"bad\.png: cannot preprocess"):
+        table.array(0)
+    shape_table = C.ImageTable(lambda p: np.zeros((4, 4), np.float32))
+    shape_table.index("x.png")
+    with pytest.raises(ValueError, match=r"returned shape \(4, 4\)"):
+        shape_table.array(0)
