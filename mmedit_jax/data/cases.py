@@ -289,8 +289,13 @@ def encode_cond(records: Sequence[MMEditRecord], tok, max_length: int = 32) -> t
     int32 [B, max_length] ids and mask. The reference pads to the longest in the batch; padding to a fixed
     length only adds masked positions.
     """
-    enc = tok([r.cond for r in records], padding="max_length", truncation=True, max_length=max_length)
-    return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
+    enc = tok([r.cond for r in records], truncation=True, max_length=max_length)["input_ids"]
+    ids = np.full((len(records), max_length), int(tok.pad_token_id), np.int32)
+    mask = np.zeros((len(records), max_length), np.int32)
+    for i, row in enumerate(enc):  # right padding whatever the tokenizer's padding_side
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 def build_edit_batch(
