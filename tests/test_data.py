@@ -355,3 +355,19 @@ def test_image_table_names_bad_image(tmp_path):
     shape_table.index("x.png")
     with pytest.raises(ValueError, match=r"returned shape \(4, 4\)"):
         shape_table.array(0)
+
+
+def test_cond_truncated_and_right_padded(vqa_records, tok):
+    import dataclasses
+
+    t, _ = tok
+    long = dataclasses.replace(vqa_records[0], src=" ".join(["What color is the cat?"] * 20))
+    t.padding_side = "left"  # must not matter
+    try:
+        ids, mask = C.encode_cond([long, vqa_records[1]], t, max_length=32)
+    finally:
+        t.padding_side = "right"
+    assert ids.shape == mask.shape == (2, 32)
+    assert mask[0].all() and list(ids[0]) == t(long.cond)["input_ids"][:32]
+    n = int(mask[1].sum())
+    assert 0 < n < 32 and mask[1, :n].all() and np.all(ids[1, n:] == t.pad_token_id)
