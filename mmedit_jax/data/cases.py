@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import struct
 
-from mmedit_jax.data.mmedit import TASKS, MMEditRecord
+from mmedit_jax.data.mmedit import TASKS, DataError, MMEditRecord
 
 SUB_INPUTS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
 VQA_TEMPLATE = "Question: {} Short answer:"
@@ -146,7 +146,10 @@ class ImageTable:
         if not 0 <= i < len(self._paths):
             raise IndexError(f"image id {i} out of range [0, {len(self._paths)})")
         if i not in self._cache:
-            arr = np.asarray(self._preprocess(self._paths[i]), dtype=np.float32)
+            try:
+                arr = np.asarray(self._preprocess(self._paths[i]), dtype=np.float32)
+            except Exception as e:
+                raise DataError(f"image {self._paths[i]}: cannot preprocess: {type(e).__name__}: {e}") from e
             if arr.ndim != 3:
                 raise ValueError(f"preprocess({self._paths[i]!r}) returned shape {arr.shape}, "
                                  "expected [3, S, S]")
@@ -180,7 +183,8 @@ class EditBatch:
     """The five sub-inputs of B independent edit cases plus the KE condition; a pytree of arrays.
 
     cond_ids, cond_mask: int32 [B, cond_max_length] (tokenized "{pred} >> {alt} || {src}", right-padded).
-    case_index:          int32 [B] the records' `index` in their JSON file.
+    case_index:          int32 [B] the records' `index` in their JSON file (-1 on padding rows).
+    valid:               bool  [B] False on rows added by `pad_to` (copies of the last case; ignore them).
     For a vmapped editor over edits use `per_edit()`: every leaf gets a unit batch axis ([B, 1, ...]) so
     `jax.vmap(f)(batch.per_edit())` hands `f` one case as a batch of 1 (the reference's protocol).
     """
@@ -193,6 +197,7 @@ class EditBatch:
     cond_ids: np.ndarray
     cond_mask: np.ndarray
     case_index: np.ndarray
+    valid: np.ndarray
 
     def sub(self, name: str) -> TokenBatch:
         return getattr(self, name)
@@ -284,8 +289,13 @@ def encode_cond(records: Sequence[MMEditRecord], tok, max_length: int = 32) -> t
     int32 [B, max_length] ids and mask. The reference pads to the longest in the batch; padding to a fixed
     length only adds masked positions.
     """
-    enc = tok([r.cond for r in records], padding="max_length", truncation=True, max_length=max_length)
-    return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
+    enc = tok([r.cond for r in records], truncation=True, max_length=max_length)["input_ids"]
+    ids = np.full((len(records), max_length), int(tok.pad_token_id), np.int32)
+    mask = np.zeros((len(records), max_length), np.int32)
+    for i, row in enumerate(enc):  # right padding whatever the tokenizer's padding_side
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 def build_edit_batch(
@@ -294,14 +304,22 @@ def build_edit_batch(
     images: ImageTable,
     config: CaseConfig,
     lengths: Mapping[str, int] | None = None,
+    pad_to: int | None = None,
 ) -> EditBatch:
-    """The `EditBatch` of `records` (B = len(records)).
+    """The `EditBatch` of `records` (B = len(records), or `pad_to`).
 
     `lengths` optionally fixes the padded length per sub-input name (e.g. from `max_lengths` over the whole
     dataset, so every batch has one shape); otherwise each sub-batch takes the smallest fitting bucket.
+    `pad_to` fills a short (last) batch up to a fixed number of cases by repeating the last record, marked
+    `valid=False` and `case_index=-1`, so a vmapped editor keeps one compiled batch size.
     """
     if not records:
         raise ValueError("build_edit_batch needs at least one record")
+    n_real = len(records)
+    if pad_to is not None:
+        if pad_to < n_real:
+            raise ValueError(f"pad_to={pad_to} is smaller than the {n_real} records given")
+        records = list(records) + [records[-1]] * (pad_to - n_real)
     per_case = [case_inputs(r, config.task, config.paper_era_template) for r in records]
     idx = [r.index for r in records]
     subs = {
@@ -310,7 +328,16 @@ def build_edit_batch(
         for name in SUB_INPUTS
     }
     cond_ids, cond_mask = encode_cond(records, tok, config.cond_max_length)
-    return EditBatch(**subs, cond_ids=cond_ids, cond_mask=cond_mask, case_index=np.asarray(idx, np.int32))
+    valid = np.arange(len(records)) < n_real
+    case_index = np.where(valid, np.asarray(idx, np.int32), -1).astype(np.int32)
+    return EditBatch(**subs, cond_ids=cond_ids, cond_mask=cond_mask, case_index=case_index, valid=valid)
+
+
+def decode_answers(tok, pred_ids: np.ndarray, mask: np.ndarray) -> list[str]:
+    """Text of each example's predicted answer tokens: `pred_ids`, `mask` [B, L-1] as returned by
+    `mmedit_jax.eval.metrics.shifted_answer_predictions` (the pre/post predictions the harness logs)."""
+    pred_ids, mask = np.asarray(pred_ids), np.asarray(mask).astype(bool)
+    return [tok.decode(p[m].tolist()) for p, m in zip(pred_ids, mask)]
 
 
 def max_lengths(records: Sequence[MMEditRecord], tok, config: CaseConfig) -> dict[str, int]:
