@@ -1,0 +1,214 @@
+"""The OPT decoder in Flax Linen, as transformers' `OPTForCausalLM` (the language model of BLIP-2).
+
+token embeddings (`word_embed_proj_dim` wide) -> `project_in` (when narrower than `hidden_size`) + learned
+positions (offset 2, derived from the attention mask as `cumsum(mask) * mask - 1`) -> `num_hidden_layers`
+decoder layers (pre- or post-LayerNorm per `do_layer_norm_before`; causal + padding mask; ReLU feed-forward)
+scanned with `run_stack` -> `final_layer_norm` -> `project_out` -> tied `lm_head` (the token embedding table).
+
+The same layers serve teacher-forced scoring (no cache) and generation: with a KV cache `[layers, B, T, H, Dh]`
+each call writes its keys/values at `cache_index` and attends over the whole cache under a key mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmedit_jax.models.config import OPTConfig
+from mmedit_jax.models.layers import EditView, PatchableDense, child, init_stack, run_stack
+from mmedit_jax.models.vit import activation
+
+STACK_PREFIX = "language_model/layers"
+POSITION_OFFSET = 2  # OPT's learned positions start at index 2 (a fairseq legacy)
+
+
+def position_ids(attention_mask: jax.Array) -> jax.Array:
+    """transformers' OPT positions: `[B, L]` mask -> `[B, L]` ids (padding gets -1, then the offset)."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.cumsum(mask, axis=-1) * mask - 1
+
+
+def attention_bias(query_pos: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """Boolean `[B, 1, Lq, Lk]`: key j is visible to query i when `j <= query_pos[i]` and key j is not padding.
+
+    query_pos `[Lq]` (or `[B, Lq]`) are absolute slots in the key sequence, key_mask `[B, Lk]`.
+    """
+    lk = key_mask.shape[-1]
+    qp = query_pos if query_pos.ndim == 2 else query_pos[None]
+    causal = jnp.arange(lk)[None, None, :] <= qp[:, :, None]  # [B|1, Lq, Lk]
+    return (causal & key_mask.astype(bool)[:, None, :])[:, None]
+
+
+class OPTAttention(nn.Module):
+    """`q_proj` (scaled by `head_dim ** -0.5` after the projection, as transformers), `k_proj`, `v_proj`,
+    masked softmax attention, `out_proj`."""
+
+    config: OPTConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, edits: EditView | None = None, cache=None, cache_index=None):
+        """x `[B, L, D]`, mask bool `[B, 1, L, Lk]`; cache `(k, v)` each `[B, T, H, Dh]` or None.
+
+        Returns `(out [B, L, D], new cache or None)`; with a cache, `Lk == T`.
+        """
+        cfg = self.config
+        d, heads = cfg.hidden_size, cfg.num_attention_heads
+        if d % heads:
+            raise ValueError(f"OPT hidden_size {d} is not a multiple of num_attention_heads {heads}")
+        head_dim = d // heads
+        dense = lambda name: PatchableDense(  # noqa: E731
+            d, use_bias=cfg.enable_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        split = lambda t: t.reshape(*t.shape[:-1], heads, head_dim)  # noqa: E731
+        q = split(dense("q_proj")(x, child(edits, "q_proj")) * jnp.asarray(head_dim**-0.5, self.dtype))
+        k = split(dense("k_proj")(x, child(edits, "k_proj")))
+        v = split(dense("v_proj")(x, child(edits, "v_proj")))
+        new_cache = None
+        if cache is not None:
+            ck, cv = cache
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            new_cache = (k, v)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype)).astype(jnp.float32)
+        # A finite fill: rows with no visible key (left padding) get a uniform softmax, not NaN.
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)).reshape(x.shape[:-1] + (d,))
+        return dense("out_proj")(out, child(edits, "out_proj")), new_cache
+
+
+class OPTLayer(nn.Module):
+    """One decoder layer; the scanned unit. `(h [B, L, D], mask) -> (h, new cache)`."""
+
+    config: OPTConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, mask, cache_index=None, edits: EditView | None = None, xs=None):
+        cfg = self.config
+        pre = cfg.do_layer_norm_before
+
+        def ln(name):
+            return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype, name=name,
+                                use_scale=cfg.layer_norm_elementwise_affine,
+                                use_bias=cfg.layer_norm_elementwise_affine)
+
+        def norm(name, x):
+            return ln(name)(x).astype(self.dtype)
+
+        attn = OPTAttention(cfg, self.dtype, self.param_dtype, name="self_attn")
+        x = norm("self_attn_layer_norm", h) if pre else h
+        a, new_cache = attn(x, mask, child(edits, "self_attn"), cache=xs, cache_index=cache_index)
+        h = h + a
+        if not pre:
+            h = norm("self_attn_layer_norm", h)
+        dense = lambda n, name: PatchableDense(  # noqa: E731
+            n, use_bias=cfg.enable_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        x = norm("final_layer_norm", h) if pre else h
+        x = activation(cfg.activation_function)(dense(cfg.ffn_dim, "fc1")(x, child(edits, "fc1")))
+        h = h + dense(cfg.hidden_size, "fc2")(x, child(edits, "fc2"))
+        if not pre:
+            h = norm("final_layer_norm", h)
+        return h, new_cache
+
+
+class OPTDecoder(nn.Module):
+    """OPT's decoder with its (tied) head.
+
+    `embed(input_ids [B, L]) -> [B, L, E]` (E = `word_embed_proj_dim`), then
+    `__call__(inputs_embeds [B, L, E], attention_mask [B, L], patch, taps) -> (logits [B, L, V], captured)`.
+    For generation, `__call__(..., cache=..., cache_index=i, key_mask=[B, T])` runs `L` new tokens placed at
+    slots `i .. i + L - 1` of a `[layers, B, T, H, Dh]` cache and returns `(logits, captured, new cache)`.
+    Sites: `language_model/layers/{i}/{self_attn/q_proj, ..., fc1, fc2}`.
+    """
+
+    config: OPTConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=init, dtype=self.dtype,
+                                     param_dtype=self.param_dtype)
+        self.embed_positions = nn.Embed(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size,
+                                        embedding_init=init, dtype=self.dtype, param_dtype=self.param_dtype)
+        narrow = cfg.embed_dim != cfg.hidden_size
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
+                                         name=name)
+        self.project_in = dense(cfg.hidden_size, "project_in") if narrow else None
+        self.project_out = dense(cfg.embed_dim, "project_out") if narrow else None
+        has_final = cfg.do_layer_norm_before and not cfg.remove_final_layer_norm
+        self.final_layer_norm = (
+            nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype,
+                         use_scale=cfg.layer_norm_elementwise_affine, use_bias=cfg.layer_norm_elementwise_affine)
+            if has_final else None
+        )
+        self.lm_head = (
+            None if cfg.tie_word_embeddings
+            else nn.Dense(cfg.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        )
+        sample = (jnp.zeros((1, 1, cfg.hidden_size), self.dtype), jnp.ones((1, 1, 1, 1), bool))
+        self.layers = self.param("layers", lambda r: init_stack(self.unit(), r, cfg.num_hidden_layers, *sample))
+
+    def unit(self) -> OPTLayer:
+        return OPTLayer(self.config, self.dtype, self.param_dtype, parent=None)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
+        return self.embed_tokens(input_ids)
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Final hidden states `[B, L, D]` -> logits `[B, L, V]` (float32)."""
+        if self.final_layer_norm is not None:
+            h = self.final_layer_norm(h).astype(self.dtype)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        if self.lm_head is not None:
+            return self.lm_head(h).astype(jnp.float32)
+        return self.embed_tokens.attend(h).astype(jnp.float32)
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        attention_mask: jax.Array,
+        patch: dict | None = None,
+        taps: dict | None = None,
+        cache=None,
+        cache_index: jax.Array | int = 0,
+        key_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ):
+        cfg = self.config
+        b, length, width = inputs_embeds.shape
+        if width != cfg.embed_dim:
+            raise ValueError(f"inputs_embeds must be [B, L, {cfg.embed_dim}], got {inputs_embeds.shape}")
+        if attention_mask.shape != (b, length):
+            raise ValueError(f"attention_mask must be {(b, length)}, got {attention_mask.shape}")
+        if positions is None:
+            positions = position_ids(attention_mask)
+        x = inputs_embeds.astype(self.dtype)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        h = x + self.embed_positions(positions + POSITION_OFFSET)
+        if cache is None:
+            mask = attention_bias(jnp.arange(length), attention_mask)
+        else:
+            mask = attention_bias(cache_index + jnp.arange(length), key_mask)
+        h, new_cache, captured = run_stack(
+            self.unit(), self.layers, h, mask, cache_index, prefix=STACK_PREFIX, patch=patch, taps=taps,
+            per_unit_xs=cache, remat=self.remat,
+        )
+        logits = self.head(h)
+        if cache is None:
+            return logits, captured
+        return logits, captured, new_cache
