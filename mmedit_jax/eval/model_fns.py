@@ -1,7 +1,8 @@
 """Single-example forward functions of BLIP-2, the form editors and the harness vmap over.
 
-`Blip2Fns(module, pixels=False)` takes cached image embeddings `[nq, E]`; with `pixels=True` it takes pixels
-`[3, H, W]` and runs the (possibly patched) vision side itself, which vision-side editors (FT-V) need.
+`Blip2Fns(module, pixels=False)` takes cached image embeddings `[nq, E]`. With `pixels=True` it takes pixels
+`[3, H, W]` (as the image processor gives them) and runs the (possibly patched) vision side itself, which
+vision-side editors (FT-V) need.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from mmedit_jax.editors.base import Seq
 
@@ -25,7 +27,8 @@ class Blip2Fns:
 
     def encode(self, params, patch, pixel_values: jax.Array) -> jax.Array:
         """`[B, 3, H, W]` -> projected query outputs `[B, nq, E]`."""
-        embeds, _ = self.module.apply({"params": params}, pixel_values, patch=patch, method="encode_image")
+        nhwc = jnp.transpose(pixel_values, (0, 2, 3, 1))
+        embeds, _ = self.module.apply({"params": params}, nhwc, patch=patch, method="encode_image")
         return embeds
 
     def forward(self, params, patch, seq: Seq, image, taps=None):
@@ -34,8 +37,10 @@ class Blip2Fns:
         `captured` maps each tapped site to its layer input without the batch axis.
         """
         kw = {}
-        if image is not None:
-            kw["pixel_values" if self.pixels else "image_embeds"] = image[None]
+        if image is not None and self.pixels:
+            kw["pixel_values"] = jnp.transpose(image[None], (0, 2, 3, 1))  # the table holds [3, H, W]
+        elif image is not None:
+            kw["image_embeds"] = image[None]
         logits, captured = self.module.apply(
             {"params": params}, seq.input_ids[None], seq.attention_mask[None], patch=patch, taps=taps, **kw
         )
