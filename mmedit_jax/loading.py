@@ -117,6 +117,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_siz
     """
     from mmedit_jax.models.blip2 import Blip2Model
 
+    dtype = jnp.dtype(dtype)  # accepts "bfloat16" as well as jnp.bfloat16
     kind = detect(path)
     if kind == "converted":
         config = checkpoint.read_config(path)

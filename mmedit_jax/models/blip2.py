@@ -191,6 +191,7 @@ class Blip2Model:
     @classmethod
     def init(cls, config: Blip2Config, rng: jax.Array, dtype: Any = jnp.float32, remat: bool = False) -> Blip2Model:
         """Randomly initialised parameters (shapes only matter to conversion; values to tests and pretraining)."""
+        dtype = jnp.dtype(dtype)
         module = Blip2(config, dtype=dtype, param_dtype=dtype)
         s = config.vision.image_size
         pixels = jnp.zeros((1, s, s, 3), dtype)
