@@ -20,12 +20,9 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,43 +49,6 @@ def setup(size: str, n_records: int, workdir: str, seed: int = 0):
     return model, prepared
 
 
-def measure(editor, fns, model, cases, batch_size: int, repeats: int) -> dict:
-    import jax
-
-    from mmedit_jax import patch as P
-    from mmedit_jax.eval import harness
-
-    pre_fn, edit_fn = harness.make_step_fns(editor, fns, exact_match=True)
-    batch = jax.device_put(harness._pad_batch(harness._take(cases, np.arange(min(batch_size, len(
-        jax.tree.leaves(cases)[0])))), batch_size))
-
-    def call():
-        pre = pre_fn(model.params, batch)
-        return jax.block_until_ready(edit_fn(editor.editor_params, model.params, batch, pre))
-
-    t0 = time.perf_counter()
-    call()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    steady = statistics.median(times)
-    pre = pre_fn(model.params, batch)
-    compiled = edit_fn.lower(editor.editor_params, model.params, batch, pre).compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    one = jax.tree.map(lambda a: a[0], batch)
-    patch = jax.jit(editor.edit)(editor.editor_params, model.params, one, {})
-    return dict(batch=batch_size, compile_s=first - steady, batch_ms=steady * 1e3, edits_per_s=batch_size / steady,
-                temp_mib_per_edit=(mem.temp_size_in_bytes / 2**20 / batch_size) if mem else float("nan"),
-                patch_kib_per_edit=P.nbytes(patch) / 2**10, gflop_per_edit=flops / 1e9 / batch_size,
-                achieved_gflops=flops / 1e9 / steady)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--editor", default="ft-l", choices=("ft-l", "ft-v"))
@@ -103,6 +63,7 @@ def main(argv=None):
     from mmedit_jax import evaluate as E
     from mmedit_jax.eval import harness
     from mmedit_jax.eval.model_fns import Blip2Fns
+    from mmedit_jax.eval.throughput import matmul_peak_gflops, time_edit_step
 
     with tempfile.TemporaryDirectory() as workdir:
         model, prepared = setup(args.size, args.records, workdir)
@@ -116,7 +77,7 @@ def main(argv=None):
         cases = harness.make_cases(prepared.batch, table)
         batches = [int(b) for b in args.batches.split(",")] if cache else [max(int(b) for b in args.batches.split(","))]
         for b in batches:
-            r = measure(editor, fns, model, cases, b, args.repeats)
+            r = time_edit_step(editor, fns, model.params, cases, b, args.repeats).as_dict()
             r.update(feature_cache=cache, image_table_s=table_s)
             rows.append(r)
             print(f"E={b:3d} cache={cache!s:5}  {r['edits_per_s']:8.1f} edits/s  compile {r['compile_s']:.1f}s  "
@@ -125,13 +86,18 @@ def main(argv=None):
     one = next(r for r in rows if r["batch"] == 1 and r["feature_cache"])
     for r in rows:
         r["speedup_vs_one_at_a_time"] = r["edits_per_s"] / one["edits_per_s"]
-    cols = ["batch", "feature_cache", "compile_s", "batch_ms", "edits_per_s", "speedup_vs_one_at_a_time",
-            "temp_mib_per_edit", "patch_kib_per_edit", "gflop_per_edit", "achieved_gflops"]
+    peak = matmul_peak_gflops()
+    for r in rows:
+        r["fraction_of_matmul_peak"] = r["achieved_gflops"] / peak
+    print(f"float32 matmul peak measured in this run: {peak:.1f} GFLOP/s")
+    cols = ["batch", "feature_cache", "compile_s", "median_ms", "p90_ms", "edits_per_s", "speedup_vs_one_at_a_time",
+            "temp_mib_per_edit", "patch_kib_per_edit", "gflop_per_edit", "achieved_gflops", "fraction_of_matmul_peak"]
     print("  ".join(f"{c:>14.14}" for c in cols))
     for r in rows:
         print("  ".join(f"{r[c]:>14.4g}" if isinstance(r[c], float) else f"{r[c]!s:>14}" for c in cols))
     if args.json:
-        env = dict(jax=jax.__version__, device=str(jax.devices()[0]), cpus=os.cpu_count(), editor=args.editor,
+        env = dict(matmul_peak_gflops=peak, jax=jax.__version__, device=str(jax.devices()[0]), cpus=os.cpu_count(),
+                   editor=args.editor,
                    size=args.size, config=model.config.to_dict(), records=args.records)
         with open(args.json, "w") as f:
             json.dump(dict(env=env, rows=rows), f, indent=2)
