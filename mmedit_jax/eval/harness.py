@@ -147,10 +147,26 @@ def run(
     resume: bool = True,
     decode: Callable[[np.ndarray], str] | None = None,
     progress: bool = True,
+    mesh=None,
 ) -> RunResult:
     """Edits and scores every case; `cases` is a host `Case` with a leading `[N]` axis, `meta[i]` holds at least
-    `index` (the record's index in its file) for row i."""
+    `index` (the record's index in its file) for row i.
+
+    With a `mesh` (`sharding.make_mesh`), each batch of edits is split over its "data" axis and the base
+    parameters are laid out by the partition rules over "model" (replicated where "model" has size 1); the
+    same jitted programs run, XLA inserting the communication.
+    """
     n = len(meta)
+    place = lambda b: b  # noqa: E731
+    if mesh is not None:
+        from mmedit_jax import sharding
+
+        if batch_size % mesh.shape[sharding.DATA]:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's data axis "
+                             f"({mesh.shape[sharding.DATA]})")
+        params = sharding.shard_params(params, mesh)
+        place = lambda b: jax.tree.map(  # noqa: E731
+            lambda a: jax.device_put(a, sharding.batch_sharding(mesh, np.ndim(a))), b)
     jsonl = os.path.join(out_dir, "cases.jsonl") if out_dir else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -171,7 +187,7 @@ def run(
     try:
         for start in range(0, len(todo), batch_size):
             idx = np.asarray(todo[start : start + batch_size])
-            batch = _pad_batch(_take(cases, idx), batch_size)
+            batch = place(_pad_batch(_take(cases, idx), batch_size))
             t0 = time.perf_counter()
             pre = pre_fn(params, batch)
             post = edit_fn(editor.editor_params, params, batch, pre)
