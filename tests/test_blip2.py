@@ -236,3 +236,12 @@ def test_easyedit_site_names():
     assert easyedit_site("opt_proj.weight") == "language_projection"
     with pytest.raises(ValueError, match="llama_model"):
         easyedit_site("llama_model.model.layers.1.mlp.down_proj.weight")
+
+
+def test_every_parameter_has_a_partition_rule(tmp_path):
+    from mmedit_jax import sharding
+
+    _, path = hf_model(tmp_path)
+    params = from_pretrained(path).params
+    specs = jax.tree.leaves(sharding.param_specs(params), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert len(specs) == len(jax.tree.leaves(params))
