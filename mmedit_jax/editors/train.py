@@ -135,7 +135,11 @@ def resolve_sites(inner_params, params, stacks) -> tuple[str, ...]:
                          "opt_model.model.decoder.layers.31.fc1.weight)")
     sites = tuple(n if "/" in n else easyedit_site(n) for n in inner_params)
     for s in sites:
-        P.kernel_of(params, s, stacks)  # KeyError naming the site if the model has no such layer
+        P.kernel_of(params, s, stacks)  # KeyError naming the site if the model has no such module
+        path, idx = P.resolve_site(s, stacks)
+        leaf = P._get(params, path, s)
+        if idx is not None and idx >= leaf.shape[0]:  # jax indexing would clamp silently
+            raise KeyError(f"site {s!r}: the model has {leaf.shape[0]} stacked units under {'/'.join(path[:2])!r}")
     return sites
 
 
@@ -257,7 +261,11 @@ def _all_finite(tree) -> jax.Array:
 
 
 def init_train_state(trainable: Trainable, tx: optax.GradientTransformation, seed: int) -> dict:
-    """The whole training state as one pytree (what checkpoints hold)."""
+    """The whole training state as one pytree (what checkpoints hold); built in one jitted program."""
+    return jax.jit(_train_state, static_argnums=(0, 1, 2))(trainable, tx, seed)
+
+
+def _train_state(trainable: Trainable, tx: optax.GradientTransformation, seed: int) -> dict:
     rng = jax.random.key(seed)
     params, state = trainable.init(jax.random.fold_in(rng, 0))
     return {
@@ -297,10 +305,23 @@ def make_train_step(trainable: Trainable, model: ModelFns, cfg: TrainConfig, tx:
         out["editor_state"] = keep(new_state, ts["editor_state"])
         out["step"] = ts["step"] + 1
         out["skipped"] = ts["skipped"] + (~finite).astype(jnp.int32)
-        metrics = dict(metrics, finite=finite, grad_norm=optax.global_norm(safe_grads))
+        metrics = dict(metrics, finite=finite, grad_norm=optax.tree.norm(safe_grads))
         return out, metrics
 
     return jax.jit(step)
+
+
+_PROGRAMS: dict = {}
+
+
+def step_program(trainable: Trainable, model: ModelFns, cfg: TrainConfig):
+    """`(tx, jitted train step)`, built once per (trainable, model, config) in this process, so a resumed or
+    repeated `train` call reuses the compiled program."""
+    key = (id(trainable), id(model), cfg)
+    if key not in _PROGRAMS:
+        tx = make_optimizer(cfg, trainable.labels(jax.eval_shape(trainable.init, jax.random.key(0))[0]))
+        _PROGRAMS[key] = (trainable, model, tx, make_train_step(trainable, model, cfg, tx))
+    return _PROGRAMS[key][2:]
 
 
 def make_eval_loss(trainable: Trainable, model: ModelFns, cfg: TrainConfig):
@@ -439,9 +460,8 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
     """
     from mmedit_jax.checkpoint import CheckpointManager
 
-    tx = make_optimizer(cfg, trainable.labels(trainable.init(jax.random.key(0))[0]))
+    tx, step_fn = step_program(trainable, model, cfg)
     ts = init_train_state(trainable, tx, cfg.seed)
-    step_fn = make_train_step(trainable, model, cfg, tx)
     mngr, resumed_from, metrics_path = None, None, None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -450,6 +470,9 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
                                  save_interval_steps=1)
         if resume and mngr.latest_step() is not None:
             ts, meta = mngr.restore(template=ts)
+            # Orbax hands back arrays committed to a device; as uncommitted ones (like a fresh state's) they hit
+            # the train step's compiled program instead of triggering a second compilation.
+            ts = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), ts)
             resumed_from = int(ts["step"])
             if meta.get("n_train") != n_train or meta.get("batch_size") != cfg.batch_size:
                 raise ValueError(f"checkpoint in {out_dir} was written for n_train={meta.get('n_train')}, "
@@ -528,6 +551,7 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
                                    f"(have {sorted(vals)})")
                 # Lower is better, as the reference's loss key; accuracies are negated.
                 score = -vals[cfg.early_stop_key] if "acc" in cfg.early_stop_key else vals[cfg.early_stop_key]
+                score = float(np.float32(score))  # as stored in the (float32) checkpointed state
                 if score < float(ts["best_val"]):
                     ts = dict(ts, best_val=jnp.asarray(score, jnp.float32), best_step=jnp.asarray(step, jnp.int32))
                     if out_dir:
