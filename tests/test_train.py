@@ -197,6 +197,22 @@ def test_accumulation_updates_every_k_steps(world, ke_tr):
     assert not np.array_equal(ts2["params"]["cond"]["kernel"], ts1["params"]["cond"]["kernel"])
 
 
+def test_lagrangian_objective_ascends_the_multiplier(world, ke_tr):
+    model, fns, cases, _ = world
+    cfg = dataclasses_replace(CFG, objective="lagrangian", accumulate_bs=1, margin_kl=1e-3)
+    tx, step = T.step_program(ke_tr, fns, cfg)
+    ts0 = T.init_train_state(ke_tr, tx, 0, cfg)
+    assert float(ts0["alpha"]) == 1.0 and float(ts0["margin"]) == pytest.approx(1e-3)
+    ts1, m = step(ts0, model.params, jax.tree.map(lambda a: jnp.asarray(a[:3]), cases), jnp.ones(3, bool))
+    kl = float(m["loss/loc"] + m["loss/image_loc"])
+    cr = cfg.cedit * float(m["loss/edit"]) + cfg.iedit * float(m["loss/image_edit"])
+    assert float(m["loss/lagrangian"]) == pytest.approx(cr + 1.0 * (kl - 1e-3), rel=1e-5)
+    # d/d alpha = KL - margin < 0 here (a fresh KE barely moves the model): ascent lowers alpha, not below 0.
+    assert kl < 1e-3 and 0.0 <= float(ts1["alpha"]) < 1.0
+    with pytest.raises(ValueError, match="objective"):
+        T.TrainConfig(objective="constrained")
+
+
 class Killed(Exception):
     pass
 

@@ -91,6 +91,12 @@ class TrainConfig:
     seed: int = 0
     ckpt_interval: int = 1000  # steps between periodic checkpoints (also saved at every validation and the end)
     max_to_keep: int = 2
+    # "mend": the multimodal trainer's weighted sum (EasyEdit; also what the EFK/KE ports train with).
+    # "lagrangian": KE's original constrained objective, CR + alpha * (KL - margin) with alpha >= 0 ascended.
+    objective: str = "mend"
+    margin_kl: float = 1e-3  # the original's BART values: 1e-3 shrinking to 1e-5
+    margin_kl_min: float = 1e-5
+    lr_alpha: float = 0.1  # centered RMSprop on the multiplier, as the original
 
     def __post_init__(self):
         if self.alg.upper() not in ("MEND", "KE"):
@@ -99,6 +105,8 @@ class TrainConfig:
                   "ckpt_interval"):
             if getattr(self, f) < 1:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)} must be >= 1")
+        if self.objective not in ("mend", "lagrangian"):
+            raise ValueError(f"TrainConfig.objective={self.objective!r}: expected 'mend' or 'lagrangian'")
         if not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip={self.grad_clip} must be > 0")
 
@@ -113,7 +121,7 @@ class TrainConfig:
             kw["inner_params"] = tuple(kw["inner_params"])
         if "alg" not in kw and "alg_name" in hparams:
             kw["alg"] = hparams["alg_name"]
-        for k in ("lr", "cedit", "iedit", "cloc", "grad_clip"):
+        for k in ("lr", "cedit", "iedit", "cloc", "grad_clip", "margin_kl", "margin_kl_min", "lr_alpha"):
             if k in kw:
                 kw[k] = float(kw[k])
         if kw.get("lr_lr") is not None:
@@ -240,6 +248,16 @@ def batch_loss(trainable: Trainable, model: ModelFns, cfg: TrainConfig, params, 
     return metrics["loss/total_edit"], (state, metrics)
 
 
+def lagrangian_loss(cfg: TrainConfig, metrics: dict, alpha: jax.Array, margin: jax.Array) -> jax.Array:
+    """KE's constrained objective on the multimodal losses (design choice: the original's CR is the
+    label-smoothed NLL of the edit and its paraphrase "view"; here CR is the trainer's generality terms,
+    `cedit * NLL(rephrase) + iedit * NLL(image rephrase)`, without label smoothing, and the constraint is on
+    the summed locality KL of the text and multimodal locality inputs)."""
+    cr = cfg.cedit * metrics["loss/edit"] + cfg.iedit * metrics["loss/image_edit"]
+    kl = metrics["loss/loc"] + metrics["loss/image_loc"]
+    return KN.lagrangian(cr, {"kl": kl}, {"kl": alpha}, {"kl": margin})
+
+
 # --------------------------------------------------------------------------------------------------
 # Optimiser and the train step.
 
@@ -260,15 +278,17 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def init_train_state(trainable: Trainable, tx: optax.GradientTransformation, seed: int) -> dict:
-    """The whole training state as one pytree (what checkpoints hold); built in one jitted program."""
-    return jax.jit(_train_state, static_argnums=(0, 1, 2))(trainable, tx, seed)
+def init_train_state(trainable: Trainable, tx: optax.GradientTransformation, seed: int,
+                     cfg: TrainConfig | None = None) -> dict:
+    """The whole training state as one pytree (what checkpoints hold); built in one jitted program.
+    With `cfg.objective == "lagrangian"` it also holds the multiplier, its optimiser state and the margin."""
+    return jax.jit(_train_state, static_argnums=(0, 1, 2, 3))(trainable, tx, seed, cfg)
 
 
-def _train_state(trainable: Trainable, tx: optax.GradientTransformation, seed: int) -> dict:
+def _train_state(trainable: Trainable, tx: optax.GradientTransformation, seed: int, cfg) -> dict:
     rng = jax.random.key(seed)
     params, state = trainable.init(jax.random.fold_in(rng, 0))
-    return {
+    out = {
         "params": params,
         "editor_state": state,
         "opt_state": tx.init(params),
@@ -278,6 +298,11 @@ def _train_state(trainable: Trainable, tx: optax.GradientTransformation, seed: i
         "best_val": jnp.asarray(np.inf, jnp.float32),
         "best_step": jnp.zeros((), jnp.int32),
     }
+    if cfg is not None and cfg.objective == "lagrangian":
+        alpha = KN.init_multipliers()["kl"]
+        out.update(alpha=alpha, alpha_opt=KN.multiplier_optimizer(cfg.lr_alpha).init(alpha),
+                   margin=jnp.asarray(cfg.margin_kl, jnp.float32))
+    return out
 
 
 def make_train_step(trainable: Trainable, model: ModelFns, cfg: TrainConfig, tx: optax.GradientTransformation):
@@ -287,12 +312,22 @@ def make_train_step(trainable: Trainable, model: ModelFns, cfg: TrainConfig, tx:
     `ts["skipped"]`; `metrics["finite"]` says which happened.
     """
 
+    lagrangian = cfg.objective == "lagrangian"
+    alpha_tx = KN.multiplier_optimizer(cfg.lr_alpha)
+
+    def objective(p, alpha, ts, base_params, cases, weights):
+        loss, (state, metrics) = batch_loss(trainable, model, cfg, p, ts["editor_state"], base_params, cases,
+                                            weights, True)
+        if lagrangian:
+            loss = lagrangian_loss(cfg, metrics, alpha, ts["margin"])
+            metrics = dict(metrics, **{"loss/lagrangian": loss})
+        return loss, (state, metrics)
+
     def step(ts, base_params, cases, weights):
-        grad_fn = jax.value_and_grad(
-            lambda p: batch_loss(trainable, model, cfg, p, ts["editor_state"], base_params, cases, weights, True),
-            has_aux=True)
-        (loss, (new_state, metrics)), grads = grad_fn(ts["params"])
-        finite = jnp.isfinite(loss) & _all_finite(grads)
+        grad_fn = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)
+        (loss, (new_state, metrics)), (grads, g_alpha) = grad_fn(ts["params"], ts.get("alpha", 0.0), ts,
+                                                                 base_params, cases, weights)
+        finite = jnp.isfinite(loss) & _all_finite(grads) & jnp.isfinite(g_alpha)
         # Zero the gradient of a bad step before the optimiser sees it (NaN * 0 is still NaN); then keep the old
         # state anyway, so the accumulation counter does not advance either.
         safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
@@ -303,6 +338,12 @@ def make_train_step(trainable: Trainable, model: ModelFns, cfg: TrainConfig, tx:
         out["params"] = keep(new_params, ts["params"])
         out["opt_state"] = keep(new_opt, ts["opt_state"])
         out["editor_state"] = keep(new_state, ts["editor_state"])
+        if lagrangian:  # the multiplier ascends on every (finite) step, clamped at 0, as the original
+            a_upd, a_opt = alpha_tx.update(jnp.where(finite, g_alpha, 0.0), ts["alpha_opt"])
+            alpha = KN.clamp_multipliers({"kl": optax.apply_updates(ts["alpha"], a_upd)})["kl"]
+            out["alpha"] = keep(alpha, ts["alpha"])
+            out["alpha_opt"] = keep(a_opt, ts["alpha_opt"])
+            metrics = dict(metrics, alpha=ts["alpha"], margin=ts["margin"])
         out["step"] = ts["step"] + 1
         out["skipped"] = ts["skipped"] + (~finite).astype(jnp.int32)
         metrics = dict(metrics, finite=finite, grad_norm=optax.tree.norm(safe_grads))
@@ -461,7 +502,7 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
     from mmedit_jax.checkpoint import CheckpointManager
 
     tx, step_fn = step_program(trainable, model, cfg)
-    ts = init_train_state(trainable, tx, cfg.seed)
+    ts = init_train_state(trainable, tx, cfg.seed, cfg)
     mngr, resumed_from, metrics_path = None, None, None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -556,6 +597,10 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
                     ts = dict(ts, best_val=jnp.asarray(score, jnp.float32), best_step=jnp.asarray(step, jnp.int32))
                     if out_dir:
                         trainable.save(os.path.join(out_dir, "editor"), ts["params"], ts["editor_state"])
+                if cfg.objective == "lagrangian":  # the original's schedule: shrink once edits succeed
+                    ts = dict(ts, margin=KN.shrink_margins({"kl": ts["margin"]}, {"kl": cfg.margin_kl_min},
+                                                           vals["val/reliability"] / 100.0)["kl"])
+                    vals["margin"] = float(ts["margin"])
                 row = {"step": step, "split": "val", **vals, "best_step": int(ts["best_step"])}
                 history.append(row)
                 if out:
