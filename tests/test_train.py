@@ -21,6 +21,11 @@ N_TRAIN = 6
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    return tiny_world(str(tmp_path_factory.mktemp("train")))
+
+
+def tiny_world(out: str):
+    """A tiny random BLIP-2, a BPE tokenizer and N_TRAIN synthetic E-VQA cases (image embeddings cached)."""
     from mmedit_jax.data.mmedit import load_mmedit
     from mmedit_jax.data.synthetic import write_synthetic_mmedit
     from mmedit_jax.data.tokenizer import train_bpe_tokenizer
@@ -28,7 +33,6 @@ def world(tmp_path_factory):
     from mmedit_jax.models.config import Blip2Config, OPTConfig, QFormerConfig, VisionConfig
     from mmedit_jax.train import cases_for
 
-    out = str(tmp_path_factory.mktemp("train"))
     paths = write_synthetic_mmedit(out, "vqa", N_TRAIN, 3, image_size=16, split="train")
     records = load_mmedit(paths.json_path, "vqa", paths.image_root).records
     texts = [getattr(r, k) for r in records for k in ("src", "alt", "rephrase", "loc", "loc_ans", "pred")]

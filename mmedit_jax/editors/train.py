@@ -491,13 +491,17 @@ class TrainResult:
 
 def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, train_cases: Case, n_train: int,
           out_dir: str | None, *, val_cases: Case | None = None, val_meta=None, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None, resume: bool = True) -> TrainResult:
+          on_step: Callable[[int, dict], None] | None = None, resume: bool = True, mesh=None) -> TrainResult:
     """Trains for `cfg.max_iters` steps (or until early stopping), resuming from `out_dir/checkpoints`.
 
     `train_cases`: host `Case` with a leading `[n_train]` axis (`eval.harness.make_cases`). Writes
     `out_dir/metrics.jsonl` (one line per step, validation lines with `"split": "val"`), periodic checkpoints,
     and `out_dir/editor` (the editor at its best validation, for `evaluate --editor-ckpt`).
     `on_step(step, metrics)` is called after each step's metrics are fetched (tests use it to kill a run).
+
+    With a `mesh` (`sharding.make_mesh`), each step's E edits are split over its "data" axis, the base weights
+    are laid out over "model" by the partition rules, and the editor's state is replicated; the same jitted
+    step runs (XLA inserts the reductions, e.g. for the shared statistics and the mean gradient).
     """
     from mmedit_jax.checkpoint import CheckpointManager
 
@@ -521,6 +525,21 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
             _metrics_rows(metrics_path, resumed_from)
         elif not resume and os.path.exists(metrics_path):
             os.remove(metrics_path)
+
+    place = lambda b: b  # noqa: E731
+    if mesh is not None:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as PS
+
+        from mmedit_jax import sharding
+
+        if cfg.batch_size % mesh.shape[sharding.DATA]:
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the mesh's data axis "
+                             f"({mesh.shape[sharding.DATA]})")
+        base_params = sharding.shard_params(base_params, mesh)
+        ts = jax.device_put(ts, NamedSharding(mesh, PS()))
+        place = lambda b: jax.tree.map(  # noqa: E731
+            lambda a: jax.device_put(a, sharding.batch_sharding(mesh, np.ndim(a))), b)
 
     validator = None
     if val_cases is not None and val_meta:
@@ -577,7 +596,7 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
         step = start_step
         while step < cfg.max_iters:
             idx = batch_indices(cfg.seed, step, cfg.batch_size, n_train)
-            ts, m = step_fn(ts, base_params, take(train_cases, idx), weights)
+            ts, m = step_fn(ts, base_params, place(take(train_cases, idx)), place(weights))
             step += 1
             pending.append((step, m))
             if bar:
