@@ -100,6 +100,9 @@ def main(argv=None):
     from mmedit_jax.editors.hparams import load_hparams
 
     hparams = load_hparams(args.config)
+    named = str(hparams.get("alg_name", hparams.get("alg", args.editor))).lower()
+    if named != args.editor:
+        ap.error(f"--editor {args.editor} but {args.config} is a {named!r} config")
     overrides = dict(max_iters=args.max_iters, batch_size=args.batch_size, accumulate_bs=args.accumulate_bs,
                      val_interval=args.val_interval, val_steps=args.val_steps, log_interval=args.log_interval,
                      seed=args.seed, alg=args.editor.upper())

@@ -451,12 +451,15 @@ class Validator:
                 pre = self._pre[start // e]
             post = jax.device_get(self.edit_fn(eparams, self.base, batch, pre))
             for j in range(len(idx)):
-                rows.append({k: float(post[k][j]) for k in METRICS})
+                rows.append({**{k: float(post[k][j]) for k in METRICS},
+                             "pre": {k: float(np.asarray(pre[k])[j]) for k in ("reliability", "t_generality",
+                                                                                "m_generality")}})
         if self._pre is None:
             self._pre = pre_all  # the unedited model's outputs do not change during training
         out = {f"{k}_val": v / self.n for k, v in sums.items()}
         summary = harness.summarize(rows)
         out.update({f"val/{k}": summary[k] for k in METRICS})
+        out.update({f"val/{k}": summary[k] for k in summary if k.startswith("pre_")})  # the unedited model
         return out
 
 
