@@ -66,8 +66,15 @@ def build_editor(name: str, model, hparams: dict | None = None, editor_ckpt: str
                              "EasyEdit checkpoint converted with `python -m mmedit_jax.convert mend-easyedit`)")
         spec, net, stats = load_mend(editor_ckpt)
         editor = make_mend(spec, fns_for(spec.sites), net, stats)
+    elif name == "ke":
+        from mmedit_jax.editors.ke import load_ke, make_ke
+
+        if editor_ckpt is None:
+            raise SystemExit("--editor ke needs --editor-ckpt (a KE trained by `python -m mmedit_jax.train`)")
+        spec, net = load_ke(editor_ckpt)
+        editor = make_ke(spec, fns_for(spec.sites), net)
     else:
-        raise SystemExit(f"editor {name!r} is not available here yet (choose from ft-l, ft-v, mend)")
+        raise SystemExit(f"editor {name!r} is not available (choose from {', '.join(EDITORS)})")
     # From here on `vision_side` means "takes pixels" for the harness.
     return dataclasses.replace(editor, vision_side=editor.vision_side or not feature_cache)
 

@@ -1,0 +1,324 @@
+"""KE editor and the MEND/KE meta-trainer on a tiny random BLIP-2 and synthetic MMEdit records."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmedit_jax import patch as P
+from mmedit_jax.editors import ke as KE
+from mmedit_jax.editors import ke_net as KN
+from mmedit_jax.editors import train as T
+from mmedit_jax.editors.base import answer_nll
+from mmedit_jax.editors.hparams import load_hparams
+from mmedit_jax.eval.model_fns import Blip2Fns
+
+SITES = ("language_model/layers/1/fc1", "language_model/layers/1/fc2")
+N_TRAIN = 6
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny_world(str(tmp_path_factory.mktemp("train")))
+
+
+def tiny_world(out: str):
+    """A tiny random BLIP-2, a BPE tokenizer and N_TRAIN synthetic E-VQA cases (image embeddings cached)."""
+    from mmedit_jax.data.mmedit import load_mmedit
+    from mmedit_jax.data.synthetic import write_synthetic_mmedit
+    from mmedit_jax.data.tokenizer import train_bpe_tokenizer
+    from mmedit_jax.models.blip2 import Blip2Model
+    from mmedit_jax.models.config import Blip2Config, OPTConfig, QFormerConfig, VisionConfig
+    from mmedit_jax.train import cases_for
+
+    paths = write_synthetic_mmedit(out, "vqa", N_TRAIN, 3, image_size=16, split="train")
+    records = load_mmedit(paths.json_path, "vqa", paths.image_root).records
+    texts = [getattr(r, k) for r in records for k in ("src", "alt", "rephrase", "loc", "loc_ans", "pred")]
+    texts += ["Question: Short answer: " + t for t in texts]
+    tok = train_bpe_tokenizer(texts, vocab_size=300, out_dir=os.path.join(out, "tok"))
+    cfg = Blip2Config(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=16, patch_size=8),
+        qformer=QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              cross_attention_frequency=1, encoder_hidden_size=32),
+        text=OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                       max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id),
+        num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    model = Blip2Model.init(cfg, jax.random.PRNGKey(0))
+    cases, meta = cases_for(records, tok, model, "vqa", pixels=False)
+    return model, Blip2Fns(model.module), cases, meta
+
+
+def ke_trainable(world, **kw):
+    model, fns, _, _ = world
+    shapes = {s: tuple(P.kernel_of(model.params, s, model.stacks).shape) for s in SITES}
+    spec = KE.ke_spec(KN.KEConfig(lstm_hidden=8, condition_dim=12, hidden_dim=10, **kw), shapes)
+    return T.ke_trainable(spec, fns, model.params["language_model"]["embed_tokens"]["embedding"])
+
+
+def mend_trainable(world):
+    from mmedit_jax.editors import mend_net as MN
+
+    model, fns, _, _ = world
+    shapes = {s: tuple(P.kernel_of(model.params, s, model.stacks).shape) for s in SITES}
+    return T.mend_trainable(MN.mend_spec(MN.MendConfig(rank=8, edit_lr=1e-2), shapes), fns)
+
+
+def one(cases, i):
+    return jax.tree.map(lambda a: jnp.asarray(a[i]), cases)
+
+
+# --------------------------------------------------------------------------------------------------
+# KE editor
+
+
+def test_ke_patch_is_the_dense_ke_update_and_low_rank(world):
+    model, fns, cases, _ = world
+    tr = ke_trainable(world, max_scale=0.5)
+    params, _ = tr.init(jax.random.key(1))
+    editor = tr.editor(params, {})
+    case = one(cases, 0)
+    patch = jax.jit(editor.edit)(params, model.params, case, {})
+    L = case.edit.input_ids.shape[0]
+    # Dense reference: grad_W of the edit loss w.r.t. each kernel, then max_scale * sig(eta) * (g * mask + offset).
+    kernels = {s: P.kernel_of(model.params, s, model.stacks) for s in SITES}
+
+    def loss(ks):
+        delta = {s: P.Dense(ks[s] - kernels[s]) for s in SITES}
+        return answer_nll(fns.logits(model.params, delta, case.edit, case.images["edit"]), case.edit.labels)
+
+    grads = jax.grad(loss)(kernels)
+    c = KN.encode_condition(params, case.cond_ids, case.cond_mask)
+    for s in SITES:
+        d = patch[s]
+        n_in, n_out = kernels[s].shape
+        assert d.a.shape == (L + 1, n_in) and d.b.shape == (L + 1, n_out) and d.scale.shape == ()
+        h = KN.head_outputs(params["heads"][s], c, (n_in, n_out))
+        mask = h["a_col"][:, None] * jax.nn.softmax(h["a_row"])[None, :]
+        offset = h["b_col"][:, None] * jax.nn.softmax(h["b_row"])[None, :]
+        want = 0.5 * jax.nn.sigmoid(h["eta"]) * (grads[s] * mask + offset)
+        np.testing.assert_allclose(d.dense(), want, rtol=2e-4, atol=1e-8)
+        n_tokens = int(case.edit.attention_mask.sum())
+        assert np.linalg.matrix_rank(np.asarray(d.dense(), np.float64), tol=1e-9) <= n_tokens + 1
+
+
+def test_ke_vmapped_edits_equal_one_at_a_time(world):
+    model, _, cases, _ = world
+    tr = ke_trainable(world)
+    params, _ = tr.init(jax.random.key(2))
+    editor = tr.editor(params, {})
+    batch = jax.tree.map(lambda a: jnp.asarray(a[:3]), cases)
+    vm = jax.jit(jax.vmap(editor.edit, in_axes=(None, None, 0, None)))(params, model.params, batch, {})
+    single = jax.jit(editor.edit)
+    for i in range(3):
+        p = single(params, model.params, one(cases, i), {})
+        for s in SITES:
+            np.testing.assert_allclose(vm[s].dense()[i], p[s].dense(), rtol=1e-5, atol=1e-9)
+
+
+def test_ke_save_load_round_trip(world, tmp_path):
+    tr = ke_trainable(world)
+    params, _ = tr.init(jax.random.key(3))
+    tr.save(str(tmp_path), params, {})
+    spec, loaded = KE.load_ke(str(tmp_path))
+    assert spec == tr.spec
+    jax.tree.map(np.testing.assert_array_equal, params, loaded)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer
+
+
+CFG = T.TrainConfig(alg="KE", lr=3e-3, lr_lr=3e-3, batch_size=3, accumulate_bs=2, max_iters=5, exact_match=False,
+                    log_interval=1, val_interval=10**6, ckpt_interval=3)
+
+
+@pytest.fixture(scope="module")
+def ke_tr(world):
+    """One KE trainable for the tests that run `CFG`, so they share one compiled train step."""
+    return ke_trainable(world)
+
+
+@pytest.mark.parametrize("kind", ["ke", "mend"])
+def test_train_step_decreases_the_loss(world, kind):
+    model, fns, cases, _ = world
+    tr = ke_trainable(world, max_scale=30.0) if kind == "ke" else mend_trainable(world)
+    cfg = dataclasses_replace(CFG, lr=1e-2, accumulate_bs=1) if kind == "ke" else \
+        T.TrainConfig.from_hparams({"alg": "MEND", "lr": 1e-3, "lr_lr": 1e-2, "batch_size": 3, "accumulate_bs": 1})
+    tx = T.make_optimizer(cfg, tr.labels(tr.init(jax.random.key(0))[0]))
+    ts = T.init_train_state(tr, tx, 0)
+    step = T.make_train_step(tr, fns, cfg, tx)
+    batch = jax.tree.map(lambda a: jnp.asarray(a[:3]), cases)
+    w = jnp.ones(3, bool)
+    losses = []
+    for _ in range(8):
+        ts, m = step(ts, model.params, batch, w)
+        losses.append(float(m["loss/total_edit"]))
+    assert all(np.isfinite(losses)) and int(ts["skipped"]) == 0
+    assert np.all(np.diff(losses) < 0) and losses[-1] < losses[0] - 0.02, losses
+    if kind == "mend":  # the statistics absorbed every kept row of every step (training mode)
+        counts = [float(v["u"]["count"]) for v in ts["editor_state"].values()]
+        assert all(c > 0 for c in counts)
+
+
+def test_non_finite_step_is_skipped_and_counted(world):
+    model, fns, cases, _ = world
+    tr = mend_trainable(world)
+    cfg = dataclasses_replace(CFG, alg="MEND", accumulate_bs=1)
+    tx = T.make_optimizer(cfg, tr.labels(tr.init(jax.random.key(0))[0]))
+    ts0 = T.init_train_state(tr, tx, 0)
+    step = T.make_train_step(tr, fns, cfg, tx)
+    batch = jax.tree.map(lambda a: jnp.asarray(a[:3]), cases)
+    bad = batch.replace(images={**batch.images, "image_rephrase": batch.images["image_rephrase"].at[1].set(jnp.nan)})
+    w = jnp.ones(3, bool)
+    ts1, m = step(ts0, model.params, bad, w)
+    assert not bool(m["finite"]) and int(ts1["skipped"]) == 1 and int(ts1["step"]) == 1
+    for key in ("params", "opt_state", "editor_state"):
+        jax.tree.map(np.testing.assert_array_equal, ts0[key], ts1[key])
+    ts2, m = step(ts1, model.params, batch, w)
+    assert bool(m["finite"]) and int(ts2["skipped"]) == 1
+    assert not np.array_equal(ts2["params"]["edit_lrs"][SITES[0]], ts1["params"]["edit_lrs"][SITES[0]])
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_accumulation_updates_every_k_steps(world, ke_tr):
+    model, fns, cases, _ = world
+    tx, step = T.step_program(ke_tr, fns, CFG)
+    ts0 = T.init_train_state(ke_tr, tx, 0)
+    w = jnp.ones(3, bool)
+    ts1, _ = step(ts0, model.params, jax.tree.map(lambda a: jnp.asarray(a[:3]), cases), w)
+    jax.tree.map(np.testing.assert_array_equal, ts0["params"], ts1["params"])
+    ts2, _ = step(ts1, model.params, jax.tree.map(lambda a: jnp.asarray(a[3:6]), cases), w)
+    assert not np.array_equal(ts2["params"]["cond"]["kernel"], ts1["params"]["cond"]["kernel"])
+
+
+def test_lagrangian_objective_ascends_the_multiplier(world, ke_tr):
+    model, fns, cases, _ = world
+    cfg = dataclasses_replace(CFG, objective="lagrangian", accumulate_bs=1, margin_kl=1e-3)
+    tx, step = T.step_program(ke_tr, fns, cfg)
+    ts0 = T.init_train_state(ke_tr, tx, 0, cfg)
+    assert float(ts0["alpha"]) == 1.0 and float(ts0["margin"]) == pytest.approx(1e-3)
+    ts1, m = step(ts0, model.params, jax.tree.map(lambda a: jnp.asarray(a[:3]), cases), jnp.ones(3, bool))
+    kl = float(m["loss/loc"] + m["loss/image_loc"])
+    cr = cfg.cedit * float(m["loss/edit"]) + cfg.iedit * float(m["loss/image_edit"])
+    assert float(m["loss/lagrangian"]) == pytest.approx(cr + 1.0 * (kl - 1e-3), rel=1e-5)
+    # d/d alpha = KL - margin < 0 here (a fresh KE barely moves the model): ascent lowers alpha, not below 0.
+    assert kl < 1e-3 and 0.0 <= float(ts1["alpha"]) < 1.0
+    with pytest.raises(ValueError, match="objective"):
+        T.TrainConfig(objective="constrained")
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_result(world, ke_tr, tmp_path):
+    model, fns, cases, meta = world
+    tr = ke_tr
+    straight = T.train(tr, fns, CFG, model.params, cases, N_TRAIN, str(tmp_path / "a"), progress=False)
+
+    def kill(step, row):
+        if step == 4:  # after the checkpoint at step 3 (mid-accumulation: accumulate_bs 2), before the end
+            raise Killed
+
+    with pytest.raises(Killed):
+        T.train(tr, fns, CFG, model.params, cases, N_TRAIN, str(tmp_path / "b"), progress=False, on_step=kill)
+    resumed = T.train(tr, fns, CFG, model.params, cases, N_TRAIN, str(tmp_path / "b"), progress=False)
+    assert resumed.resumed_from == 3
+    for key in ("params", "opt_state", "rng", "step", "skipped"):
+        jax.tree.map(np.testing.assert_array_equal, straight.state[key], resumed.state[key])
+    # The metrics file holds each step once, as the uninterrupted run's.
+    rows = [__import__("json").loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    want = [__import__("json").loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["loss/total_edit"] for r in rows] == [r["loss/total_edit"] for r in want]
+    assert os.path.exists(tmp_path / "a" / "editor" / "params.npz")
+
+
+def test_validation_reports_the_five_metrics_and_early_stops(world, tmp_path):
+    model, fns, cases, meta = world
+    tr = ke_trainable(world)
+    cfg = dataclasses_replace(CFG, lr=0.0, lr_lr=0.0, val_interval=1, val_steps=4, val_batch_size=2,
+                              early_stop_patience=2, max_iters=10)
+    res = T.train(tr, fns, cfg, model.params, cases, N_TRAIN, str(tmp_path), val_cases=cases, val_meta=meta,
+                  progress=False)
+    vals = [r for r in res.history if r.get("split") == "val"]
+    # lr 0 (KE has no running statistics): the validation loss never improves after the first step, so
+    # patience 2 stops at step 3.
+    assert res.stopped_early and [v["step"] for v in vals] == [1, 2, 3]
+    for k in ("val/reliability", "val/t_generality", "val/m_generality", "val/t_locality", "val/m_locality",
+              "loss/total_edit_val"):
+        assert np.isfinite(vals[-1][k]), k
+    assert KE.load_ke(str(tmp_path / "editor"))[0] == tr.spec
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and data order
+
+
+def test_easyedit_yaml_keys(tmp_path):
+    text = """
+alg_name: MEND
+inner_params:
+- opt_model.model.decoder.layers.31.fc1.weight
+lr: 1e-6
+edit_lr: 1e-4
+lr_lr: 1e-4
+cedit: 0.1
+iedit: 0.1
+cloc: 1.0
+rank: 1920
+n_hidden: 1
+mlp_class: IDMLP
+combine: true
+norm: true
+shared: true
+max_iters: 30000
+accumulate_bs: 2
+grad_clip: 100.
+results_dir: ./results
+"""
+    path = tmp_path / "mend.yaml"
+    path.write_text(text)
+    hp = load_hparams(str(path))
+    cfg = T.TrainConfig.from_hparams(hp)
+    assert (cfg.alg, cfg.lr, cfg.lr_lr, cfg.cedit, cfg.iedit, cfg.cloc) == ("MEND", 1e-6, 1e-4, 0.1, 0.1, 1.0)
+    assert (cfg.max_iters, cfg.accumulate_bs, cfg.grad_clip) == (30000, 2, 100.0)
+    assert cfg.inner_params == ("opt_model.model.decoder.layers.31.fc1.weight",)
+    from mmedit_jax.editors import mend_net as MN
+
+    mc = MN.MendConfig.from_hparams(hp)
+    assert (mc.rank, mc.n_hidden, mc.combine, mc.norm, mc.shared, mc.edit_lr) == (1920, 1, True, True, True, 1e-4)
+    for name in ("mend_blip2.yaml", "ke_blip2.yaml"):
+        hp = load_hparams(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+        cfg = T.TrainConfig.from_hparams(hp)
+        assert len(cfg.inner_params) == 6 and cfg.max_iters == 30000
+    assert T.ke_config_from_hparams(hp) == KN.KEConfig(lstm_hidden=512, condition_dim=768, hidden_dim=512)
+    with pytest.raises(ValueError, match="alg"):
+        T.TrainConfig.from_hparams({"alg_name": "ROME"})
+
+
+def test_resolve_sites_names_the_bad_parameter(world):
+    model = world[0]
+    assert T.resolve_sites(["opt_model.model.decoder.layers.1.fc2.weight"], model.params, model.stacks) == \
+        ("language_model/layers/1/fc2",)
+    with pytest.raises(KeyError, match="layers/7"):
+        T.resolve_sites(["opt_model.model.decoder.layers.7.fc1.weight"], model.params, model.stacks)
+
+
+def test_data_order_is_a_permutation_per_epoch_and_deterministic():
+    n, e = 5, 3
+    seq = np.concatenate([T.batch_indices(7, s, e, n) for s in range(5)])  # 15 positions = 3 epochs
+    for ep in range(3):
+        assert sorted(seq[ep * n:(ep + 1) * n]) == list(range(n))
+    np.testing.assert_array_equal(seq, np.concatenate([T.batch_indices(7, s, e, n) for s in range(5)]))
+    assert not np.array_equal(seq[:n], seq[n:2 * n])
