@@ -44,8 +44,8 @@ def world_config(tok, image_size: int = 32, num_query_tokens: int = 8, size: str
     """The world model, BLIP-2-shaped (same modules as the real one, small widths)."""
     vw, vl, qw, ql, tw, tl = SIZES[size]
     return Blip2Config(
-        vision=VisionConfig(hidden_size=vw, intermediate_size=vw * 8 // 3, num_hidden_layers=vl,
-                            num_attention_heads=4, image_size=image_size, patch_size=8),
+        vision=VisionConfig(hidden_size=vw, intermediate_size=vw * 8 // 3, num_hidden_layers=vl, patch_size=4,
+                            num_attention_heads=4, image_size=image_size),
         qformer=QFormerConfig(hidden_size=qw, num_hidden_layers=ql, num_attention_heads=4,
                               intermediate_size=qw * 8 // 3, cross_attention_frequency=1, encoder_hidden_size=vw),
         text=OPTConfig(vocab_size=len(tok), hidden_size=tw, num_hidden_layers=tl, ffn_dim=tw * 4,
@@ -130,7 +130,7 @@ def held_out_inputs(eval_json: str, image_root: str) -> dict[str, list[TextInput
     }
 
 
-def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 64, lr: float = 2e-3,
+def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3,
              image_size: int = 32, eval_files=(), image_root: str | None = None, log_every: int = 250,
              size: str = "world"):
     os.makedirs(out_dir, exist_ok=True)
@@ -179,7 +179,7 @@ def main(argv=None):
     ap.add_argument("--data", help="a world directory (python -m mmedit_jax.world.generate) for held-out accuracy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     args = ap.parse_args(argv)
     files = []

@@ -63,8 +63,8 @@ class Layout:
 
 
 def random_layout(rng: np.random.Generator, count: int, max_tries: int = 200) -> Layout:
-    """Non-overlapping positions for `count` objects (radius 0.11-0.16 of the image side)."""
-    radius = float(rng.uniform(0.11, 0.16))
+    """Non-overlapping positions for `count` objects (radius 0.13-0.18 of the image side)."""
+    radius = float(rng.uniform(0.13, 0.18))
     centers: list[tuple[float, float]] = []
     for _ in range(max_tries):
         if len(centers) == count:

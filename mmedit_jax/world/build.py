@@ -1,0 +1,74 @@
+"""Rebuild everything the built-in world ships, from seeds: the pretrained model and the meta-trained editors.
+
+    python -m mmedit_jax.world.build [--work DIR] [--steps 3000] [--editors mend,ke] [--install]
+
+1. the world's MMEdit files (`assets.ensure_data`, the split the shipped editors were trained on);
+2. `world.pretrain` -> `WORK/pretrain/model` (+ `pretrain_report.json` with held-out accuracy);
+3. `python -m mmedit_jax.train --editor E --config configs/E_world.yaml` on the E-VQA train split, validated on
+   the eval split -> `WORK/E_vqa/editor`;
+4. with `--install`, copies the model and editors into `mmedit_jax/assets/world/` (what `bench` loads).
+Each step is skipped when its output exists, so an interrupted build resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from mmedit_jax.world import assets
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m mmedit_jax.world.build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="runs/world_build")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=3000, help="pretraining steps")
+    ap.add_argument("--editors", default="mend,ke")
+    ap.add_argument("--task", default="vqa", choices=("vqa", "caption"))
+    ap.add_argument("--install", action="store_true", help="copy the results into mmedit_jax/assets/world")
+    args = ap.parse_args(argv)
+
+    data = assets.ensure_data()
+    model_dir = os.path.join(args.work, "pretrain", "model")
+    if not os.path.isdir(model_dir):
+        from mmedit_jax.world.pretrain import pretrain
+
+        evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
+        pretrain(os.path.join(args.work, "pretrain"), args.seed, args.steps, eval_files=evals, image_root=data)
+    train_json = os.path.join(data, "vqa_train.json" if args.task == "vqa" else "caption_train_edit.json")
+    eval_json = os.path.join(data, "vqa_eval.json" if args.task == "vqa" else "caption_eval_edit.json")
+    editor_dirs = {}
+    for editor in [e for e in args.editors.split(",") if e]:
+        out = os.path.join(args.work, f"{editor}_{args.task}")
+        editor_dirs[editor] = os.path.join(out, "editor")
+        if os.path.isdir(editor_dirs[editor]) and os.path.exists(os.path.join(out, "DONE")):
+            continue
+        config = os.path.join(REPO, "configs", f"{editor}_world.yaml")
+        cmd = [sys.executable, "-m", "mmedit_jax.train", "--editor", editor, "--config", config, "--model", model_dir,
+               "--data", train_json, "--val-data", eval_json, "--image-root", data, "--out", out, "--no-progress",
+               "--seed", str(args.seed)]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        open(os.path.join(out, "DONE"), "w").close()
+    if args.install:
+        os.makedirs(assets.ASSETS, exist_ok=True)
+        targets = {"model": model_dir, **{f"{e}_{args.task}": d for e, d in editor_dirs.items()}}
+        for name, src in targets.items():
+            dst = os.path.join(assets.ASSETS, name)
+            if os.path.exists(dst):
+                shutil.rmtree(dst)
+            shutil.copytree(src, dst)
+            print(f"installed {dst}")
+        report = os.path.join(args.work, "pretrain", "pretrain_report.json")
+        if os.path.exists(report):
+            shutil.copy2(report, os.path.join(assets.ASSETS, "pretrain_report.json"))
+
+
+if __name__ == "__main__":
+    main()
