@@ -1,0 +1,72 @@
+"""The built-in world as the bench's default: shipped model and editors, and data generated on first use.
+
+Shipped with the package (small files, `mmedit_jax/assets/world/`): the pretrained world BLIP-2 with its
+tokenizer (`model/`), and meta-trained editors (`mend_vqa/`, `ke_vqa/`, ...). The MMEdit files are not shipped:
+they are regenerated, deterministically, into a cache directory (`$MMEDIT_JAX_CACHE` or
+`~/.cache/mmedit_jax`) the first time they are needed (about two seconds). `python -m mmedit_jax.world.build`
+remakes everything shipped from seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+from mmedit_jax.world.dataset import FILE_NAMES, write_world
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "world")
+WORLD = dict(seed=0, n_train=512, n_eval=128, image_size=32)  # the shipped editors were trained on this
+EDITORS = ("mend", "ke", "ft-l", "ft-v")
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    data_dir: str
+    model_dir: str
+    tokenizer_dir: str
+    train_json: str
+    eval_json: str
+    image_root: str
+    editor_ckpts: dict
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("MMEDIT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmedit_jax"))
+    tag = "world-s{seed}-t{n_train}-e{n_eval}-px{image_size}".format(**WORLD)
+    return os.path.join(root, tag)
+
+
+def ensure_data(cache_dir: str | None = None) -> str:
+    """The world's MMEdit files, generated once (atomically: a half-written directory is never used)."""
+    data_dir = cache_dir or default_cache_dir()
+    marker = os.path.join(data_dir, "COMPLETE")
+    if os.path.exists(marker):
+        return data_dir
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".world-", dir=parent)
+    try:
+        write_world(tmp, **WORLD)
+        open(os.path.join(tmp, "COMPLETE"), "w").close()
+        if os.path.exists(data_dir):
+            shutil.rmtree(data_dir)
+        os.replace(tmp, data_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return data_dir
+
+
+def ensure(task: str = "vqa", cache_dir: str | None = None, assets: str = ASSETS) -> World:
+    """Paths of the built-in world for `task` ("vqa" | "caption"); clear errors when something is missing."""
+    model_dir = os.path.join(assets, "model")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"the built-in world model is missing ({model_dir}); rebuild it with "
+                                "`python -m mmedit_jax.world.build`")
+    data_dir = ensure_data(cache_dir)
+    ckpts = {e: os.path.join(assets, f"{e}_{task}") for e in EDITORS
+             if os.path.isdir(os.path.join(assets, f"{e}_{task}"))}
+    return World(data_dir, model_dir, model_dir, os.path.join(data_dir, FILE_NAMES[(task, "train")]),
+                 os.path.join(data_dir, FILE_NAMES[(task, "eval")]), data_dir, ckpts)

@@ -1,0 +1,115 @@
+"""The built-in world: deterministic MMEdit files in the released schema, meaningful edits, a pretraining stream
+and script whose output loads like any converted checkpoint, and the bench's asset lookup."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmedit_jax.data.mmedit import load_mmedit
+from mmedit_jax.world import assets, dataset, facts, scenes
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    return dataset.write_world(str(out), seed=3, n_train=12, n_eval=8)
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for f in sorted(files):
+            h.update(f.encode())
+            h.update(open(os.path.join(dirpath, f), "rb").read())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes(world, tmp_path):
+    again = dataset.write_world(str(tmp_path / "again"), seed=3, n_train=12, n_eval=8)
+    assert _digest(world.root) == _digest(again.root)
+    other = dataset.write_world(str(tmp_path / "other"), seed=4, n_train=12, n_eval=8)
+    assert _digest(world.root) != _digest(other.root)
+
+
+@pytest.mark.parametrize("key", ["vqa_train", "vqa_eval", "caption_train", "caption_eval"])
+def test_every_split_loads_without_problems(world, key):
+    task = key.split("_")[0]
+    loaded = load_mmedit(world.files[key], task, world.root)
+    assert not loaded.problems and len(loaded.records) == (12 if key.endswith("train") else 8)
+    with open(world.files[key]) as f:
+        raw = json.load(f)
+    assert set(raw[0]) == {"src", "pred", "rephrase", "alt", "image", "image_rephrase", "loc", "loc_ans", "m_loc",
+                           "m_loc_q", "m_loc_a"}
+    for r in loaded.records:
+        assert r.alt != r.pred and r.rephrase != r.src
+        assert r.image != r.image_rephrase
+
+
+def test_vqa_answers_and_edits_are_of_the_asked_attribute(world):
+    values = {"color": set(scenes.COLORS), "shape": set(scenes.SHAPES), "count": set(scenes.COUNTS)}
+    for r in load_mmedit(world.files["vqa_train"], "vqa", world.root).records:
+        kind = next(k for k, qs in dataset.QUESTIONS.items() if r.src in qs)
+        assert r.rephrase in dataset.QUESTIONS[kind]
+        assert {r.pred, r.alt} <= values[kind]
+        m_kind = next(k for k, qs in dataset.QUESTIONS.items() if r.m_loc_q in qs)
+        assert r.m_loc_a in values[m_kind]
+
+
+def test_image_rephrase_shows_the_same_colour(world):
+    """The rephrase image is redrawn (other pixels) but shows the same scene: its dominant saturated colour is
+    the record's colour when the question asks for it."""
+    palette = {k: np.asarray(v, float) for k, v in scenes.COLORS.items()}
+    for r in load_mmedit(world.files["vqa_eval"], "vqa", world.root).records:
+        a, b = (np.asarray(Image.open(p), float) for p in (r.image, r.image_rephrase))
+        assert np.abs(a - b).mean() > 1.0
+        if r.src in dataset.QUESTIONS["color"]:
+            for img in (a, b):
+                px = img.reshape(-1, 3)
+                near = {k: (np.linalg.norm(px - c, axis=1) < 60).sum() for k, c in palette.items()}
+                assert max(near, key=near.get) == r.pred
+
+
+def test_facts_are_consistent_and_distinct():
+    fs = facts.encyclopaedia()
+    assert len(fs) == 2 * facts.NUM_COUNTRIES
+    assert len({f.question for f in fs}) == len(fs) and len({f.answer for f in fs}) == len(fs)
+    assert fs == facts.encyclopaedia()
+
+
+def test_pretraining_stream_is_deterministic_and_covers_every_kind():
+    a = [dataset.pretraining_stream(0, 32).__next__() for _ in range(1)]
+    s1, s2 = dataset.pretraining_stream(5, 32), dataset.pretraining_stream(5, 32)
+    xs, ys = [next(s1) for _ in range(60)], [next(s2) for _ in range(60)]
+    assert [(x.prompt, x.target) for x in xs] == [(y.prompt, y.target) for y in ys]
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(xs, ys) if x.image is not None)
+    kinds = {"fact" if x.image is None else "caption" if x.prompt in dataset.CAPTION_PROMPTS else "vqa" for x in xs}
+    assert kinds == {"fact", "caption", "vqa"} and a
+
+
+def test_pretrain_writes_a_loadable_model(world, tmp_path):
+    from transformers import AutoTokenizer
+
+    from mmedit_jax.loading import from_pretrained
+    from mmedit_jax.world.pretrain import pretrain
+
+    report = pretrain(str(tmp_path), steps=3, batch_size=4, eval_files=[world.files["vqa_eval"]],
+                      image_root=world.root, log_every=1, size="test")
+    assert set(report["accuracy"]) and all(0.0 <= v <= 1.0 for v in report["accuracy"].values())
+    model = from_pretrained(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert model.config.image_token_index == tok.convert_tokens_to_ids("<image>")
+    assert model.config.text.vocab_size == len(tok)
+
+
+def test_assets_lookup(tmp_path):
+    with pytest.raises(FileNotFoundError, match="world.build"):
+        assets.ensure(assets=str(tmp_path / "none"), cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "shipped" / "model").mkdir(parents=True)
+    (tmp_path / "shipped" / "mend_vqa").mkdir()
+    w = assets.ensure(assets=str(tmp_path / "shipped"), cache_dir=str(tmp_path / "cache"))
+    assert w.editor_ckpts == {"mend": str(tmp_path / "shipped" / "mend_vqa")}
+    assert os.path.exists(w.eval_json) and os.path.exists(os.path.join(w.data_dir, "COMPLETE"))
