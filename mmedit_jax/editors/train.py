@@ -637,7 +637,8 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
         flush()
         if mngr is not None and (mngr.latest_step() or 0) < step:
             save(step, force=True)
-        if out_dir and validator is None:
+        if out_dir and (validator is None or not os.path.isdir(os.path.join(out_dir, "editor"))):
+            # No validation, or none improved on the last (e.g. every validation loss was NaN): the final editor.
             trainable.save(os.path.join(out_dir, "editor"), ts["params"], ts["editor_state"])
     finally:
         if out:
