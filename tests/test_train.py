@@ -136,6 +136,14 @@ def test_ke_save_load_round_trip(world, tmp_path):
 CFG = T.TrainConfig(alg="KE", lr=3e-3, lr_lr=3e-3, batch_size=3, accumulate_bs=2, max_iters=5, exact_match=False,
                     log_interval=1, val_interval=10**6, ckpt_interval=3)
 
+MEND_CFG = T.TrainConfig(alg="MEND", lr=3e-3, lr_lr=3e-3, batch_size=3, accumulate_bs=1, exact_match=False)
+
+
+@pytest.fixture(scope="module")
+def mend_tr(world):
+    """One MEND trainable for the tests that run `MEND_CFG` (one compiled train step)."""
+    return mend_trainable(world)
+
 
 @pytest.fixture(scope="module")
 def ke_tr(world):
@@ -165,13 +173,47 @@ def test_train_step_decreases_the_loss(world, kind):
         assert all(c > 0 for c in counts)
 
 
-def test_non_finite_step_is_skipped_and_counted(world):
+def test_mend_statistics_after_a_step_equal_a_sequential_welford_pass(world, mend_tr):
+    """Training mode: the shared statistics absorb every kept row (any(u) & any(delta)) of all E edits, pooled
+    per shape group in inner-params order, as the reference's row-by-row Welford loop."""
+    from mmedit_jax.editors.mend import capture_factors
+
     model, fns, cases, _ = world
-    tr = mend_trainable(world)
-    cfg = dataclasses_replace(CFG, alg="MEND", accumulate_bs=1)
-    tx = T.make_optimizer(cfg, tr.labels(tr.init(jax.random.key(0))[0]))
-    ts0 = T.init_train_state(tr, tx, 0)
-    step = T.make_train_step(tr, fns, cfg, tx)
+    tr, cfg = mend_tr, MEND_CFG
+    tx, step = T.step_program(tr, fns, cfg)
+    batch = jax.tree.map(lambda a: jnp.asarray(a[:3]), cases)
+    ts, _ = step(T.init_train_state(tr, tx, 0, cfg), model.params, batch, jnp.ones(3, bool))
+    spec = tr.spec
+    out_dims = {st: spec.shape(st)[1] for st in spec.sites}
+    factors = jax.vmap(lambda c: capture_factors(fns, model.params, {}, c, spec.sites, out_dims))(batch)
+    for key, members in spec.groups:
+        for side, j in (("u", 0), ("delta", 1)):
+            k, mean, m2 = 0, None, None
+            for e in range(3):
+                for site in members:
+                    u, d = (np.asarray(x[e], np.float64) for x in factors[site])
+                    x = (u, d)[j]
+                    for t in range(u.shape[0]):
+                        if not (np.any(u[t] != 0) and np.any(d[t] != 0)):
+                            continue
+                        k += 1
+                        if mean is None:
+                            mean, m2 = x[t].copy(), np.zeros_like(x[t])
+                        else:
+                            new = mean + (x[t] - mean) / k
+                            m2 += (x[t] - mean) * (x[t] - new)
+                            mean = new
+            got = ts["editor_state"][key][side]
+            assert float(got["count"]) == k > 0
+            np.testing.assert_allclose(got["mean"], mean, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(got["m2"], m2, rtol=1e-3, atol=1e-6)
+
+
+def test_non_finite_step_is_skipped_and_counted(world, mend_tr):
+    model, fns, cases, _ = world
+    tr, cfg = mend_tr, MEND_CFG
+    tx, step = T.step_program(tr, fns, cfg)
+    ts0 = T.init_train_state(tr, tx, 0, cfg)
     batch = jax.tree.map(lambda a: jnp.asarray(a[:3]), cases)
     bad = batch.replace(images={**batch.images, "image_rephrase": batch.images["image_rephrase"].at[1].set(jnp.nan)})
     w = jnp.ones(3, bool)

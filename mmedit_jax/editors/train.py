@@ -15,6 +15,11 @@ One train step is ONE jitted program over a batch of E independent edits (`batch
      unchanged) and is counted; otherwise Adam (clipped by global norm `grad_clip`, accumulated over
      `accumulate_bs` steps with `optax.MultiSteps`) updates the editor.
 
+`objective: lagrangian` trains KE (or MEND) with KE's original constrained objective instead:
+`CR + alpha * (KL - margin)`, CR the generality terms above, alpha >= 0 ascended (centered RMSprop, `lr_alpha`)
+and the margin shrunk by 0.8 (down to `margin_kl_min`) at each validation whose Reliability exceeds 90%.
+With a `mesh`, the E edits of a step are split over its "data" axis (see `train`).
+
 Counting follows the reference: `max_iters`, `val_interval`, `log_interval`, `accumulate_bs` and
 `early_stop_patience` count steps (the reference's iterations, one batch of `batch_size` edits each; its
 batch size is 1). EasyEdit's BLIP-2 MEND yaml (batch 1, accumulate 2) therefore runs the same schedule;
@@ -637,7 +642,8 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
         flush()
         if mngr is not None and (mngr.latest_step() or 0) < step:
             save(step, force=True)
-        if out_dir and validator is None:
+        if out_dir and (validator is None or not os.path.isdir(os.path.join(out_dir, "editor"))):
+            # No validation, or none improved on the last (e.g. every validation loss was NaN): the final editor.
             trainable.save(os.path.join(out_dir, "editor"), ts["params"], ts["editor_state"])
     finally:
         if out:
