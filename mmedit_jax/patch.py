@@ -102,6 +102,8 @@ def kernel_of(params, site: str, stacks: Mapping[str, int]) -> jax.Array:
     """The `[in, out]` kernel a site edits."""
     path, idx = resolve_site(site, stacks)
     leaf = _get(params, path, site)
+    if idx is not None and idx >= leaf.shape[0]:  # jax would clamp the index silently
+        raise KeyError(f"site {site!r}: layer out of range (the stack holds {leaf.shape[0]} units)")
     return leaf if idx is None else leaf[idx]
 
 
