@@ -148,6 +148,7 @@ def run(
     decode: Callable[[np.ndarray], str] | None = None,
     progress: bool = True,
     mesh=None,
+    step_fns=None,
 ) -> RunResult:
     """Edits and scores every case; `cases` is a host `Case` with a leading `[N]` axis, `meta[i]` holds at least
     `index` (the record's index in its file) for row i.
@@ -174,7 +175,8 @@ def run(
     if jsonl and not resume and os.path.exists(jsonl):
         os.remove(jsonl)
     todo = [i for i in range(n) if int(meta[i]["index"]) not in done]
-    pre_fn, edit_fn = make_step_fns(editor, model, exact_match)
+    # `step_fns` (from `make_step_fns`) lets repeated runs reuse compiled programs.
+    pre_fn, edit_fn = step_fns or make_step_fns(editor, model, exact_match)
 
     bar = None
     if progress:
