@@ -1,0 +1,392 @@
+"""The reference procedure in PyTorch, EasyEdit's way: transformers' BLIP-2, one edit at a time.
+
+Runs on the SAME weights as ours (a `save_pretrained` directory written by `mmedit_jax.convert.export_hf`) and
+the SAME cases (our prepared `EditBatch` token arrays and preprocessed pixels, saved by `save_cases`), so neither
+tokenisation nor image preprocessing can differ. Per case, as `MultimodalTrainer.edit_step` in eval mode:
+
+  1. no grad: base logits on `loc` and `loc_image` (what locality compares against);
+  2. the edit, on a copy of each edited child module (EasyEdit `_make_child_functional_model` copies the edited
+     children; the shared model is restored afterwards, so every case is a fresh single edit):
+     * FT-L: `copy.deepcopy` of each edited Linear, `torch.optim.AdamW(lr, betas, eps, weight_decay)` for
+       `num_steps` steps on their weights only, loss = mean NLL of the edit example's answer tokens;
+     * MEND: forward hook (layer input) + full backward hook (gradient at the layer output) on every inner
+       param's module, `loss.backward()` on the edit example (EasyEdit's `requires_grad` rule: frozen up to the
+       first inner param), rows kept iff `any(u) & any(delta)`, the GradientTransform of an EasyEdit MEND state
+       dict (normalise, IDMLP with modes, clamp, residual), `W + lr * einsum('bi,bj->ji', u~, delta~)` (minus
+       for `descent`) written into the copied module;
+  3. no grad: the five post-edit forwards, and the metrics as EasyEdit computes them (`multiclass_log_probs`
+     accuracy / exact match with the causal shift; `topk(softmax(logits), k).indices` agreement, k=1 text,
+     k=10 image, over every position).
+Each case runs unpadded (batch size 1, as the reference): the arrays' right padding is cut off.
+
+This file imports no JAX (its memory figure is PyTorch's alone).
+
+    python benchmarks/peer_torch.py --hf DIR --cases cases.npz --editor ft-l --ft-json ft.json --out peer.json
+    python benchmarks/peer_torch.py --hf DIR --cases cases.npz --editor mend --mend mend_easyedit.pt --out peer.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+SUB_INPUTS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
+METRICS = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")
+ACC_INPUT = {"reliability": "edit_inner", "t_generality": "edit_outer", "m_generality": "edit_outer_image"}
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases: our prepared arrays, one npz file.
+
+
+def save_cases(path: str, batch, pixels: np.ndarray) -> None:
+    """Writes an `EditBatch` (`mmedit_jax.data.cases`) and its image table `[N, 3, H, W]` to one npz."""
+    arrays = {"pixels": np.asarray(pixels, np.float32), "case_index": np.asarray(batch.case_index),
+              "cond_ids": np.asarray(batch.cond_ids), "cond_mask": np.asarray(batch.cond_mask),
+              "valid": np.asarray(batch.valid)}
+    for name in SUB_INPUTS:
+        tb = getattr(batch, name)
+        for field in ("input_ids", "attention_mask", "labels", "image_ids"):
+            arrays[f"{name}/{field}"] = np.asarray(getattr(tb, field))
+    np.savez(path, **arrays)
+
+
+def load_cases(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return dict(z)
+
+
+def num_cases(cases: dict) -> int:
+    return int(cases["case_index"].shape[0])
+
+
+def case_inputs(cases: dict, i: int) -> dict[str, dict]:
+    """The five inputs of case i as batch-1 tensors, right padding removed."""
+    out = {}
+    for name in SUB_INPUTS:
+        mask = cases[f"{name}/attention_mask"][i]
+        n = int(mask.sum())
+        img = int(cases[f"{name}/image_ids"][i])
+        out[name] = {
+            "input_ids": torch.from_numpy(cases[f"{name}/input_ids"][i, :n].astype(np.int64))[None],
+            "attention_mask": torch.from_numpy(mask[:n].astype(np.int64))[None],
+            "labels": torch.from_numpy(cases[f"{name}/labels"][i, :n].astype(np.int64))[None],
+            "pixel_values": None if img < 0 else torch.from_numpy(cases["pixels"][img])[None],
+        }
+    return out
+
+
+def logits_of(model, x: dict) -> torch.Tensor:
+    """`[1, L, V]` float32 logits of one input (text-only inputs go straight to the language model, as the
+    reference's wrapper does for `loc`)."""
+    if x["pixel_values"] is None:
+        return model.language_model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    return model(pixel_values=x["pixel_values"], input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+
+
+# --------------------------------------------------------------------------------------------------
+# EasyEdit's losses and metrics (`easyeditor/trainer/losses.py`, `MultimodalTrainer.edit_step`).
+
+
+def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`masked_log_probs(..., shift=True)["nll"]`: mean NLL over answer tokens, logits[:, :-1] vs labels[:, 1:]."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    return -(lp * mask).sum() / mask.sum()
+
+
+def edit_accuracy(logits: torch.Tensor, labels: torch.Tensor, exact_match: bool) -> float:
+    """`multiclass_log_probs`: argmax of logits[:, :-1] against labels[:, 1:] on answer tokens; EM or token acc."""
+    pred, targ = logits[:, :-1].argmax(-1), labels[:, 1:]
+    mask = targ != IGNORE
+    if exact_match:
+        return float((pred.masked_fill(~mask, 0) == targ.masked_fill(~mask, 0)).all(-1).float().mean())
+    return float(((pred == targ) & mask).sum() / mask.sum())
+
+
+def topk_locality(base: torch.Tensor, post: torch.Tensor, k: int) -> float:
+    """`loc/acc` (k=1) and `image_loc/acc` (k=10): rank-wise agreement of topk(softmax) indices, all positions."""
+    b = torch.topk(torch.softmax(base, -1), k=k, dim=-1).indices
+    p = torch.topk(torch.softmax(post, -1), k=k, dim=-1).indices
+    return float((b == p).sum() / p.numel())
+
+
+# --------------------------------------------------------------------------------------------------
+# Edited copies of child modules.
+
+
+def _parent_and_attr(model, weight_name: str):
+    path = weight_name.removesuffix(".weight")
+    parent_path, _, attr = path.rpartition(".")
+    return model.get_submodule(parent_path), attr
+
+
+class _Installed:
+    """Copies of the edited child modules installed in the model; `restore()` puts the originals back."""
+
+    def __init__(self, model, names):
+        self.slots = []
+        self.copies = {}
+        for n in names:
+            parent, attr = _parent_and_attr(model, n)
+            original = getattr(parent, attr)
+            clone = copy.deepcopy(original)
+            setattr(parent, attr, clone)
+            self.slots.append((parent, attr, original))
+            self.copies[n] = clone
+
+    def restore(self):
+        for parent, attr, original in self.slots:
+            setattr(parent, attr, original)
+
+
+class FTEditor:
+    """FT-L as VLKEB's FT (EasyEdit has none for BLIP-2): AdamW steps on the inner params' weights."""
+
+    def __init__(self, model, inner_params, num_steps=15, edit_lr=2e-4, weight_decay=0.01, beta1=0.9, beta2=0.999,
+                 eps=1e-8):
+        self.model, self.names = model, list(inner_params)
+        self.num_steps, self.kw = num_steps, dict(lr=edit_lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def edit(self, case) -> _Installed:
+        inst = _Installed(self.model, self.names)
+        weights = [inst.copies[n].weight for n in self.names]
+        for w in weights:
+            w.requires_grad_(True)
+        opt = torch.optim.AdamW(weights, **self.kw)
+        x = case["edit_inner"]
+        for _ in range(self.num_steps):
+            opt.zero_grad(set_to_none=True)
+            masked_nll(logits_of(self.model, x), x["labels"]).backward()
+            opt.step()
+        for w in weights:
+            w.requires_grad_(False)
+        return inst
+
+
+class MendEditor:
+    """MEND from an EasyEdit-layout state dict (`mmedit_jax.convert.mend_to_easyedit`), applied the EasyEdit way."""
+
+    def __init__(self, model, state_dict: dict, meta: dict):
+        self.model, self.sd, self.meta = model, {k: torch.as_tensor(v) for k, v in state_dict.items()}, meta
+        self.names = list(meta["inner_params"])
+        self.shapes = [tuple(s) for s in meta["shapes"]]
+        self.sign = -1.0 if meta["descent"] else 1.0
+        # EasyEdit MEND.__init__: no grad up to the first inner param, the rest keeps requires_grad.
+        seen = False
+        for n, p in model.named_parameters():
+            seen = seen or n == self.names[0]
+            p.requires_grad_(seen)
+        if not seen:
+            raise ValueError(f"inner param {self.names[0]!r} is not a parameter of the model")
+        self.modules = {n: _parent_and_attr(model, n) for n in self.names}
+        for parent, attr in self.modules.values():  # EasyEdit hooks.py
+            mod = getattr(parent, attr)
+            mod.register_forward_hook(self._fwd_hook)
+            mod.register_full_backward_hook(self._bwd_hook)
+
+    @staticmethod
+    def _fwd_hook(mod, inputs, output):
+        mod.weight.__x__ = inputs[0].detach()
+
+    @staticmethod
+    def _bwd_hook(mod, grad_in, grad_out):
+        mod.weight.__delta__ = grad_out[0].detach()
+
+    def _group(self, i):
+        name, shape = self.names[i], self.shapes[i]
+        if self.meta["shared"]:
+            members = [n for n, s in zip(self.names, self.shapes) if s == shape]
+            return f"({shape[0]}, {shape[1]})", members.index(name)
+        return name.replace(".", "#"), None
+
+    def _idmlp(self, prefix, x, mode):
+        i = 0
+        while f"{prefix}.layers.{i}.u" in self.sd:
+            p = f"{prefix}.layers.{i}."
+            h = x @ self.sd[p + "v"].T @ self.sd[p + "u"].T + self.sd[p + "bias"]
+            if mode is not None:
+                h = h * self.sd[p + "mode_scale.weight"][mode] + self.sd[p + "mode_shift.weight"][mode]
+            a = h.clamp(min=0)
+            x = a + x if self.meta["init"] == "id" else a
+            i += 1
+        return x
+
+    def transform(self, i, u, d):
+        """(u~ [k, in], delta~ [k, out]) of the kept rows, EasyEdit's GradientTransform.forward in eval mode."""
+        group, mode = self._group(i)
+        g = f"mend.{group}"
+        u, d = u.reshape(-1, u.shape[-1]).float(), d.reshape(-1, d.shape[-1]).float()
+        keep = (u != 0).any(-1) & (d != 0).any(-1)
+        u, d = u[keep], d[keep]
+        if self.meta["norm"]:
+            u = (u - self.sd[g + ".u_mean"]) / (self.sd[g + ".u_std"] + 1e-7)
+            d = (d - self.sd[g + ".v_mean"]) / (self.sd[g + ".v_std"] + 1e-7)
+        if f"{g}.mlp.layers.0.u" in self.sd:
+            out = self._idmlp(f"{g}.mlp", torch.cat([u, d], -1), mode)
+            return out[:, : u.shape[-1]], out[:, u.shape[-1]:]
+        u_t = self._idmlp(f"{g}.mlp1", u, mode) if f"{g}.mlp1.layers.0.u" in self.sd else u
+        d_t = self._idmlp(f"{g}.mlp2", d, mode) if f"{g}.mlp2.layers.0.u" in self.sd else d
+        return u_t, d_t
+
+    def edit(self, case) -> _Installed:
+        x = case["edit_inner"]
+        masked_nll(logits_of(self.model, x), x["labels"]).backward()
+        self.model.zero_grad(set_to_none=True)
+        updates = {}
+        with torch.no_grad():
+            for i, n in enumerate(self.names):
+                w = getattr(*self.modules[n]).weight
+                u_t, d_t = self.transform(i, w.__x__, w.__delta__)
+                updates[n] = self.sign * self.sd["edit_lrs"][i] * torch.einsum("bi,bj->ji", u_t, d_t)
+                del w.__x__, w.__delta__
+            inst = _Installed(self.model, self.names)
+            for n, upd in updates.items():
+                inst.copies[n].weight.add_(upd)
+        return inst
+
+
+# --------------------------------------------------------------------------------------------------
+# The run.
+
+
+def edit_and_score(model, editor, case, exact_match: bool) -> dict:
+    with torch.no_grad():
+        base_loc = logits_of(model, case["loc"])
+        base_img = logits_of(model, case["loc_image"])
+    inst = editor.edit(case)
+    try:
+        with torch.no_grad():
+            post = {name: logits_of(model, case[name]) for name in SUB_INPUTS}
+    finally:
+        inst.restore()
+    row = {m: edit_accuracy(post[s], case[s]["labels"], exact_match) for m, s in ACC_INPUT.items()}
+    row["t_locality"] = topk_locality(base_loc, post["loc"], 1)
+    row["m_locality"] = topk_locality(base_img, post["loc_image"], 10)
+    return row
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM: per address space, so unlike `ru_maxrss` it does not inherit the
+    parent's figure across fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pick_threads(model, editor, case, exact_match: bool, repeats: int = 3) -> int:
+    """The faster of 1 thread and torch's default for this model (on a busy machine extra intra-op threads can
+    cost far more than they give); the peer gets its best setting."""
+    default = torch.get_num_threads()
+    best, best_t = default, float("inf")
+    for t in sorted({1, default}):
+        torch.set_num_threads(t)
+        edit_and_score(model, editor, case, exact_match)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            edit_and_score(model, editor, case, exact_match)
+        dt = time.perf_counter() - t0
+        if dt < best_t:
+            best, best_t = t, dt
+    torch.set_num_threads(best)
+    return best
+
+
+def run_peer(model, editor, cases: dict, exact_match: bool = True, limit: int | None = None,
+             warmup: int = 1, threads: int | None = None) -> dict:
+    """Edits and scores every case one at a time; the first `warmup` cases are also run once untimed.
+    `threads=None` picks the faster of 1 and torch's default (`pick_threads`)."""
+    n = num_cases(cases) if limit is None else min(limit, num_cases(cases))
+    inputs = [case_inputs(cases, i) for i in range(n)]
+    if threads is None:
+        pick_threads(model, editor, inputs[0], exact_match)
+    else:
+        torch.set_num_threads(threads)
+    for i in range(min(warmup, n)):
+        edit_and_score(model, editor, inputs[i], exact_match)
+    rows, times = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        row = edit_and_score(model, editor, inputs[i], exact_match)
+        times.append(time.perf_counter() - t0)
+        row["index"] = int(cases["case_index"][i])
+        rows.append(row)
+    return {
+        "rows": rows, "num_cases": n, "seconds": float(sum(times)), "edits_per_s": n / sum(times),
+        "p50_ms": float(np.percentile(np.asarray(times) * 1e3, 50)),
+        "p90_ms": float(np.percentile(np.asarray(times) * 1e3, 90)),
+        "means": {m: 100.0 * float(np.mean([r[m] for r in rows])) for m in METRICS},
+        "peak_rss_mib": peak_rss_mib(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+
+
+def load_model(hf_dir: str):
+    import transformers
+
+    model = transformers.Blip2ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="eager",
+                                                                       torch_dtype=torch.float32)
+    return model.eval()
+
+
+def make_editor(name: str, model, ft: dict | None = None, mend_path: str | None = None):
+    if name == "ft-l":
+        ft = dict(ft or {})
+        return FTEditor(model, ft.pop("inner_params"), **ft)
+    if name == "mend":
+        blob = torch.load(mend_path, map_location="cpu", weights_only=False)
+        return MendEditor(model, blob["state_dict"], blob["meta"])
+    raise ValueError(f"peer editor {name!r}: choose ft-l or mend")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf", required=True, help="save_pretrained directory (export_hf)")
+    ap.add_argument("--cases", required=True, help="npz written by save_cases")
+    ap.add_argument("--editor", required=True, choices=("ft-l", "mend"))
+    ap.add_argument("--ft-json", help="FT hparams JSON (inner_params as module weight names, num_steps, ...)")
+    ap.add_argument("--mend", help="torch file {'state_dict', 'meta'} (mend_to_easyedit)")
+    ap.add_argument("--token-accuracy", action="store_true")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: the faster of 1 and torch's)")
+    ap.add_argument("--out", help="write the result JSON here")
+    args = ap.parse_args(argv)
+    model = load_model(args.hf)
+    ft = None
+    if args.editor == "ft-l":
+        if not args.ft_json:
+            ap.error("--editor ft-l needs --ft-json")
+        with open(args.ft_json) as f:
+            ft = json.load(f)
+    elif not args.mend:
+        ap.error("--editor mend needs --mend")
+    editor = make_editor(args.editor, model, ft, args.mend)
+    result = run_peer(model, editor, load_cases(args.cases), not args.token_accuracy, args.limit,
+                      threads=args.threads)
+    result["editor"] = args.editor
+    print(f"peer {args.editor}: {result['edits_per_s']:.2f} edits/s over {result['num_cases']} cases, "
+          f"peak RSS {result['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
