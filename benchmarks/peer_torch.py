@@ -341,7 +341,7 @@ def load_model(hf_dir: str):
     import transformers
 
     model = transformers.Blip2ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="eager",
-                                                                       torch_dtype=torch.float32)
+                                                                       dtype=torch.float32)
     return model.eval()
 
 

@@ -101,7 +101,7 @@ def to_hf(config: Blip2Config, params: Mapping, attn_implementation: str = "eage
     import transformers
 
     model = transformers.Blip2ForConditionalGeneration._from_config(
-        hf_config(config), attn_implementation=attn_implementation, torch_dtype=torch.float32)
+        hf_config(config), attn_implementation=attn_implementation, dtype=torch.float32)
     sd = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state_dict(config, params).items()}
     have = model.state_dict()
     missing, unexpected = set(have) - set(sd), set(sd) - set(have)
