@@ -73,10 +73,12 @@ SOURCES = {"demo": source_demo, "files": source_files}
 # Editors.
 
 
-def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, perturb: float = 0.0):
+def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, perturb: float = 0.0,
+               stats_from: str = "data"):
     """A freshly initialised MEND over the last `layers` OPT layers' fc1/fc2, with normalisation statistics merged
-    from the edit gradients of the given cases (a fresh MEND has none). `perturb > 0` makes the networks' `up`
-    matrices nonzero (an untrained identity network would hide a wrong transform in tests)."""
+    from the edit gradients of the given cases (`stats_from="data"`; a fresh MEND has none) or drawn at random
+    (`"random"`, for tests: no extra compile). `perturb > 0` makes the networks' `up` matrices nonzero (an untrained
+    identity network would hide a wrong transform in tests)."""
     import jax
 
     from mmedit_jax import evaluate as E
@@ -97,6 +99,13 @@ def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, pertu
         new = [perturb * jax.random.normal(k, x.shape) if str(path[-1].key) == "up" else x
                for (path, x), k in zip(leaves, keys)]
         params = {**params, "nets": jax.tree_util.tree_unflatten(tree, new)}
+    if stats_from == "random":
+        rng = np.random.default_rng(seed)
+        moments = lambda d: {"count": np.float32(100), "mean": rng.normal(0, 0.1, d).astype(np.float32),  # noqa: E731
+                             "m2": (99 * rng.uniform(0.5, 2.0, d) ** 2).astype(np.float32)}
+        stats = {k: {"u": moments(spec.group_shape(k)[0]), "delta": moments(spec.group_shape(k)[1])}
+                 for k, _ in spec.groups}
+        return spec, params, stats
     fns = Blip2Fns(model.module)
     editor = E.build_editor("ft-l", model)  # only for the image table of a non-vision editor
     cases = harness.make_cases(cases_batch, E.image_table(editor, model, pixels))
@@ -136,7 +145,9 @@ def ft_hparams(model, config_path: str | None) -> dict:
 # Prepare (this process), then the two workers.
 
 
-def prepare(args, workdir: str, perturb_mend: float = 0.0) -> dict:
+def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_stats: str = "data") -> dict:
+    """Writes everything both sides need under `workdir`; returns the manifest. `source`: an already loaded
+    `(model, tok, records, task, ckpt)` (default: `SOURCES[args.source]`)."""
     import peer_torch
     import torch
 
@@ -144,7 +155,7 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0) -> dict:
     from mmedit_jax.convert.export_hf import export_hf
     from mmedit_jax.convert.mend_to_easyedit import easyedit_name, to_easyedit
 
-    model, tok, records, task, ckpt = SOURCES[args.source](args, workdir)
+    model, tok, records, task, ckpt = source or SOURCES[args.source](args, workdir)
     if not records:
         raise SystemExit("no usable records")
     prepared = E.prepare_data(records, tok, model, task, model.config.vision.image_size)
@@ -171,7 +182,7 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0) -> dict:
             spec, params, stats = load_mend(ckpt)
         else:
             spec, params, stats = fresh_mend(model, prepared.batch, prepared.pixels, seed=args.seed,
-                                             perturb=perturb_mend)
+                                             perturb=perturb_mend, stats_from=mend_stats)
         ours_dir = os.path.join(workdir, "mend")
         save_mend(ours_dir, spec, params, stats, source={"fresh": not ckpt})
         sd, meta = to_easyedit(spec, params, stats)
