@@ -13,9 +13,10 @@ the harness at the best batch size, and times steady-state calls per vmapped bat
 scores every case one at a time. (3) print edits/s of both and the ratio, peak memory, and metric agreement (mean
 |difference| per metric over cases and the fraction of cases where the metric is identical); `--json` writes it.
 
-Model and data sources are pluggable (`SOURCES`): `demo` (evaluate.demo_setup; for MEND without a checkpoint a
-freshly initialised MEND over the last two layers' fc1/fc2, statistics gathered from the cases' own edit
-gradients) and `files` (--model/--data/--image-root). The built-in world can register itself as another source.
+Model and data sources are pluggable (`SOURCES`): `files` (--model/--data/--image-root), `world` (the built-in
+world's shipped model, eval split and editors via `mmedit_jax.world.assets`, the default once it exists) and
+`demo` (evaluate.demo_setup; for MEND without a checkpoint a freshly initialised MEND over the last two layers'
+fc1/fc2, statistics gathered from the cases' own edit gradients).
 """
 
 from __future__ import annotations
@@ -66,7 +67,31 @@ def source_files(args, workdir):
     return model, tok, loaded.records, task, args.editor_ckpt
 
 
-SOURCES = {"demo": source_demo, "files": source_files}
+def source_world(args, workdir):
+    """The built-in world (`mmedit_jax.world.assets.ensure`, the interface `mmedit_jax.bench` uses)."""
+    from transformers import AutoTokenizer
+
+    from mmedit_jax.data.mmedit import load_mmedit
+    from mmedit_jax.loading import from_pretrained
+    from mmedit_jax.world import assets
+
+    task = args.task or "vqa"
+    w = assets.ensure(task, cache_dir=None)
+    model = from_pretrained(w.model_dir)
+    tok = AutoTokenizer.from_pretrained(w.tokenizer_dir)
+    loaded = load_mmedit(w.eval_json, task, w.image_root, w.image_root, size=args.limit)
+    return model, tok, loaded.records, task, w.editor_ckpts.get(args.editor)
+
+
+def world_available() -> bool:
+    try:
+        from mmedit_jax.world import assets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+SOURCES = {"demo": source_demo, "files": source_files, "world": source_world}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +331,8 @@ def print_table(result: dict, file=sys.stdout) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--editor", default="mend", choices=("ft-l", "mend"))
-    ap.add_argument("--source", choices=sorted(SOURCES), help="default: files when --model is given, else demo")
+    ap.add_argument("--source", choices=sorted(SOURCES),
+                    help="default: files when --model is given, else the built-in world when installed, else demo")
     ap.add_argument("--model")
     ap.add_argument("--data")
     ap.add_argument("--image-root")
@@ -336,7 +362,7 @@ def main(argv=None):
             json.dump(res, f)
         return res
 
-    args.source = args.source or ("files" if args.model else "demo")
+    args.source = args.source or ("files" if args.model else "world" if world_available() else "demo")
     if args.source == "files" and not (args.model and args.data and args.image_root):
         ap.error("--model needs --data and --image-root")
     workdir = args.workdir or tempfile.mkdtemp(prefix="compare_peer_")
