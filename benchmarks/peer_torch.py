@@ -1,16 +1,28 @@
-"""The reference procedure in PyTorch, side by side with ours, on the same weights, cases and editor.
+"""The reference procedure in PyTorch, EasyEdit's way: transformers' BLIP-2, one edit at a time.
 
-EasyEdit's way, one edit at a time: transformers' `Blip2ForConditionalGeneration` (our parameters exported
-into it); for MEND, forward hooks record each inner layer's input and backward hooks its output gradient on
-the edit example, the MEND network (our trained parameters, run in PyTorch) turns them into the rank-T update,
-the whole model is deep-copied and the update added to the copy's weights; then the five metrics with the
-reference's formulas (exact match on the answer, top-1 / ordered top-10 agreement with the unedited model).
-Ours: the harness's vmapped program (`eval.harness.make_step_fns`) at batch E, steady state.
+Runs on the SAME weights as ours (a `save_pretrained` directory written by `mmedit_jax.convert.export_hf`) and
+the SAME cases (our prepared `EditBatch` token arrays and preprocessed pixels, saved by `save_cases`), so neither
+tokenisation nor image preprocessing can differ. Per case, as `MultimodalTrainer.edit_step` in eval mode:
 
-    python benchmarks/peer_torch.py                       # built-in world, shipped MEND, 32 eval cases
-    python benchmarks/peer_torch.py --model DIR --data FILE --image-root DIR --editor-ckpt DIR --cases 64
+  1. no grad: base logits on `loc` and `loc_image` (what locality compares against);
+  2. the edit, on a copy of each edited child module (EasyEdit `_make_child_functional_model` copies the edited
+     children; the shared model is restored afterwards, so every case is a fresh single edit):
+     * FT-L: `copy.deepcopy` of each edited Linear, `torch.optim.AdamW(lr, betas, eps, weight_decay)` for
+       `num_steps` steps on their weights only, loss = mean NLL of the edit example's answer tokens;
+     * MEND: forward hook (layer input) + full backward hook (gradient at the layer output) on every inner
+       param's module, `loss.backward()` on the edit example (EasyEdit's `requires_grad` rule: frozen up to the
+       first inner param), rows kept iff `any(u) & any(delta)`, the GradientTransform of an EasyEdit MEND state
+       dict (normalise, IDMLP with modes, clamp, residual), `W + lr * einsum('bi,bj->ji', u~, delta~)` (minus
+       for `descent`) written into the copied module;
+  3. no grad: the five post-edit forwards, and the metrics as EasyEdit computes them (`multiclass_log_probs`
+     accuracy / exact match with the causal shift; `topk(softmax(logits), k).indices` agreement, k=1 text,
+     k=10 image, over every position).
+Each case runs unpadded (batch size 1, as the reference): the arrays' right padding is cut off.
 
-Prints edits/s of both, the ratio, peak RSS of each side, and how closely the per-case metrics agree; `--json`.
+This file imports no JAX (its memory figure is PyTorch's alone).
+
+    python benchmarks/peer_torch.py --hf DIR --cases cases.npz --editor ft-l --ft-json ft.json --out peer.json
+    python benchmarks/peer_torch.py --hf DIR --cases cases.npz --editor mend --mend mend_easyedit.pt --out peer.json
 """
 
 from __future__ import annotations
@@ -18,316 +30,361 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
-import statistics
 import sys
 import time
 
 import numpy as np
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+SUB_INPUTS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
 METRICS = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")
+ACC_INPUT = {"reliability": "edit_inner", "t_generality": "edit_outer", "m_generality": "edit_outer_image"}
+IGNORE = -100
 
 
 # --------------------------------------------------------------------------------------------------
-# Our parameters -> a transformers model (the inverse of convert/blip2.py's rules).
+# Cases: our prepared arrays, one npz file.
 
 
-def hf_config(config):
-    import transformers
-
-    v, q, t = config.vision, config.qformer, config.text
-    return transformers.Blip2Config(
-        vision_config=dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                           num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-                           image_size=v.image_size, patch_size=v.patch_size, hidden_act=v.hidden_act,
-                           layer_norm_eps=v.layer_norm_eps, qkv_bias=v.qkv_bias),
-        qformer_config=dict(hidden_size=q.hidden_size, num_hidden_layers=q.num_hidden_layers,
-                            num_attention_heads=q.num_attention_heads, intermediate_size=q.intermediate_size,
-                            hidden_act=q.hidden_act, layer_norm_eps=q.layer_norm_eps,
-                            cross_attention_frequency=q.cross_attention_frequency,
-                            encoder_hidden_size=q.encoder_hidden_size),
-        text_config=dict(model_type="opt", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                         num_hidden_layers=t.num_hidden_layers, ffn_dim=t.ffn_dim,
-                         num_attention_heads=t.num_attention_heads, max_position_embeddings=t.max_position_embeddings,
-                         do_layer_norm_before=t.do_layer_norm_before, word_embed_proj_dim=t.embed_dim,
-                         pad_token_id=t.pad_token_id, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
-                         activation_function=t.activation_function, enable_bias=t.enable_bias),
-        num_query_tokens=config.num_query_tokens, image_token_index=config.image_token_index,
-    )
+def save_cases(path: str, batch, pixels: np.ndarray) -> None:
+    """Writes an `EditBatch` (`mmedit_jax.data.cases`) and its image table `[N, 3, H, W]` to one npz."""
+    arrays = {"pixels": np.asarray(pixels, np.float32), "case_index": np.asarray(batch.case_index),
+              "cond_ids": np.asarray(batch.cond_ids), "cond_mask": np.asarray(batch.cond_mask),
+              "valid": np.asarray(batch.valid)}
+    for name in SUB_INPUTS:
+        tb = getattr(batch, name)
+        for field in ("input_ids", "attention_mask", "labels", "image_ids"):
+            arrays[f"{name}/{field}"] = np.asarray(getattr(tb, field))
+    np.savez(path, **arrays)
 
 
-def export_to_torch(model):
-    """Our `Blip2Model` as a transformers `Blip2ForConditionalGeneration` (eager attention, eval mode)."""
-    import jax
-    import torch
-    import transformers
-
-    from mmedit_jax.convert.blip2 import blip2_rules
-
-    inverse = {"identity": lambda w: w, "linear": lambda w: w.T, "conv": lambda w: w.transpose(3, 2, 0, 1)}
-    params = jax.device_get(model.params)
-    rules, _ = blip2_rules(model.config)
-    state = {}
-    for rule in rules:
-        leaf = params
-        for k in rule.target.split("/"):
-            leaf = leaf[k]
-        leaf = np.asarray(leaf, np.float32)
-        parts = list(leaf) if rule.stacked else [leaf]
-        for key, part in zip(rule.sources, parts):
-            state[key] = torch.from_numpy(np.ascontiguousarray(inverse[rule.transform](part)))
-    hf = transformers.Blip2ForConditionalGeneration._from_config(hf_config(model.config), attn_implementation="eager")
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "language_model.lm_head.weight"]  # tied
-    if missing or unexpected:
-        raise RuntimeError(f"export: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    hf.tie_weights()
-    return hf.eval()
+def load_cases(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return dict(z)
 
 
-# --------------------------------------------------------------------------------------------------
-# MEND in PyTorch (eval mode), from our parameters.
+def num_cases(cases: dict) -> int:
+    return int(cases["case_index"].shape[0])
 
 
-class TorchMend:
-    def __init__(self, spec, params, stats):
-        import jax
-        import torch
-
-        from mmedit_jax.editors import mend_net as MN
-
-        self.spec, self.eps = spec, MN.NORM_EPS
-        t = lambda x: torch.from_numpy(np.asarray(x, np.float32))  # noqa: E731
-        self.params = jax.tree.map(t, jax.device_get(params))
-        self.stats = {}
-        for key, st in jax.device_get(stats).items():
-            self.stats[key] = {side: (t(m["mean"]), t(np.sqrt(m["m2"] / (m["count"] - 1)))) for side, m in st.items()}
-
-    def _idmlp(self, net, x, mode):
-        for i in range(len(net)):
-            layer = net[f"layer_{i}"]
-            pre = (x @ layer["down"]) @ layer["up"] + layer["bias"]
-            if "mode_scale" in layer:
-                pre = pre * layer["mode_scale"][mode] + layer["mode_shift"][mode]
-            act = pre.clamp(min=0)
-            x = x + act if self.spec.cfg.init == "id" else act
-        return x
-
-    def update(self, site, u, d):
-        """`[out, in]` weight update of one site from `u [T, in]`, `d [T, out]` (kept rows only, as the reference)."""
-        import torch
-
-        cfg = self.spec.cfg
-        keep = (u != 0).any(-1) & (d != 0).any(-1)
-        u, d = u[keep], d[keep]
-        key, mode = self.spec.group_of(site)
-        if cfg.norm:
-            (um, us), (dm, ds) = self.stats[key]["u"], self.stats[key]["delta"]
-            u, d = (u - um) / (us + self.eps), (d - dm) / (ds + self.eps)
-        net = self.params["nets"][key]
-        if cfg.combine:
-            out = self._idmlp(net["mlp"], torch.cat([u, d], -1), mode)
-            u, d = out[:, : u.shape[-1]], out[:, u.shape[-1]:]
-        else:
-            u = self._idmlp(net["mlp_u"], u, mode) if "mlp_u" in net else u
-            d = self._idmlp(net["mlp_delta"], d, mode) if "mlp_delta" in net else d
-        lr = self.params["edit_lrs"][site]
-        scale = -lr if cfg.descent else lr
-        return scale * torch.einsum("ti,to->oi", u, d)
-
-
-def torch_module(hf, site):
-    """Our site name -> the transformers module it edits (language sites only, as MEND's BLIP-2 config)."""
-    parts = site.split("/")
-    if parts[0] != "language_model" or parts[1] != "layers":
-        raise ValueError(f"peer: site {site!r} is not an OPT layer")
-    mod = hf.language_model.model.decoder.layers[int(parts[2])]
-    for p in parts[3:]:
-        mod = getattr(mod, p)
-    return mod
-
-
-# --------------------------------------------------------------------------------------------------
-# The reference procedure, one case at a time.
-
-
-def _forward(model, seq, pixels):
-    import torch
-
-    ids = torch.from_numpy(np.asarray(seq[0], np.int64))[None]
-    mask = torch.from_numpy(np.asarray(seq[1], np.int64))[None]
-    if pixels is None:
-        return model.language_model(input_ids=ids, attention_mask=mask).logits[0]
-    return model(pixel_values=torch.from_numpy(np.asarray(pixels))[None], input_ids=ids, attention_mask=mask).logits[0]
-
-
-def _nll(logits, labels):
-    import torch
-
-    labels = torch.from_numpy(np.asarray(labels, np.int64))
-    return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100)
-
-
-def _exact(logits, labels):
-    labels = np.asarray(labels)[1:]
-    pred = logits[:-1].argmax(-1).numpy()
-    ans = labels != -100
-    return float(((pred == labels) | ~ans).all())
-
-
-def _topk_agree(pre, post, mask, k):
-    import torch
-
-    a, b = torch.topk(torch.softmax(pre, -1), k).indices, torch.topk(torch.softmax(post, -1), k).indices
-    m = np.asarray(mask, bool)
-    return float((a == b).float().mean(-1).numpy()[m].mean())
-
-
-def reference_edit_and_score(hf, mend: TorchMend, case: dict) -> dict:
-    """One MEND edit and its five metrics, EasyEdit's way. `case`: sub-input -> (ids, mask, labels, pixels)."""
-    import torch
-
-    sites = mend.spec.sites
-    inputs, grads, handles = {}, {}, []
-    for s in sites:
-        mod = torch_module(hf, s)
-        # OPT flattens [B, L, D] to [B * L, D] around its MLP; B = 1 here, so rows are tokens either way.
-        handles.append(mod.register_forward_hook(
-            lambda m, i, o, s=s: inputs.__setitem__(s, i[0].detach().reshape(-1, i[0].shape[-1]))))
-        handles.append(mod.register_full_backward_hook(
-            lambda m, gi, go, s=s: grads.__setitem__(s, go[0].detach().reshape(-1, go[0].shape[-1]))))
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    for s in sites:
-        torch_module(hf, s).weight.requires_grad_(True)
-    try:
-        loss = _nll(_forward(hf, case["edit_inner"], case["edit_inner"][3]), case["edit_inner"][2])
-        loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-    with torch.no_grad():
-        edited = copy.deepcopy(hf)
-        for s in sites:
-            upd = mend.update(s, inputs[s], grads[s])
-            torch_module(edited, s).weight.add_(upd)
-        for s in sites:
-            torch_module(hf, s).weight.grad = None
-        out = {}
-        for metric, sub in (("reliability", "edit_inner"), ("t_generality", "edit_outer"),
-                            ("m_generality", "edit_outer_image")):
-            ids, mask, labels, pix = case[sub]
-            out[metric] = _exact(_forward(edited, (ids, mask), pix), labels)
-        for metric, sub, k in (("t_locality", "loc", 1), ("m_locality", "loc_image", 10)):
-            ids, mask, _, pix = case[sub]
-            pre, post = _forward(hf, (ids, mask), pix), _forward(edited, (ids, mask), pix)
-            out[metric] = _topk_agree(pre, post, mask, k)
-        del edited
+def case_inputs(cases: dict, i: int) -> dict[str, dict]:
+    """The five inputs of case i as batch-1 tensors, right padding removed."""
+    out = {}
+    for name in SUB_INPUTS:
+        mask = cases[f"{name}/attention_mask"][i]
+        n = int(mask.sum())
+        img = int(cases[f"{name}/image_ids"][i])
+        out[name] = {
+            "input_ids": torch.from_numpy(cases[f"{name}/input_ids"][i, :n].astype(np.int64))[None],
+            "attention_mask": torch.from_numpy(mask[:n].astype(np.int64))[None],
+            "labels": torch.from_numpy(cases[f"{name}/labels"][i, :n].astype(np.int64))[None],
+            "pixel_values": None if img < 0 else torch.from_numpy(cases["pixels"][img])[None],
+        }
     return out
 
 
+def logits_of(model, x: dict) -> torch.Tensor:
+    """`[1, L, V]` float32 logits of one input (text-only inputs go straight to the language model, as the
+    reference's wrapper does for `loc`)."""
+    if x["pixel_values"] is None:
+        return model.language_model(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+    return model(pixel_values=x["pixel_values"], input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+
+
+# --------------------------------------------------------------------------------------------------
+# EasyEdit's losses and metrics (`easyeditor/trainer/losses.py`, `MultimodalTrainer.edit_step`).
+
+
+def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`masked_log_probs(..., shift=True)["nll"]`: mean NLL over answer tokens, logits[:, :-1] vs labels[:, 1:]."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    return -(lp * mask).sum() / mask.sum()
+
+
+def edit_accuracy(logits: torch.Tensor, labels: torch.Tensor, exact_match: bool) -> float:
+    """`multiclass_log_probs`: argmax of logits[:, :-1] against labels[:, 1:] on answer tokens; EM or token acc."""
+    pred, targ = logits[:, :-1].argmax(-1), labels[:, 1:]
+    mask = targ != IGNORE
+    if exact_match:
+        return float((pred.masked_fill(~mask, 0) == targ.masked_fill(~mask, 0)).all(-1).float().mean())
+    return float(((pred == targ) & mask).sum() / mask.sum())
+
+
+def topk_locality(base: torch.Tensor, post: torch.Tensor, k: int) -> float:
+    """`loc/acc` (k=1) and `image_loc/acc` (k=10): rank-wise agreement of topk(softmax) indices, all positions."""
+    b = torch.topk(torch.softmax(base, -1), k=k, dim=-1).indices
+    p = torch.topk(torch.softmax(post, -1), k=k, dim=-1).indices
+    return float((b == p).sum() / p.numel())
+
+
+# --------------------------------------------------------------------------------------------------
+# Edited copies of child modules.
+
+
+def _parent_and_attr(model, weight_name: str):
+    path = weight_name.removesuffix(".weight")
+    parent_path, _, attr = path.rpartition(".")
+    return model.get_submodule(parent_path), attr
+
+
+class _Installed:
+    """Copies of the edited child modules installed in the model; `restore()` puts the originals back."""
+
+    def __init__(self, model, names):
+        self.slots = []
+        self.copies = {}
+        for n in names:
+            parent, attr = _parent_and_attr(model, n)
+            original = getattr(parent, attr)
+            clone = copy.deepcopy(original)
+            setattr(parent, attr, clone)
+            self.slots.append((parent, attr, original))
+            self.copies[n] = clone
+
+    def restore(self):
+        for parent, attr, original in self.slots:
+            setattr(parent, attr, original)
+
+
+class FTEditor:
+    """FT-L as VLKEB's FT (EasyEdit has none for BLIP-2): AdamW steps on the inner params' weights."""
+
+    def __init__(self, model, inner_params, num_steps=15, edit_lr=2e-4, weight_decay=0.01, beta1=0.9, beta2=0.999,
+                 eps=1e-8):
+        self.model, self.names = model, list(inner_params)
+        self.num_steps, self.kw = num_steps, dict(lr=edit_lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def edit(self, case) -> _Installed:
+        inst = _Installed(self.model, self.names)
+        weights = [inst.copies[n].weight for n in self.names]
+        for w in weights:
+            w.requires_grad_(True)
+        opt = torch.optim.AdamW(weights, **self.kw)
+        x = case["edit_inner"]
+        for _ in range(self.num_steps):
+            opt.zero_grad(set_to_none=True)
+            masked_nll(logits_of(self.model, x), x["labels"]).backward()
+            opt.step()
+        for w in weights:
+            w.requires_grad_(False)
+        return inst
+
+
+class MendEditor:
+    """MEND from an EasyEdit-layout state dict (`mmedit_jax.convert.mend_to_easyedit`), applied the EasyEdit way."""
+
+    def __init__(self, model, state_dict: dict, meta: dict):
+        self.model, self.sd, self.meta = model, {k: torch.as_tensor(v) for k, v in state_dict.items()}, meta
+        self.names = list(meta["inner_params"])
+        self.shapes = [tuple(s) for s in meta["shapes"]]
+        self.sign = -1.0 if meta["descent"] else 1.0
+        # EasyEdit MEND.__init__: no grad up to the first inner param, the rest keeps requires_grad.
+        seen = False
+        for n, p in model.named_parameters():
+            seen = seen or n == self.names[0]
+            p.requires_grad_(seen)
+        if not seen:
+            raise ValueError(f"inner param {self.names[0]!r} is not a parameter of the model")
+        self.modules = {n: _parent_and_attr(model, n) for n in self.names}
+        for parent, attr in self.modules.values():  # EasyEdit hooks.py
+            mod = getattr(parent, attr)
+            mod.register_forward_hook(self._fwd_hook)
+            mod.register_full_backward_hook(self._bwd_hook)
+
+    @staticmethod
+    def _fwd_hook(mod, inputs, output):
+        mod.weight.__x__ = inputs[0].detach()
+
+    @staticmethod
+    def _bwd_hook(mod, grad_in, grad_out):
+        mod.weight.__delta__ = grad_out[0].detach()
+
+    def _group(self, i):
+        name, shape = self.names[i], self.shapes[i]
+        if self.meta["shared"]:
+            members = [n for n, s in zip(self.names, self.shapes) if s == shape]
+            return f"({shape[0]}, {shape[1]})", members.index(name)
+        return name.replace(".", "#"), None
+
+    def _idmlp(self, prefix, x, mode):
+        i = 0
+        while f"{prefix}.layers.{i}.u" in self.sd:
+            p = f"{prefix}.layers.{i}."
+            h = x @ self.sd[p + "v"].T @ self.sd[p + "u"].T + self.sd[p + "bias"]
+            if mode is not None:
+                h = h * self.sd[p + "mode_scale.weight"][mode] + self.sd[p + "mode_shift.weight"][mode]
+            a = h.clamp(min=0)
+            x = a + x if self.meta["init"] == "id" else a
+            i += 1
+        return x
+
+    def transform(self, i, u, d):
+        """(u~ [k, in], delta~ [k, out]) of the kept rows, EasyEdit's GradientTransform.forward in eval mode."""
+        group, mode = self._group(i)
+        g = f"mend.{group}"
+        u, d = u.reshape(-1, u.shape[-1]).float(), d.reshape(-1, d.shape[-1]).float()
+        keep = (u != 0).any(-1) & (d != 0).any(-1)
+        u, d = u[keep], d[keep]
+        if self.meta["norm"]:
+            u = (u - self.sd[g + ".u_mean"]) / (self.sd[g + ".u_std"] + 1e-7)
+            d = (d - self.sd[g + ".v_mean"]) / (self.sd[g + ".v_std"] + 1e-7)
+        if f"{g}.mlp.layers.0.u" in self.sd:
+            out = self._idmlp(f"{g}.mlp", torch.cat([u, d], -1), mode)
+            return out[:, : u.shape[-1]], out[:, u.shape[-1]:]
+        u_t = self._idmlp(f"{g}.mlp1", u, mode) if f"{g}.mlp1.layers.0.u" in self.sd else u
+        d_t = self._idmlp(f"{g}.mlp2", d, mode) if f"{g}.mlp2.layers.0.u" in self.sd else d
+        return u_t, d_t
+
+    def edit(self, case) -> _Installed:
+        x = case["edit_inner"]
+        masked_nll(logits_of(self.model, x), x["labels"]).backward()
+        self.model.zero_grad(set_to_none=True)
+        updates = {}
+        with torch.no_grad():
+            for i, n in enumerate(self.names):
+                w = getattr(*self.modules[n]).weight
+                u_t, d_t = self.transform(i, w.__x__, w.__delta__)
+                updates[n] = self.sign * self.sd["edit_lrs"][i] * torch.einsum("bi,bj->ji", u_t, d_t)
+                del w.__x__, w.__delta__
+            inst = _Installed(self.model, self.names)
+            for n, upd in updates.items():
+                inst.copies[n].weight.add_(upd)
+        return inst
+
+
+# --------------------------------------------------------------------------------------------------
+# The run.
+
+
+def edit_and_score(model, editor, case, exact_match: bool) -> dict:
+    with torch.no_grad():
+        base_loc = logits_of(model, case["loc"])
+        base_img = logits_of(model, case["loc_image"])
+    inst = editor.edit(case)
+    try:
+        with torch.no_grad():
+            post = {name: logits_of(model, case[name]) for name in SUB_INPUTS}
+    finally:
+        inst.restore()
+    row = {m: edit_accuracy(post[s], case[s]["labels"], exact_match) for m, s in ACC_INPUT.items()}
+    row["t_locality"] = topk_locality(base_loc, post["loc"], 1)
+    row["m_locality"] = topk_locality(base_img, post["loc_image"], 10)
+    return row
+
+
 def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM: per address space, so unlike `ru_maxrss` it does not inherit the
+    parent's figure across fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pick_threads(model, editor, case, exact_match: bool, repeats: int = 3) -> int:
+    """The faster of 1 thread and torch's default for this model (on a busy machine extra intra-op threads can
+    cost far more than they give); the peer gets its best setting."""
+    default = torch.get_num_threads()
+    best, best_t = default, float("inf")
+    for t in sorted({1, default}):
+        torch.set_num_threads(t)
+        edit_and_score(model, editor, case, exact_match)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            edit_and_score(model, editor, case, exact_match)
+        dt = time.perf_counter() - t0
+        if dt < best_t:
+            best, best_t = t, dt
+    torch.set_num_threads(best)
+    return best
+
+
+def run_peer(model, editor, cases: dict, exact_match: bool = True, limit: int | None = None,
+             warmup: int = 1, threads: int | None = None) -> dict:
+    """Edits and scores every case one at a time; the first `warmup` cases are also run once untimed.
+    `threads=None` picks the faster of 1 and torch's default (`pick_threads`)."""
+    n = num_cases(cases) if limit is None else min(limit, num_cases(cases))
+    inputs = [case_inputs(cases, i) for i in range(n)]
+    if threads is None:
+        pick_threads(model, editor, inputs[0], exact_match)
+    else:
+        torch.set_num_threads(threads)
+    for i in range(min(warmup, n)):
+        edit_and_score(model, editor, inputs[i], exact_match)
+    rows, times = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        row = edit_and_score(model, editor, inputs[i], exact_match)
+        times.append(time.perf_counter() - t0)
+        row["index"] = int(cases["case_index"][i])
+        rows.append(row)
+    return {
+        "rows": rows, "num_cases": n, "seconds": float(sum(times)), "edits_per_s": n / sum(times),
+        "p50_ms": float(np.percentile(np.asarray(times) * 1e3, 50)),
+        "p90_ms": float(np.percentile(np.asarray(times) * 1e3, 90)),
+        "means": {m: 100.0 * float(np.mean([r[m] for r in rows])) for m in METRICS},
+        "peak_rss_mib": peak_rss_mib(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+
+
+def load_model(hf_dir: str):
+    import transformers
+
+    model = transformers.Blip2ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="eager",
+                                                                       dtype=torch.float32)
+    return model.eval()
+
+
+def make_editor(name: str, model, ft: dict | None = None, mend_path: str | None = None):
+    if name == "ft-l":
+        ft = dict(ft or {})
+        return FTEditor(model, ft.pop("inner_params"), **ft)
+    if name == "mend":
+        blob = torch.load(mend_path, map_location="cpu", weights_only=False)
+        return MendEditor(model, blob["state_dict"], blob["meta"])
+    raise ValueError(f"peer editor {name!r}: choose ft-l or mend")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model")
-    ap.add_argument("--data")
-    ap.add_argument("--image-root")
-    ap.add_argument("--editor-ckpt")
-    ap.add_argument("--cases", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=16, help="our vmapped batch size")
-    ap.add_argument("--json")
+    ap.add_argument("--hf", required=True, help="save_pretrained directory (export_hf)")
+    ap.add_argument("--cases", required=True, help="npz written by save_cases")
+    ap.add_argument("--editor", required=True, choices=("ft-l", "mend"))
+    ap.add_argument("--ft-json", help="FT hparams JSON (inner_params as module weight names, num_steps, ...)")
+    ap.add_argument("--mend", help="torch file {'state_dict', 'meta'} (mend_to_easyedit)")
+    ap.add_argument("--token-accuracy", action="store_true")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: the faster of 1 and torch's)")
+    ap.add_argument("--out", help="write the result JSON here")
     args = ap.parse_args(argv)
-
-    import jax
-    import torch
-    from transformers import AutoTokenizer
-
-    from mmedit_jax import evaluate as E
-    from mmedit_jax.convert.mend_easyedit import load_mend
-    from mmedit_jax.data.mmedit import load_mmedit
-    from mmedit_jax.eval import harness
-    from mmedit_jax.eval.model_fns import Blip2Fns
-    from mmedit_jax.loading import from_pretrained
-
-    if args.model:
-        model_dir, data, root, ckpt = args.model, args.data, args.image_root, args.editor_ckpt
-    else:
-        from mmedit_jax.world import assets
-
-        w = assets.ensure("vqa")
-        model_dir, data, root, ckpt = w.model_dir, w.eval_json, w.image_root, args.editor_ckpt or w.editor_ckpts["mend"]
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = from_pretrained(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    records = load_mmedit(data, "vqa", root, size=args.cases).records
-    prepared = E.prepare_data(records, tok, model, "vqa", model.config.vision.image_size)
-    n = len(records)
-
-    # Ours: the harness's compiled step over batches of E (steady state; compile reported apart).
-    editor = E.build_editor("mend", model, {}, ckpt)
-    fns = Blip2Fns(model.module, pixels=editor.vision_side)
-    cases = harness.make_cases(prepared.batch, E.image_table(editor, model, prepared.pixels))
-    step_fns = harness.make_step_fns(editor, fns, True)
-    kw = dict(batch_size=args.batch, exact_match=True, resume=False, progress=False, step_fns=step_fns)
-    t0 = time.perf_counter()
-    harness.run(editor, fns, model.params, cases, prepared.meta, None, **kw)
-    ours_first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ours = harness.run(editor, fns, model.params, cases, prepared.meta, None, **kw)  # compiled: steady state
-    ours_s = time.perf_counter() - t0
-    ours_rss = peak_rss_mib()
-
-    # The peer, on the exported weights and the same token arrays and pixels.
-    hf = export_to_torch(model)
-    spec, net, stats = load_mend(ckpt)
-    mend = TorchMend(spec, net, stats)
-    batch = prepared.batch
-    peer_rows, times = [], []
-    for i in range(n):
-        case = {}
-        for sub in ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image"):
-            tb = batch.sub(sub)
-            img = int(tb.image_ids[i])
-            case[sub] = (tb.input_ids[i], tb.attention_mask[i], tb.labels[i],
-                         None if img < 0 else prepared.pixels[img])
-        t0 = time.perf_counter()
-        peer_rows.append(reference_edit_and_score(hf, mend, case))
-        times.append(time.perf_counter() - t0)
-    # Steady state like ours: the first case warms torch up; the rest is timed whole (mean, outliers included).
-    peer_s = sum(times[1:]) * n / max(n - 1, 1)
-    peer_rss = peak_rss_mib()
-
-    agree = {}
-    for m in METRICS:
-        a = np.array([r[m] for r in ours.rows])
-        b = np.array([r[m] for r in peer_rows])
-        agree[m] = dict(ours=100 * a.mean(), peer=100 * b.mean(), mean_abs_diff=float(np.abs(a - b).mean()),
-                        identical=float((np.abs(a - b) < 1e-6).mean()))
-    result = dict(cases=n, batch=args.batch, device=str(jax.devices()[0].device_kind),
-                  torch_threads=torch.get_num_threads(),
-                  ours_edits_per_s=n / ours_s, ours_first_run_s=ours_first_s, peer_edits_per_s=n / peer_s,
-                  peer_p50_ms=1e3 * statistics.median(times), peer_mean_ms=1e3 * statistics.mean(times[1:]),
-                  peer_edits_per_s_at_p50=1e3 / (1e3 * statistics.median(times)), ratio=(n / ours_s) / (n / peer_s),
-                  ours_peak_rss_mib=ours_rss, peak_rss_after_peer_mib=peer_rss, metrics=agree)
-    print(f"{n} MEND edits (edit + five metrics), {result['device']}")
-    print(f"  ours (vmapped, E={args.batch}): {result['ours_edits_per_s']:.1f} edits/s "
-          f"(first run with compile {ours_first_s:.1f} s)")
-    print(f"  peer (PyTorch, one at a time, deepcopy): {result['peer_edits_per_s']:.1f} edits/s "
-          f"(per edit: mean {result['peer_mean_ms']:.0f} ms, p50 {result['peer_p50_ms']:.0f} ms)")
-    print(f"  ratio: {result['ratio']:.1f}x; peak RSS ours {ours_rss:.0f} MiB, after the peer {peer_rss:.0f} MiB")
-    print(f"  {'metric':>14} {'ours':>7} {'peer':>7} {'mean|diff|':>11} {'identical':>10}")
-    for m, d in agree.items():
-        print(f"  {m:>14} {d['ours']:7.2f} {d['peer']:7.2f} {d['mean_abs_diff']:11.4f} {d['identical']:10.1%}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
+    model = load_model(args.hf)
+    ft = None
+    if args.editor == "ft-l":
+        if not args.ft_json:
+            ap.error("--editor ft-l needs --ft-json")
+        with open(args.ft_json) as f:
+            ft = json.load(f)
+    elif not args.mend:
+        ap.error("--editor mend needs --mend")
+    editor = make_editor(args.editor, model, ft, args.mend)
+    result = run_peer(model, editor, load_cases(args.cases), not args.token_accuracy, args.limit,
+                      threads=args.threads)
+    result["editor"] = args.editor
+    print(f"peer {args.editor}: {result['edits_per_s']:.2f} edits/s over {result['num_cases']} cases, "
+          f"peak RSS {result['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
     return result
 
 

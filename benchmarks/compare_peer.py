@@ -1,0 +1,410 @@
+"""Ours (the JAX harness: vmapped edits, compiled edit + score) against the PyTorch peer (`peer_torch.py`, EasyEdit's
+one-edit-at-a-time procedure) on the same model, cases and editor weights, in one run.
+
+    python benchmarks/compare_peer.py --editor mend                       # demo: tiny random BLIP-2, synthetic data
+    python benchmarks/compare_peer.py --editor ft-l --model DIR --data FILE --image-root DIR [--editor-ckpt DIR]
+
+Steps: (1) prepare once, here: load the model and data the way `mmedit_jax.evaluate` does (`prepare_data`), export
+the weights to a transformers directory (`export_hf`), save the token arrays and pixels (`peer_torch.save_cases`)
+and the editor (ours: `save_mend`; the peer's: EasyEdit's MEND state-dict layout, `mend_to_easyedit`; FT: the
+hparams). (2) run each side in its own process, one after the other, so each peak RSS is its own: ours reloads
+the exported directory with `from_pretrained` (bit-identical to the weights exported), scores every case with
+the harness at the best batch size, and times steady-state calls per vmapped batch size; the peer edits and
+scores every case one at a time. (3) print edits/s of both and the ratio, peak memory, and metric agreement (mean
+|difference| per metric over cases and the fraction of cases where the metric is identical); `--json` writes it.
+
+Model and data sources are pluggable (`SOURCES`): `files` (--model/--data/--image-root), `world` (the built-in
+world's shipped model, eval split and editors via `mmedit_jax.world.assets`, the default once it exists) and
+`demo` (evaluate.demo_setup; for MEND without a checkpoint a freshly initialised MEND over the last two layers'
+fc1/fc2, statistics gathered from the cases' own edit gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+
+METRICS = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")
+FT_KEYS = ("num_steps", "edit_lr", "weight_decay", "beta1", "beta2", "eps")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources: (model, tokenizer, records, task, default editor ckpt).
+
+
+def source_demo(args, workdir):
+    from mmedit_jax.data.mmedit import load_mmedit
+    from mmedit_jax.evaluate import demo_setup
+
+    paths, tok, model = demo_setup(os.path.join(workdir, "demo"), args.demo_records, args.seed)
+    loaded = load_mmedit(paths.json_path, "vqa", paths.image_root, paths.rephrase_image_root)
+    return model, tok, loaded.records, "vqa", None
+
+
+def source_files(args, workdir):
+    from transformers import AutoTokenizer
+
+    from mmedit_jax.data.mmedit import load_mmedit
+    from mmedit_jax.loading import from_pretrained
+
+    model = from_pretrained(args.model, image_size=args.image_size)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    task = args.task or ("caption" if "caption" in os.path.basename(args.data) else "vqa")
+    loaded = load_mmedit(args.data, task, args.image_root, args.rephrase_image_root or args.image_root,
+                         size=args.limit)
+    return model, tok, loaded.records, task, args.editor_ckpt
+
+
+def source_world(args, workdir):
+    """The built-in world (`mmedit_jax.world.assets.ensure`, the interface `mmedit_jax.bench` uses)."""
+    from transformers import AutoTokenizer
+
+    from mmedit_jax.data.mmedit import load_mmedit
+    from mmedit_jax.loading import from_pretrained
+    from mmedit_jax.world import assets
+
+    task = args.task or "vqa"
+    w = assets.ensure(task, cache_dir=None)
+    model = from_pretrained(w.model_dir)
+    tok = AutoTokenizer.from_pretrained(w.tokenizer_dir)
+    loaded = load_mmedit(w.eval_json, task, w.image_root, w.image_root, size=args.limit)
+    return model, tok, loaded.records, task, w.editor_ckpts.get(args.editor)
+
+
+def world_available() -> bool:
+    try:
+        from mmedit_jax.world import assets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+SOURCES = {"demo": source_demo, "files": source_files, "world": source_world}
+
+
+# --------------------------------------------------------------------------------------------------
+# Editors.
+
+
+def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, perturb: float = 0.0,
+               stats_from: str = "data"):
+    """A freshly initialised MEND over the last `layers` OPT layers' fc1/fc2, with normalisation statistics merged
+    from the edit gradients of the given cases (`stats_from="data"`; a fresh MEND has none) or drawn at random
+    (`"random"`, for tests: no extra compile). `perturb > 0` makes the networks' `up` matrices nonzero (an untrained
+    identity network would hide a wrong transform in tests)."""
+    import jax
+
+    from mmedit_jax import evaluate as E
+    from mmedit_jax import patch as P
+    from mmedit_jax.editors import mend as M
+    from mmedit_jax.editors import mend_net as MN
+    from mmedit_jax.eval import harness
+    from mmedit_jax.eval.model_fns import Blip2Fns
+
+    n = model.config.text.num_hidden_layers
+    sites = [f"language_model/layers/{i}/{fc}" for i in range(n - layers, n) for fc in ("fc1", "fc2")]
+    shapes = {s: tuple(P.kernel_of(model.params, s, model.stacks).shape) for s in sites}
+    spec = MN.mend_spec(MN.MendConfig(rank=64), shapes)
+    params, stats = MN.init_mend(jax.random.PRNGKey(seed), spec)
+    if perturb:
+        leaves, tree = jax.tree_util.tree_flatten_with_path(params["nets"])
+        keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+        new = [perturb * jax.random.normal(k, x.shape) if str(path[-1].key) == "up" else x
+               for (path, x), k in zip(leaves, keys)]
+        params = {**params, "nets": jax.tree_util.tree_unflatten(tree, new)}
+    if stats_from == "random":
+        rng = np.random.default_rng(seed)
+        moments = lambda d: {"count": np.float32(100), "mean": rng.normal(0, 0.1, d).astype(np.float32),  # noqa: E731
+                             "m2": (99 * rng.uniform(0.5, 2.0, d) ** 2).astype(np.float32)}
+        stats = {k: {"u": moments(spec.group_shape(k)[0]), "delta": moments(spec.group_shape(k)[1])}
+                 for k, _ in spec.groups}
+        return spec, params, stats
+    fns = Blip2Fns(model.module)
+    editor = E.build_editor("ft-l", model)  # only for the image table of a non-vision editor
+    cases = harness.make_cases(cases_batch, E.image_table(editor, model, pixels))
+    out_dims = {s: shapes[s][1] for s in sites}
+    factors = jax.jit(jax.vmap(lambda c: M.capture_factors(fns, model.params, {}, c, sites, out_dims)))(
+        jax.tree.map(np.asarray, cases))
+    masks = {s: MN.nonzero_mask(u, d) for s, (u, d) in factors.items()}
+    stats, _ = MN.update_stats(spec, stats, factors, masks)
+    return spec, params, stats
+
+
+def ft_hparams(model, config_path: str | None) -> dict:
+    """FT-L hparams: configs/ft_l_blip2.yaml (or --config) values; sites from the config's inner_params when they
+    exist in this model, else the last OPT layer's fc1/fc2 (the yaml's layer 31 is OPT-2.7B's last)."""
+    from mmedit_jax.convert.blip2 import easyedit_site
+    from mmedit_jax.editors import ft
+    from mmedit_jax.editors.hparams import load_hparams
+
+    hp = load_hparams(config_path or os.path.join(ROOT, "configs", "ft_l_blip2.yaml"))
+    sites = None
+    if hp.get("inner_params"):
+        sites = tuple(easyedit_site(n) for n in hp["inner_params"])
+        n = model.config.text.num_hidden_layers
+        if any(int(s.split("/")[2]) >= n for s in sites if s.startswith("language_model/layers/")):
+            if config_path:
+                raise SystemExit(f"{config_path}: inner_params {hp['inner_params']} do not exist in a {n}-layer model")
+            sites = None
+    sites = sites or ft.ft_l_sites(model.config.text.num_hidden_layers)
+    defaults = ft.FTConfig(inner_params=sites)
+    out = {k: hp.get(k, getattr(defaults, k)) for k in FT_KEYS}
+    out["sites"] = list(sites)
+    out["exact_match"] = bool(hp.get("exact_match", True))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Prepare (this process), then the two workers.
+
+
+def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_stats: str = "data") -> dict:
+    """Writes everything both sides need under `workdir`; returns the manifest. `source`: an already loaded
+    `(model, tok, records, task, ckpt)` (default: `SOURCES[args.source]`)."""
+    import peer_torch
+    import torch
+
+    from mmedit_jax import evaluate as E
+    from mmedit_jax.convert.export_hf import export_hf
+    from mmedit_jax.convert.mend_to_easyedit import easyedit_name, to_easyedit
+
+    model, tok, records, task, ckpt = source or SOURCES[args.source](args, workdir)
+    if not records:
+        raise SystemExit("no usable records")
+    prepared = E.prepare_data(records, tok, model, task, model.config.vision.image_size)
+    hf_dir = os.path.join(workdir, "hf")
+    export_hf(model.config, model.params, hf_dir, tok)
+    peer_torch.save_cases(os.path.join(workdir, "cases.npz"), prepared.batch, prepared.pixels)
+    manifest = {"editor": args.editor, "task": task, "num_cases": len(records), "hf": hf_dir,
+                "cases": os.path.join(workdir, "cases.npz"), "meta": prepared.meta,
+                "exact_match": not args.token_accuracy, "source": args.source,
+                "model_params": int(sum(np.size(x) for x in __import__("jax").tree.leaves(model.params)))}
+    if args.editor == "ft-l":
+        hp = ft_hparams(model, args.config)
+        hp["num_steps"] = args.ft_steps or hp["num_steps"]
+        manifest["ft"] = hp
+        manifest["exact_match"] = manifest["exact_match"] and hp["exact_match"]
+        peer_ft = {k: hp[k] for k in FT_KEYS}
+        peer_ft["inner_params"] = [easyedit_name(s) for s in hp["sites"]]
+        manifest["peer_ft"] = peer_ft
+    else:
+        from mmedit_jax.convert.mend_easyedit import load_mend, save_mend
+
+        ckpt = args.editor_ckpt or ckpt
+        if ckpt:
+            spec, params, stats = load_mend(ckpt)
+        else:
+            spec, params, stats = fresh_mend(model, prepared.batch, prepared.pixels, seed=args.seed,
+                                             perturb=perturb_mend, stats_from=mend_stats)
+        ours_dir = os.path.join(workdir, "mend")
+        save_mend(ours_dir, spec, params, stats, source={"fresh": not ckpt})
+        sd, meta = to_easyedit(spec, params, stats)
+        peer_path = os.path.join(workdir, "mend_easyedit.pt")
+        torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, "meta": meta}, peer_path)
+        manifest.update(mend=ours_dir, peer_mend=peer_path, mend_fresh=not ckpt)
+    with open(os.path.join(workdir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest
+
+
+def cases_from_npz(path: str):
+    """The `EditBatch` saved by `peer_torch.save_cases`, and its pixels."""
+    from mmedit_jax.data.cases import SUB_INPUTS, EditBatch, TokenBatch
+
+    with np.load(path) as z:
+        d = dict(z)
+    subs = {n: TokenBatch(*(d[f"{n}/{f}"] for f in ("input_ids", "attention_mask", "labels", "image_ids")))
+            for n in SUB_INPUTS}
+    batch = EditBatch(**subs, cond_ids=d["cond_ids"], cond_mask=d["cond_mask"], case_index=d["case_index"],
+                      valid=d["valid"])
+    return batch, d["pixels"]
+
+
+def vm_hwm_mib() -> float:
+    """Peak RSS of this process (VmHWM; `peer_torch.peak_rss_mib` without importing torch here)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def run_ours(manifest: dict, batches=(1, 4, 16, 64), repeats: int = 3) -> dict:
+    """The harness on the exported model: every case scored (quality), and steady edits/s per batch size."""
+    import jax
+
+    from mmedit_jax import evaluate as E
+    from mmedit_jax.eval import harness, throughput
+    from mmedit_jax.eval.model_fns import Blip2Fns
+    from mmedit_jax.loading import from_pretrained
+
+    model = from_pretrained(manifest["hf"])
+    if manifest["editor"] == "ft-l":
+        hp = manifest["ft"]
+        from mmedit_jax.convert.mend_to_easyedit import easyedit_name
+
+        hparams = {k: hp[k] for k in FT_KEYS}
+        hparams["inner_params"] = [easyedit_name(s) for s in hp["sites"]]
+        editor = E.build_editor("ft-l", model, hparams)
+    else:
+        editor = E.build_editor("mend", model, editor_ckpt=manifest["mend"])
+    batch, pixels = cases_from_npz(manifest["cases"])
+    fns = Blip2Fns(model.module, pixels=editor.vision_side)
+    cases = harness.make_cases(batch, E.image_table(editor, model, pixels))
+    n = manifest["num_cases"]
+    em = manifest["exact_match"]
+    step_fns = harness.make_step_fns(editor, fns, em)
+    rows = []
+    for b in batches:  # no batches: quality only (tests)
+        r = throughput.time_edit_step(editor, fns, model.params, cases, b, repeats * (3 if b == 1 else 1), em,
+                                      step_fns).as_dict()
+        rows.append({k: r[k] for k in ("batch", "compile_s", "edits_per_s", "p50_ms", "p90_ms")})
+        print(f"  ours E={b}: {r['edits_per_s']:.1f} edits/s (compile {r['compile_s']:.1f}s)", file=sys.stderr,
+              flush=True)
+    best = max(rows, key=lambda r: r["edits_per_s"]) if rows else {"batch": 4, "edits_per_s": float("nan")}
+    quality = harness.run(editor, fns, model.params, cases, manifest["meta"], None, batch_size=min(best["batch"], n),
+                          exact_match=em, resume=False, progress=False)
+    per_case = [{"index": int(r["index"]), **{m: r[m] for m in METRICS}} for r in quality.rows]
+    return {"rows": per_case, "throughput": rows, "best_batch": best["batch"], "edits_per_s": best["edits_per_s"],
+            "one_at_a_time_edits_per_s": next((r["edits_per_s"] for r in rows if r["batch"] == 1), None),
+            "means": {m: quality.summary[m] for m in METRICS}, "peak_rss_mib": vm_hwm_mib(),
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+
+
+def run_peer_inline(manifest: dict, limit: int | None = None) -> dict:
+    """The peer in this process (tests): same files as the worker."""
+    import peer_torch
+
+    model = peer_torch.load_model(manifest["hf"])
+    editor = peer_torch.make_editor(manifest["editor"], model, manifest.get("peer_ft"), manifest.get("peer_mend"))
+    return peer_torch.run_peer(model, editor, peer_torch.load_cases(manifest["cases"]), manifest["exact_match"], limit)
+
+
+def agreement(ours_rows, peer_rows) -> dict:
+    """Per metric: mean |ours - peer| over the cases both scored, and the fraction where they are identical."""
+    peer = {r["index"]: r for r in peer_rows}
+    common = [r for r in ours_rows if r["index"] in peer]
+    out = {"num_cases": len(common)}
+    for m in METRICS:
+        d = np.asarray([abs(float(r[m]) - float(peer[r["index"]][m])) for r in common])
+        out[m] = {"mean_abs_diff": float(d.mean()) if len(d) else float("nan"),
+                  "identical": float(np.mean(d <= 1e-6)) if len(d) else float("nan"),
+                  "max_abs_diff": float(d.max()) if len(d) else float("nan")}
+    return out
+
+
+def _worker(cmd: list[str], out_path: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env)
+    with open(out_path) as f:
+        res = json.load(f)
+    res["process_wall_s"] = time.perf_counter() - t0
+    return res
+
+
+def print_table(result: dict, file=sys.stdout) -> None:
+    o, p, a = result["ours"], result["peer"], result["agreement"]
+    print(f"\n{result['editor']} on {result['source']} ({a['num_cases']} cases, "
+          f"{'exact match' if result['exact_match'] else 'token accuracy'}), {o['device']}", file=file)
+    print(f"{'':22s}{'ours (JAX, vmapped)':>22s}{'peer (PyTorch, 1 by 1)':>25s}", file=file)
+    print(f"{'edits/s':22s}{o['edits_per_s']:>22.2f}{p['edits_per_s']:>25.2f}", file=file)
+    print(f"{'  at batch size':22s}{o['best_batch']:>22d}{1:>25d}", file=file)
+    print(f"{'peak RSS MiB':22s}{o['peak_rss_mib']:>22.0f}{p['peak_rss_mib']:>25.0f}", file=file)
+    print(f"ratio ours/peer: {result['ratio']:.1f}x (one edit at a time, ours: "
+          f"{o['one_at_a_time_edits_per_s']:.2f} edits/s = {result['ratio_one_at_a_time']:.1f}x)", file=file)
+    print(f"\n{'metric':14s}{'ours':>8s}{'peer':>8s}{'mean |diff|':>13s}{'identical':>11s}", file=file)
+    for m in METRICS:
+        print(f"{m:14s}{o['means'][m]:>8.2f}{p['means'][m]:>8.2f}{a[m]['mean_abs_diff']:>13.2e}"
+              f"{a[m]['identical']:>11.1%}", file=file)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--editor", default="mend", choices=("ft-l", "mend"))
+    ap.add_argument("--source", choices=sorted(SOURCES),
+                    help="default: files when --model is given, else the built-in world when installed, else demo")
+    ap.add_argument("--model")
+    ap.add_argument("--data")
+    ap.add_argument("--image-root")
+    ap.add_argument("--rephrase-image-root")
+    ap.add_argument("--image-size", type=int)
+    ap.add_argument("--task", choices=("vqa", "caption"))
+    ap.add_argument("--editor-ckpt", help="our MEND directory (save_mend / convert mend-easyedit)")
+    ap.add_argument("--config", help="FT hparams YAML (default configs/ft_l_blip2.yaml)")
+    ap.add_argument("--ft-steps", type=int, help="override num_steps")
+    ap.add_argument("--limit", type=int, help="first N records of the file")
+    ap.add_argument("--peer-limit", type=int, help="the peer scores only the first N cases (it is slow)")
+    ap.add_argument("--demo-records", type=int, default=32)
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--token-accuracy", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", help="keep the prepared files here (default: a temporary directory)")
+    ap.add_argument("--json", help="write the whole comparison here")
+    ap.add_argument("--worker", choices=("ours",), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker == "ours":  # child process: the manifest in --workdir, the result to --json
+        with open(os.path.join(args.workdir, "manifest.json")) as f:
+            manifest = json.load(f)
+        res = run_ours(manifest, tuple(int(b) for b in args.batches.split(",")), args.repeats)
+        with open(args.json, "w") as f:
+            json.dump(res, f)
+        return res
+
+    args.source = args.source or ("files" if args.model else "world" if world_available() else "demo")
+    if args.source == "files" and not (args.model and args.data and args.image_root):
+        ap.error("--model needs --data and --image-root")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="compare_peer_")
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    manifest = prepare(args, workdir)
+    print(f"prepared {manifest['num_cases']} cases, {manifest['model_params']:,} parameters in {workdir} "
+          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+    ours_json = os.path.join(workdir, "ours.json")
+    ours = _worker([sys.executable, os.path.abspath(__file__), "--worker", "ours", "--workdir", workdir,
+                    "--json", ours_json, "--batches", args.batches, "--repeats", str(args.repeats)], ours_json)
+    peer_json = os.path.join(workdir, "peer.json")
+    cmd = [sys.executable, os.path.join(HERE, "peer_torch.py"), "--hf", manifest["hf"], "--cases", manifest["cases"],
+           "--editor", args.editor, "--out", peer_json]
+    if args.editor == "ft-l":
+        ft_path = os.path.join(workdir, "peer_ft.json")
+        with open(ft_path, "w") as f:
+            json.dump(manifest["peer_ft"], f)
+        cmd += ["--ft-json", ft_path]
+    else:
+        cmd += ["--mend", manifest["peer_mend"]]
+    if not manifest["exact_match"]:
+        cmd.append("--token-accuracy")
+    if args.peer_limit:
+        cmd += ["--limit", str(args.peer_limit)]
+    peer = _worker(cmd, peer_json)
+
+    result = {"editor": args.editor, "source": manifest["source"], "exact_match": manifest["exact_match"],
+              "num_cases": manifest["num_cases"], "model_params": manifest["model_params"],
+              "mend_fresh": manifest.get("mend_fresh"), "ft": manifest.get("ft"),
+              "ours": ours, "peer": peer, "agreement": agreement(ours["rows"], peer["rows"]),
+              "ratio": ours["edits_per_s"] / peer["edits_per_s"],
+              "ratio_one_at_a_time": (ours["one_at_a_time_edits_per_s"] or float("nan")) / peer["edits_per_s"],
+              "workdir": workdir, "wall_s": time.perf_counter() - t0}
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Our BLIP-2 (config + parameter tree) -> a transformers `Blip2ForConditionalGeneration`: the inverse of
+`blip2_rules`.
+
+Every rule is run backwards: a stacked leaf `[n, ...]` is split into its n per-layer tensors, linear kernels
+`[in, out]` are transposed back to `nn.Linear.weight [out, in]`, the patch-embedding conv goes HWIO -> OIHW,
+and the tied `language_model.lm_head.weight` is filled from `embed_tokens` (untied configs have their own rule).
+The result is the model the PyTorch peer (`benchmarks/peer_torch.py`) runs, on exactly our weights.
+
+    model = to_hf(config, params)                 # in memory, eval mode, float32
+    export_hf(config, params, "out/hf", tok)      # save_pretrained directory (+ tokenizer), loadable by
+                                                  # transformers and by `mmedit_jax.loading.from_pretrained`
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from mmedit_jax.convert.blip2 import blip2_rules
+from mmedit_jax.convert.rules import Rule
+from mmedit_jax.models.config import Blip2Config
+
+# The inverse of each forward transform in `rules.TRANSFORMS`.
+INVERSE = {
+    "identity": lambda w: w,
+    "linear": lambda w: w.T,  # Flax [in, out] -> torch [out, in]
+    "conv": lambda w: w.transpose(3, 2, 0, 1),  # Flax HWIO -> torch OIHW
+}
+
+
+def hf_config_dict(config: Blip2Config) -> dict[str, Any]:
+    """The `transformers.Blip2Config` keyword arguments of our config (field names are transformers')."""
+    d = config.to_dict()
+    text = dict(d["text"])
+    text["_remove_final_layer_norm"] = text.pop("remove_final_layer_norm")
+    return dict(vision_config=dict(d["vision"]), qformer_config=dict(d["qformer"]), text_config=text,
+                num_query_tokens=config.num_query_tokens, image_token_index=config.image_token_index)
+
+
+def hf_config(config: Blip2Config):
+    import transformers
+
+    return transformers.Blip2Config(**hf_config_dict(config))
+
+
+def _leaf(params: Mapping, target: str):
+    node = params
+    for k in target.split("/"):
+        if not isinstance(node, Mapping) or k not in node:
+            raise KeyError(f"export: no parameter {target!r} in the tree (missing {k!r})")
+        node = node[k]
+    return node
+
+
+def _all_paths(tree, prefix="") -> set[str]:
+    out = set()
+    for k, v in tree.items():
+        p = f"{prefix}/{k}" if prefix else k
+        out |= _all_paths(v, p) if isinstance(v, Mapping) else {p}
+    return out
+
+
+def state_dict(config: Blip2Config, params: Mapping) -> dict[str, np.ndarray]:
+    """`{transformers key: float32/bf16 numpy array}` for every tensor of `Blip2ForConditionalGeneration`.
+
+    Checks that every parameter of the tree is used by exactly one rule (the export loses nothing) and that
+    no key is written twice.
+    """
+    rules, _ = blip2_rules(config)
+    used = {r.target for r in rules}
+    extra = _all_paths(params) - used
+    if extra:
+        raise ValueError(f"export: parameters with no rule (would be lost): {sorted(extra)[:10]}")
+    out: dict[str, np.ndarray] = {}
+    for rule in rules:
+        for key, value in _unapply(rule, np.asarray(_leaf(params, rule.target))):
+            if key in out:
+                raise ValueError(f"export: key {key!r} written twice")
+            out[key] = np.ascontiguousarray(value)
+    if config.text.tie_word_embeddings:
+        out["language_model.lm_head.weight"] = out["language_model.model.decoder.embed_tokens.weight"]
+    return out
+
+
+def _unapply(rule: Rule, value: np.ndarray):
+    inv = INVERSE[rule.transform]
+    if not rule.stacked:
+        return [(rule.sources[0], inv(value))]
+    if value.shape[0] != len(rule.sources):
+        raise ValueError(f"export: {rule.target} stacks {value.shape[0]} layers, the config has "
+                         f"{len(rule.sources)}")
+    return [(key, inv(value[i])) for i, key in enumerate(rule.sources)]
+
+
+def to_hf(config: Blip2Config, params: Mapping, attn_implementation: str = "eager"):
+    """A transformers `Blip2ForConditionalGeneration` (eval mode, float32) holding exactly `params`."""
+    import torch
+    import transformers
+
+    model = transformers.Blip2ForConditionalGeneration._from_config(
+        hf_config(config), attn_implementation=attn_implementation, dtype=torch.float32)
+    sd = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state_dict(config, params).items()}
+    have = model.state_dict()
+    missing, unexpected = set(have) - set(sd), set(sd) - set(have)
+    if missing or unexpected:
+        raise ValueError(f"export: transformers' model has keys we do not fill {sorted(missing)[:10]} / we fill "
+                         f"keys it does not have {sorted(unexpected)[:10]}")
+    for k, v in sd.items():
+        if tuple(have[k].shape) != tuple(v.shape):
+            raise ValueError(f"export: {k}: ours {tuple(v.shape)}, transformers {tuple(have[k].shape)}")
+    model.load_state_dict(sd, strict=True)
+    if config.text.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def export_hf(config: Blip2Config, params: Mapping, out_dir: str | os.PathLike, tokenizer=None):
+    """Writes a `save_pretrained` directory (config.json + model.safetensors, and the tokenizer if given);
+    returns the in-memory model."""
+    model = to_hf(config, params)
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return model
