@@ -113,3 +113,17 @@ def test_assets_lookup(tmp_path):
     w = assets.ensure(assets=str(tmp_path / "shipped"), cache_dir=str(tmp_path / "cache"))
     assert w.editor_ckpts == {"mend": str(tmp_path / "shipped" / "mend_vqa")}
     assert os.path.exists(w.eval_json) and os.path.exists(os.path.join(w.data_dir, "COMPLETE"))
+
+
+def test_counts_are_visible_in_the_pixels(tmp_path):
+    """Every caption image shows exactly `count` separate blobs of the caption's colour (objects never touch,
+    so count answers are never ambiguous)."""
+    measure = pytest.importorskip("skimage.measure")
+    w = dataset.write_world(str(tmp_path), seed=7, n_train=80, n_eval=8, tasks=("caption",))
+    for r in load_mmedit(w.files["caption_train"], "caption", w.root).records:
+        n, color, _ = r.pred.split()
+        for path in (r.image, r.image_rephrase):
+            px = np.asarray(Image.open(path), float)
+            mask = np.linalg.norm(px - np.asarray(scenes.COLORS[color], float), axis=-1) < 60
+            sizes = np.bincount(measure.label(mask, connectivity=1).ravel())[1:]
+            assert (sizes >= 4).sum() == scenes.COUNTS.index(n) + 1, (r.pred, path)

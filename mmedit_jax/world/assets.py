@@ -34,7 +34,8 @@ class World:
 
 def default_cache_dir() -> str:
     root = os.environ.get("MMEDIT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmedit_jax"))
-    tag = "world-s{seed}-t{n_train}-e{n_eval}-px{image_size}".format(**WORLD)
+    # v2: objects never overlap (v1 let diagonal squares merge); a new tag so old caches are not reused.
+    tag = "world-v2-s{seed}-t{n_train}-e{n_eval}-px{image_size}".format(**WORLD)
     return os.path.join(root, tag)
 
 

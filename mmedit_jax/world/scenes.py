@@ -70,11 +70,13 @@ def random_layout(rng: np.random.Generator, count: int, max_tries: int = 200) ->
         if len(centers) == count:
             break
         c = tuple(float(v) for v in rng.uniform(radius + 0.02, 1 - radius - 0.02, 2))
-        if all((c[0] - o[0]) ** 2 + (c[1] - o[1]) ** 2 > (2.2 * radius) ** 2 for o in centers):
+        # Axis-wise (Chebyshev) separation: a square reaches `radius` along each axis, so centre distance alone
+        # lets diagonal squares overlap and merge (a wrong count). Circles and diamonds fit inside the square.
+        if all(max(abs(c[0] - o[0]), abs(c[1] - o[1])) > 2.6 * radius for o in centers):
             centers.append(c)
     if len(centers) < count:  # dense fallback: a fixed row, always fits for count <= 3
         centers = [((i + 0.5) / count, 0.5) for i in range(count)]
-        radius = min(radius, 0.45 / count)
+        radius = min(radius, 0.36 / count)  # keeps the 2.6 r spacing of the row
     return Layout(tuple(centers), radius, int(rng.integers(30, 90)), float(rng.uniform(2.0, 10.0)))
 
 
