@@ -95,6 +95,7 @@ def main(argv=None):
     ap.add_argument("--demo", action="store_true", help="synthetic data and a tiny random BLIP-2")
     ap.add_argument("--demo-records", type=int, default=64)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-tensorboard", action="store_true", help="JSONL only, no TensorBoard event files")
     args = ap.parse_args(argv)
 
     from mmedit_jax.editors.hparams import load_hparams
@@ -152,7 +153,8 @@ def main(argv=None):
                   f, indent=1)
     result = T.train(trainable, Blip2Fns(model.module, pixels=pixels), cfg, model.params, train_cases,
                      len(train_records), args.out, val_cases=val_cases, val_meta=val_meta,
-                     progress=not args.no_progress, resume=not args.no_resume)
+                     progress=not args.no_progress, resume=not args.no_resume,
+                     tensorboard=not args.no_tensorboard)
     last = [r for r in result.history if r.get("split") != "val"]
     if result.resumed_from is not None:
         print(f"resumed from step {result.resumed_from}")

@@ -61,6 +61,7 @@ from mmedit_jax.editors import mend_net as MN
 from mmedit_jax.editors.base import Case, Editor, ModelFns, answer_nll
 from mmedit_jax.eval import metrics as M
 from mmedit_jax.eval.losses import kl_loc_loss
+from mmedit_jax.metric_writer import MetricWriter
 
 # --------------------------------------------------------------------------------------------------
 # Configuration (EasyEdit's hparams keys).
@@ -499,12 +500,14 @@ class TrainResult:
 
 def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, train_cases: Case, n_train: int,
           out_dir: str | None, *, val_cases: Case | None = None, val_meta=None, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None, resume: bool = True, mesh=None) -> TrainResult:
+          on_step: Callable[[int, dict], None] | None = None, resume: bool = True, mesh=None,
+          tensorboard: bool = True) -> TrainResult:
     """Trains for `cfg.max_iters` steps (or until early stopping), resuming from `out_dir/checkpoints`.
 
     `train_cases`: host `Case` with a leading `[n_train]` axis (`eval.harness.make_cases`). Writes
-    `out_dir/metrics.jsonl` (one line per step, validation lines with `"split": "val"`), periodic checkpoints,
-    and `out_dir/editor` (the editor at its best validation, for `evaluate --editor-ckpt`).
+    `out_dir/metrics.jsonl` (one line per step, validation lines with `"split": "val"`), the same scalars as
+    TensorBoard events in `out_dir/tensorboard` (unless `tensorboard=False`), periodic checkpoints, and
+    `out_dir/editor` (the editor at its best validation, for `evaluate --editor-ckpt`).
     `on_step(step, metrics)` is called after each step's metrics are fetched (tests use it to kill a run).
 
     With a `mesh` (`sharding.make_mesh`), each step's E edits are split over its "data" axis, the base weights
@@ -572,7 +575,9 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
 
         bar = tqdm(total=cfg.max_iters, initial=start_step, unit="step", desc=f"train {trainable.name}",
                    dynamic_ncols=True)
-    out = open(metrics_path, "a") if metrics_path else None
+    out = None
+    if metrics_path:
+        out = MetricWriter(metrics_path, os.path.join(out_dir, "tensorboard") if tensorboard else None)
     stopped_early = False
     t_last, steps_last = time.perf_counter(), start_step
 
@@ -589,7 +594,7 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
                    "steps_per_s": rate}
             history.append(row)
             if out:
-                out.write(json.dumps(row) + "\n")
+                out.write(row)
             if on_step:
                 on_step(s, row)
         if out:
@@ -631,7 +636,7 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
                 row = {"step": step, "split": "val", **vals, "best_step": int(ts["best_step"])}
                 history.append(row)
                 if out:
-                    out.write(json.dumps(row) + "\n")
+                    out.write(row)
                     out.flush()
                 save(step, force=True)
                 if step - int(ts["best_step"]) >= cfg.early_stop_patience:
