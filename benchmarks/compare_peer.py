@@ -19,7 +19,8 @@ Model and data sources are pluggable (`SOURCES`): `files` (--model/--data/--imag
 world's shipped model, eval split and editors via `mmedit_jax.world.assets`, the default once it exists) and
 `demo` (evaluate.demo_setup; for MEND without a checkpoint a freshly initialised MEND over the last two layers'
 fc1/fc2, statistics gathered from the cases' own edit gradients; for KE without a checkpoint a fresh KE over the
-same sites at ke_world.yaml's sizes, its heads' output biases perturbed so that the edit is not near zero).
+same sites at ke_world.yaml's sizes, the `a_col` part of its heads' output biases perturbed so that the update is
+not near zero and mostly the gradient term, `fresh_ke`).
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ def ke_to_torch(spec, params) -> tuple[dict, dict]:
     """Our KE parameters as a `peer_torch.KENet` state dict (numpy arrays) and its meta. Layouts: torch Linear
     weights are `[out, in]` (ours `[in, out]`); LSTM gates i, f, g, o in both, our summed bias goes to `bias_ih`
     (`bias_hh` = 0); weight norm `original0` = g `[out, 1]`, `original1` = v `[out, in]`."""
+    import dataclasses
+
     from mmedit_jax.convert.mend_to_easyedit import easyedit_name
 
     a = lambda x: np.array(x, np.float32)  # noqa: E731  (a writable copy: torch.from_numpy warns on read-only)
@@ -197,7 +200,7 @@ def ke_to_torch(spec, params) -> tuple[dict, dict]:
             sd[pre + "parametrizations.weight.original1"] = a(p["v"]).T
             sd[pre + "bias"] = a(p["bias"])
     meta = {"inner_params": names, "shapes": [[o, i] for i, o in spec.shapes],
-            "config": __import__("dataclasses").asdict(spec.cfg)}
+            "config": dataclasses.asdict(spec.cfg)}
     return sd, meta
 
 
