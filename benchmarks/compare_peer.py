@@ -3,20 +3,24 @@ one-edit-at-a-time procedure) on the same model, cases and editor weights, in on
 
     python benchmarks/compare_peer.py --editor mend                       # demo: tiny random BLIP-2, synthetic data
     python benchmarks/compare_peer.py --editor ft-l --model DIR --data FILE --image-root DIR [--editor-ckpt DIR]
+    python benchmarks/compare_peer.py --editor ke --source world          # the shipped world KE
 
 Steps: (1) prepare once, here: load the model and data the way `mmedit_jax.evaluate` does (`prepare_data`), export
 the weights to a transformers directory (`export_hf`), save the token arrays and pixels (`peer_torch.save_cases`)
-and the editor (ours: `save_mend`; the peer's: EasyEdit's MEND state-dict layout, `mend_to_easyedit`; FT: the
-hparams). (2) run each side in its own process, one after the other, so each peak RSS is its own: ours reloads
-the exported directory with `from_pretrained` (bit-identical to the weights exported), scores every case with
-the harness at the best batch size, and times steady-state calls per vmapped batch size; the peer edits and
-scores every case one at a time. (3) print edits/s of both and the ratio, peak memory, and metric agreement (mean
-|difference| per metric over cases and the fraction of cases where the metric is identical); `--json` writes it.
+and the editor (ours: `save_mend` / `save_ke`; the peer's: EasyEdit's MEND state-dict layout, `mend_to_easyedit`,
+or a `peer_torch.KENet` state dict, `ke_to_torch`; FT: the hparams). (2) run each side in its own process, one
+after the other, so each peak RSS is its own: ours reloads the exported directory with `from_pretrained`
+(bit-identical to the weights exported), scores every case with the harness at the best batch size, and times
+steady-state calls per vmapped batch size; the peer edits and scores every case one at a time. (3) print edits/s
+of both and the ratio, peak memory, and metric agreement (mean |difference| per metric over cases and the fraction
+of cases where the metric is identical); `--json` writes it.
 
 Model and data sources are pluggable (`SOURCES`): `files` (--model/--data/--image-root), `world` (the built-in
 world's shipped model, eval split and editors via `mmedit_jax.world.assets`, the default once it exists) and
 `demo` (evaluate.demo_setup; for MEND without a checkpoint a freshly initialised MEND over the last two layers'
-fc1/fc2, statistics gathered from the cases' own edit gradients).
+fc1/fc2, statistics gathered from the cases' own edit gradients; for KE without a checkpoint a fresh KE over the
+same sites at ke_world.yaml's sizes, the `a_col` part of its heads' output biases perturbed so that the update is
+not near zero and mostly the gradient term, `fresh_ke`).
 """
 
 from __future__ import annotations
@@ -142,6 +146,64 @@ def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, pertu
     return spec, params, stats
 
 
+def fresh_ke(model, layers: int = 2, seed: int = 0, perturb: float = 0.0, cfg=None):
+    """A fresh KE (`ke_net.init_ke`, embeddings from the model) over the last `layers` OPT layers' fc1/fc2, sizes
+    of configs/ke_world.yaml unless `cfg`. A fresh head's outputs are O(0.1), so its mask `softmax(a_row)^T a_col`
+    is ~a_col / out and the gradient term all but vanishes beside the offset; `perturb > 0` adds
+    N(0, (perturb * out)^2) to the `a_col` part of each head's output bias, making the mask's entries O(perturb):
+    the update is then mostly the gradient, scaled entrywise, so a wrong gradient path would show."""
+    import jax
+
+    from mmedit_jax import patch as P
+    from mmedit_jax.editors import ke_net as KN
+    from mmedit_jax.editors.ke import ke_spec
+
+    n = model.config.text.num_hidden_layers
+    sites = [f"language_model/layers/{i}/{fc}" for i in range(n - layers, n) for fc in ("fc1", "fc2")]
+    shapes = {s: tuple(P.kernel_of(model.params, s, model.stacks).shape) for s in sites}
+    spec = ke_spec(cfg or KN.KEConfig(lstm_hidden=64, condition_dim=64, hidden_dim=64), shapes)
+    emb = model.params["language_model"]["embed_tokens"]["embedding"]
+    params = KN.init_ke(jax.random.PRNGKey(seed), spec.cfg, spec.shape_dict, emb)
+    if perturb:
+        heads = {}
+        for i, (site, head) in enumerate(params["heads"].items()):
+            n_in, n_out = spec.shape(site)
+            noise = perturb * n_out * jax.random.normal(jax.random.PRNGKey(seed + 1 + i), (n_in,))
+            bias = head["out"]["bias"].at[:n_in].add(noise)
+            heads[site] = {**head, "out": {**head["out"], "bias": bias}}
+        params = {**params, "heads": heads}
+    return spec, params
+
+
+def ke_to_torch(spec, params) -> tuple[dict, dict]:
+    """Our KE parameters as a `peer_torch.KENet` state dict (numpy arrays) and its meta. Layouts: torch Linear
+    weights are `[out, in]` (ours `[in, out]`); LSTM gates i, f, g, o in both, our summed bias goes to `bias_ih`
+    (`bias_hh` = 0); weight norm `original0` = g `[out, 1]`, `original1` = v `[out, in]`."""
+    import dataclasses
+
+    from mmedit_jax.convert.mend_to_easyedit import easyedit_name
+
+    a = lambda x: np.array(x, np.float32)  # noqa: E731  (a writable copy: torch.from_numpy warns on read-only)
+    sd = {"embedding.weight": a(params["embedding"]),
+          "cond.weight": a(params["cond"]["kernel"]).T, "cond.bias": a(params["cond"]["bias"])}
+    for direction, suffix in (("fwd", ""), ("bwd", "_reverse")):
+        p = params["lstm"][direction]
+        sd[f"lstm.weight_ih_l0{suffix}"] = a(p["w_ih"]).T
+        sd[f"lstm.weight_hh_l0{suffix}"] = a(p["w_hh"]).T
+        sd[f"lstm.bias_ih_l0{suffix}"] = a(p["bias"])
+        sd[f"lstm.bias_hh_l0{suffix}"] = np.zeros_like(a(p["bias"]))
+    names = [easyedit_name(s) for s in spec.sites]
+    for site, name in zip(spec.sites, names):
+        for idx, part in ((0, "hidden"), (2, "out")):
+            p, pre = params["heads"][site][part], f"heads.{name.replace('.', '#')}.{idx}."
+            sd[pre + "parametrizations.weight.original0"] = a(p["g"])[:, None]
+            sd[pre + "parametrizations.weight.original1"] = a(p["v"]).T
+            sd[pre + "bias"] = a(p["bias"])
+    meta = {"inner_params": names, "shapes": [[o, i] for i, o in spec.shapes],
+            "config": dataclasses.asdict(spec.cfg)}
+    return sd, meta
+
+
 def ft_hparams(model, config_path: str | None) -> dict:
     """FT-L hparams: configs/ft_l_blip2.yaml (or --config) values; sites from the config's inner_params when they
     exist in this model, else the last OPT layer's fc1/fc2 (the yaml's layer 31 is OPT-2.7B's last)."""
@@ -170,9 +232,10 @@ def ft_hparams(model, config_path: str | None) -> dict:
 # Prepare (this process), then the two workers.
 
 
-def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_stats: str = "data") -> dict:
+def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_stats: str = "data",
+            perturb_ke: float = 1.0) -> dict:
     """Writes everything both sides need under `workdir`; returns the manifest. `source`: an already loaded
-    `(model, tok, records, task, ckpt)` (default: `SOURCES[args.source]`)."""
+    `(model, tok, records, task, ckpt)` (default: `SOURCES[args.source]`). `perturb_ke`: for a fresh KE only."""
     import peer_torch
     import torch
 
@@ -199,6 +262,17 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
         peer_ft = {k: hp[k] for k in FT_KEYS}
         peer_ft["inner_params"] = [easyedit_name(s) for s in hp["sites"]]
         manifest["peer_ft"] = peer_ft
+    elif args.editor == "ke":
+        from mmedit_jax.editors.ke import load_ke, save_ke
+
+        ckpt = args.editor_ckpt or ckpt
+        spec, params = load_ke(ckpt) if ckpt else fresh_ke(model, seed=args.seed, perturb=perturb_ke)
+        ours_dir = os.path.join(workdir, "ke")
+        save_ke(ours_dir, spec, params)
+        sd, meta = ke_to_torch(spec, params)
+        peer_path = os.path.join(workdir, "ke_torch.pt")
+        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}, "meta": meta}, peer_path)
+        manifest.update(ke=ours_dir, peer_ke=peer_path, ke_fresh=not ckpt)
     else:
         from mmedit_jax.convert.mend_easyedit import load_mend, save_mend
 
@@ -256,7 +330,7 @@ def run_ours(manifest: dict, batches=(1, 4, 16, 64), repeats: int = 3) -> dict:
         hparams["inner_params"] = [easyedit_name(s) for s in hp["sites"]]
         editor = E.build_editor("ft-l", model, hparams)
     else:
-        editor = E.build_editor("mend", model, editor_ckpt=manifest["mend"])
+        editor = E.build_editor(manifest["editor"], model, editor_ckpt=manifest[manifest["editor"]])
     batch, pixels = cases_from_npz(manifest["cases"])
     fns = Blip2Fns(model.module, pixels=editor.vision_side)
     cases = harness.make_cases(batch, E.image_table(editor, model, pixels))
@@ -285,7 +359,8 @@ def run_peer_inline(manifest: dict, limit: int | None = None) -> dict:
     import peer_torch
 
     model = peer_torch.load_model(manifest["hf"])
-    editor = peer_torch.make_editor(manifest["editor"], model, manifest.get("peer_ft"), manifest.get("peer_mend"))
+    editor = peer_torch.make_editor(manifest["editor"], model, manifest.get("peer_ft"), manifest.get("peer_mend"),
+                                    manifest.get("peer_ke"))
     return peer_torch.run_peer(model, editor, peer_torch.load_cases(manifest["cases"]), manifest["exact_match"], limit)
 
 
@@ -330,7 +405,7 @@ def print_table(result: dict, file=sys.stdout) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--editor", default="mend", choices=("ft-l", "mend"))
+    ap.add_argument("--editor", default="mend", choices=("ft-l", "mend", "ke"))
     ap.add_argument("--source", choices=sorted(SOURCES),
                     help="default: files when --model is given, else the built-in world when installed, else demo")
     ap.add_argument("--model")
@@ -339,7 +414,7 @@ def main(argv=None):
     ap.add_argument("--rephrase-image-root")
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--task", choices=("vqa", "caption"))
-    ap.add_argument("--editor-ckpt", help="our MEND directory (save_mend / convert mend-easyedit)")
+    ap.add_argument("--editor-ckpt", help="our MEND (save_mend / convert mend-easyedit) or KE (save_ke) directory")
     ap.add_argument("--config", help="FT hparams YAML (default configs/ft_l_blip2.yaml)")
     ap.add_argument("--ft-steps", type=int, help="override num_steps")
     ap.add_argument("--limit", type=int, help="first N records of the file")
@@ -383,6 +458,8 @@ def main(argv=None):
         with open(ft_path, "w") as f:
             json.dump(manifest["peer_ft"], f)
         cmd += ["--ft-json", ft_path]
+    elif args.editor == "ke":
+        cmd += ["--ke", manifest["peer_ke"]]
     else:
         cmd += ["--mend", manifest["peer_mend"]]
     if not manifest["exact_match"]:
@@ -393,7 +470,7 @@ def main(argv=None):
 
     result = {"editor": args.editor, "source": manifest["source"], "exact_match": manifest["exact_match"],
               "num_cases": manifest["num_cases"], "model_params": manifest["model_params"],
-              "mend_fresh": manifest.get("mend_fresh"), "ft": manifest.get("ft"),
+              "mend_fresh": manifest.get("mend_fresh"), "ke_fresh": manifest.get("ke_fresh"), "ft": manifest.get("ft"),
               "ours": ours, "peer": peer, "agreement": agreement(ours["rows"], peer["rows"]),
               "ratio": ours["edits_per_s"] / peer["edits_per_s"],
               "ratio_one_at_a_time": (ours["one_at_a_time_edits_per_s"] or float("nan")) / peer["edits_per_s"],

@@ -14,6 +14,12 @@ tokenisation nor image preprocessing can differ. Per case, as `MultimodalTrainer
        first inner param), rows kept iff `any(u) & any(delta)`, the GradientTransform of an EasyEdit MEND state
        dict (normalise, IDMLP with modes, clamp, residual), `W + lr * einsum('bi,bj->ji', u~, delta~)` (minus
        for `descent`) written into the copied module;
+     * KE: `torch.autograd.grad` of the edit loss w.r.t. the edited weights (dense `[out, in]`, as the original
+       KnowledgeEditor and the EFK port take it), the condition from a torch BiLSTM (`nn.LSTM`, bidirectional,
+       over the case's unpadded `cond` tokens; final states [forward; backward] -> Linear -> tanh), per matrix
+       `nn.Sequential(weight_norm(Linear), Tanh, weight_norm(Linear))` split [a_col, a_row, b_col, b_row, eta],
+       `W + max_scale * sigmoid(eta) * (grad * softmax(a_row)^T a_col + softmax(b_row)^T b_col)` written into
+       the copied module;
   3. no grad: the five post-edit forwards, and the metrics as EasyEdit computes them (`multiclass_log_probs`
      accuracy / exact match with the causal shift; `topk(softmax(logits), k).indices` agreement, k=1 text,
      k=10 image, over every position).
@@ -23,6 +29,7 @@ This file imports no JAX (its memory figure is PyTorch's alone).
 
     python benchmarks/peer_torch.py --hf DIR --cases cases.npz --editor ft-l --ft-json ft.json --out peer.json
     python benchmarks/peer_torch.py --hf DIR --cases cases.npz --editor mend --mend mend_easyedit.pt --out peer.json
+    python benchmarks/peer_torch.py --hf DIR --cases cases.npz --editor ke --ke ke_torch.pt --out peer.json
 """
 
 from __future__ import annotations
@@ -69,8 +76,10 @@ def num_cases(cases: dict) -> int:
 
 
 def case_inputs(cases: dict, i: int) -> dict[str, dict]:
-    """The five inputs of case i as batch-1 tensors, right padding removed."""
-    out = {}
+    """The five inputs of case i as batch-1 tensors, right padding removed, and the KE condition `cond`
+    (its valid token ids, in order)."""
+    keep = cases["cond_mask"][i].astype(bool)
+    out = {"cond": {"input_ids": torch.from_numpy(cases["cond_ids"][i][keep].astype(np.int64))[None]}}
     for name in SUB_INPUTS:
         mask = cases[f"{name}/attention_mask"][i]
         n = int(mask.sum())
@@ -257,6 +266,75 @@ class MendEditor:
         return inst
 
 
+def _head_key(weight_name: str) -> str:
+    return weight_name.replace(".", "#")  # ModuleDict keys may not contain dots
+
+
+class KENet(torch.nn.Module):
+    """KnowledgeEditor's hypernetwork as torch modules (`one_shot_learner.py`'s layout: embedding, BiLSTM,
+    FeedForward(2H -> C, tanh), per edited matrix a `ConditionedParameter`). `shapes`: `{weight name: (out, in)}`."""
+
+    def __init__(self, vocab: int, emb_dim: int, lstm_hidden: int, condition_dim: int, hidden_dim: int,
+                 shapes: dict, max_scale: float):
+        super().__init__()
+        wn = torch.nn.utils.parametrizations.weight_norm  # dim=0: one norm per output unit
+        self.max_scale = max_scale
+        self.embedding = torch.nn.Embedding(vocab, emb_dim)
+        self.lstm = torch.nn.LSTM(emb_dim, lstm_hidden, batch_first=True, bidirectional=True)
+        self.cond = torch.nn.Linear(2 * lstm_hidden, condition_dim)
+        self.heads = torch.nn.ModuleDict({
+            _head_key(n): torch.nn.Sequential(wn(torch.nn.Linear(condition_dim, hidden_dim)), torch.nn.Tanh(),
+                                              wn(torch.nn.Linear(hidden_dim, 2 * (m + k) + 1)))
+            for n, (m, k) in shapes.items()})
+
+    def condition(self, ids: torch.Tensor) -> torch.Tensor:
+        """`[1, C]` from unpadded ids `[1, L]`: the final forward state (last token) and backward state (token 0)."""
+        if ids.shape[1] == 0:  # an empty condition: the LSTM never steps, both states stay zero
+            h = torch.zeros(1, 2 * self.lstm.hidden_size)
+        else:
+            _, (h_n, _) = self.lstm(self.embedding(ids))
+            h = torch.cat([h_n[0], h_n[1]], -1)
+        return torch.tanh(self.cond(h))
+
+    def update(self, name: str, c: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """`ConditionedParameter.forward` for a 2-d weight: the update of weight `name` `[out, in]` from its grad."""
+        m, n = grad.shape
+        a_col, a_row, b_col, b_row, eta = self.heads[_head_key(name)](c).split([n, m, n, m, 1], dim=-1)
+        a = a_row.softmax(-1).T @ a_col
+        b = b_row.softmax(-1).T @ b_col
+        return self.max_scale * eta.sigmoid().squeeze() * (grad * a + b)
+
+
+class KEEditor:
+    """KE from a torch state dict of `KENet` (exported from our parameters by `compare_peer.ke_to_torch`)."""
+
+    def __init__(self, model, state_dict: dict, meta: dict):
+        self.model, self.names = model, list(meta["inner_params"])
+        cfg = meta["config"]
+        emb = state_dict["embedding.weight"]
+        self.net = KENet(emb.shape[0], emb.shape[1], cfg["lstm_hidden"], cfg["condition_dim"], cfg["hidden_dim"],
+                         {n: tuple(s) for n, s in zip(self.names, meta["shapes"])}, cfg["max_scale"])
+        self.net.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
+        self.net.eval().requires_grad_(False)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.weights = [model.get_parameter(n) for n in self.names]
+        for w in self.weights:
+            w.requires_grad_(True)
+
+    def edit(self, case) -> _Installed:
+        x = case["edit_inner"]
+        # The reference differentiates without create_graph: the gradient is a constant input to the editor.
+        grads = torch.autograd.grad(masked_nll(logits_of(self.model, x), x["labels"]), self.weights)
+        with torch.no_grad():
+            c = self.net.condition(case["cond"]["input_ids"])
+            updates = {n: self.net.update(n, c, g) for n, g in zip(self.names, grads)}
+            inst = _Installed(self.model, self.names)
+            for n, upd in updates.items():
+                inst.copies[n].weight.add_(upd)
+        return inst
+
+
 # --------------------------------------------------------------------------------------------------
 # The run.
 
@@ -345,23 +423,27 @@ def load_model(hf_dir: str):
     return model.eval()
 
 
-def make_editor(name: str, model, ft: dict | None = None, mend_path: str | None = None):
+def make_editor(name: str, model, ft: dict | None = None, mend_path: str | None = None, ke_path: str | None = None):
     if name == "ft-l":
         ft = dict(ft or {})
         return FTEditor(model, ft.pop("inner_params"), **ft)
     if name == "mend":
         blob = torch.load(mend_path, map_location="cpu", weights_only=False)
         return MendEditor(model, blob["state_dict"], blob["meta"])
-    raise ValueError(f"peer editor {name!r}: choose ft-l or mend")
+    if name == "ke":
+        blob = torch.load(ke_path, map_location="cpu", weights_only=False)
+        return KEEditor(model, blob["state_dict"], blob["meta"])
+    raise ValueError(f"peer editor {name!r}: choose ft-l, mend or ke")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf", required=True, help="save_pretrained directory (export_hf)")
     ap.add_argument("--cases", required=True, help="npz written by save_cases")
-    ap.add_argument("--editor", required=True, choices=("ft-l", "mend"))
+    ap.add_argument("--editor", required=True, choices=("ft-l", "mend", "ke"))
     ap.add_argument("--ft-json", help="FT hparams JSON (inner_params as module weight names, num_steps, ...)")
     ap.add_argument("--mend", help="torch file {'state_dict', 'meta'} (mend_to_easyedit)")
+    ap.add_argument("--ke", help="torch file {'state_dict' (KENet), 'meta'} (compare_peer.ke_to_torch)")
     ap.add_argument("--token-accuracy", action="store_true")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: the faster of 1 and torch's)")
@@ -374,9 +456,11 @@ def main(argv=None):
             ap.error("--editor ft-l needs --ft-json")
         with open(args.ft_json) as f:
             ft = json.load(f)
-    elif not args.mend:
+    elif args.editor == "mend" and not args.mend:
         ap.error("--editor mend needs --mend")
-    editor = make_editor(args.editor, model, ft, args.mend)
+    elif args.editor == "ke" and not args.ke:
+        ap.error("--editor ke needs --ke")
+    editor = make_editor(args.editor, model, ft, args.mend, args.ke)
     result = run_peer(model, editor, load_cases(args.cases), not args.token_accuracy, args.limit,
                       threads=args.threads)
     result["editor"] = args.editor
