@@ -28,12 +28,16 @@ class RunResult:
     rows: list[dict]
 
 
-def make_step_fns(editor: Editor, model: ModelFns, exact_match: bool):
-    """The two jitted programs of a run: pre-edit outputs, and edit + post-edit scores, both over `[E]`."""
+def make_step_fns(editor: Editor, model: ModelFns, exact_match: bool, base_accuracy: bool = True):
+    """The two jitted programs of a run: pre-edit outputs, and edit + post-edit scores, both over `[E]`.
+
+    `base_accuracy=False` leaves the unedited model's accuracies out of the pre-edit program (the five metrics
+    do not need them; throughput timing uses it, as the reference's per-record step computes none).
+    """
 
     @jax.jit
     def pre_fn(params, cases: Case):
-        return jax.vmap(lambda c: pre_outputs(model, params, c, exact_match))(cases)
+        return jax.vmap(lambda c: pre_outputs(model, params, c, exact_match, base_accuracy))(cases)
 
     @jax.jit
     def edit_fn(editor_params, params, cases: Case, pre):

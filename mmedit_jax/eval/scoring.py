@@ -35,18 +35,17 @@ def _accuracies(model, params, patch, case, exact_match: bool):
     return out, preds
 
 
-def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True) -> dict:
-    """The unedited model's outputs one case needs: `loc_top1 [L]`, `loc_image_top10 [L, 10]`, the pre-edit
-    accuracies (`reliability`, ...) and predictions (`pred_edit [L]`)."""
-    acc, preds = _accuracies(model, params, {}, case, exact_match)
+def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True, base_accuracy: bool = True) -> dict:
+    """The unedited model's outputs one case needs: `loc_top1 [L]` and `loc_image_top10 [L, 10]` (two forward
+    passes: all the five metrics need, as the reference's per-record step), and with `base_accuracy` the
+    pre-edit accuracies (`reliability`, ...) and predictions (`pred_edit [L]`) (three more)."""
     loc = _logits(model, params, {}, case, "loc")
     loc_image = _logits(model, params, {}, case, "loc_image")
-    return {
-        **acc,
-        "pred_edit": preds["edit"],
-        "loc_top1": M.topk_indices(loc, 1),
-        "loc_image_top10": M.topk_indices(loc_image, 10),
-    }
+    out = {"loc_top1": M.topk_indices(loc, 1), "loc_image_top10": M.topk_indices(loc_image, 10)}
+    if base_accuracy:
+        acc, preds = _accuracies(model, params, {}, case, exact_match)
+        out.update(acc, pred_edit=preds["edit"])
+    return out
 
 
 def post_scores(model: ModelFns, params, patch, case: Case, pre: dict, exact_match: bool = True) -> dict:

@@ -1,8 +1,9 @@
 """Timing the harness's compiled edit step: throughput by batch size, latency percentiles, memory, FLOPs.
 
-Everything here times the same two programs the harness runs (`harness.make_step_fns`): pre-edit outputs and
-edit + five metrics over a batch of E independent cases. Compile time is the first call minus a steady call;
-steady times are taken after `jax.block_until_ready`.
+Everything here times the same two programs the harness runs (`harness.make_step_fns`): the unedited model's
+outputs the five metrics compare against (its locality predictions; its base accuracies are left out, as the
+reference's per-record step computes none) and edit + five metrics, over a batch of E independent cases.
+Compile time is the first call minus a steady call; steady times are taken after `jax.block_until_ready`.
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ def _cost(compiled) -> tuple[float, float]:
 
 def time_edit_step(editor, fns, params, cases, batch_size: int, repeats: int, exact_match: bool = True,
                    step_fns=None) -> StepTiming:
-    """Times pre-edit outputs + edit + scoring of `batch_size` cases (the first ones of `cases`, padded)."""
-    pre_fn, edit_fn = step_fns or harness.make_step_fns(editor, fns, exact_match)
+    """Times pre-edit outputs + edit + scoring of `batch_size` cases (the first ones of `cases`, padded).
+
+    `step_fns`: `harness.make_step_fns(..., base_accuracy=False)`, built once and reused across calls.
+    """
+    pre_fn, edit_fn = step_fns or harness.make_step_fns(editor, fns, exact_match, base_accuracy=False)
     n = jax.tree.leaves(cases)[0].shape[0]
     batch = harness._pad_batch(harness._take(cases, np.arange(min(batch_size, n))), batch_size)
     batch = jax.device_put(batch)
