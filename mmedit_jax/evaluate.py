@@ -25,6 +25,7 @@ from mmedit_jax.editors.base import Editor
 from mmedit_jax.eval import harness
 from mmedit_jax.eval.model_fns import Blip2Fns
 from mmedit_jax.eval.scoring import METRICS
+from mmedit_jax.sharding import mesh_from_flag
 
 EDITORS = ("ft-l", "ft-v", "mend", "ke")
 HEADERS = {"reliability": "Rel.", "t_generality": "T-Gen.", "m_generality": "M-Gen.", "t_locality": "T-Loc.",
@@ -118,14 +119,15 @@ def print_table(summary: dict, file=sys.stdout) -> None:
 
 
 def run_editor(editor: Editor, model, prepared: Prepared, tok, out: str | None, *, batch_size: int,
-               exact_match: bool, resume: bool, sequential: bool, progress: bool):
+               exact_match: bool, resume: bool, sequential: bool, progress: bool, mesh=None):
     fns = Blip2Fns(model.module, pixels=editor.vision_side)
     cases = harness.make_cases(prepared.batch, image_table(editor, model, prepared.pixels))
     decode = lambda ids: tok.decode([int(i) for i in ids])  # noqa: E731
     kw = dict(exact_match=exact_match, batch_size=batch_size, progress=progress)
     if sequential:
         return harness.run_sequential(editor, fns, model.params, cases, prepared.meta, out, **kw)
-    return harness.run(editor, fns, model.params, cases, prepared.meta, out, resume=resume, decode=decode, **kw)
+    return harness.run(editor, fns, model.params, cases, prepared.meta, out, resume=resume, decode=decode, mesh=mesh,
+                       **kw)
 
 
 def demo_setup(out_dir: str, n_records: int, seed: int):
@@ -183,6 +185,8 @@ def main(argv=None):
     ap.add_argument("--demo-records", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--mesh", help="run on a device mesh: 'auto' (edits over every device) or DATAxMODEL, e.g. 4x2 "
+                    "(edits over 4, weights split over 2 by the partition rules); --batch-size must divide by DATA")
     args = ap.parse_args(argv)
 
     hparams = {}
@@ -219,7 +223,8 @@ def main(argv=None):
     editor = build_editor(args.editor, model, hparams, args.editor_ckpt, feature_cache=not args.no_feature_cache)
     prepared = prepare_data(loaded.records, tok, model, task, model.config.vision.image_size)
     result = run_editor(editor, model, prepared, tok, out, batch_size=args.batch_size, exact_match=exact_match,
-                        resume=not args.no_resume, sequential=args.sequential, progress=not args.no_progress)
+                        resume=not args.no_resume, sequential=args.sequential, progress=not args.no_progress,
+                        mesh=mesh_from_flag(args.mesh))
     print_table(result.summary)
     if args.sequential:
         print(f"retention (final Rel. / Rel. at edit time): {result.summary['retention']:.3f}")

@@ -151,3 +151,17 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Inputs `[B, ...]` split over "data" on their batch axis."""
     return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
+
+
+def mesh_from_flag(flag: str | None) -> Mesh | None:
+    """`--mesh` of the CLIs: None/"" -> no mesh (one device); "auto" -> every device on "data";
+    "DxM" (e.g. "4x2", "-1x2") -> `make_mesh(D, M)`."""
+    if not flag:
+        return None
+    if flag == "auto":
+        return make_mesh()
+    try:
+        data, model = (int(x) for x in flag.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--mesh must be 'auto' or DATAxMODEL (e.g. 8x1, -1x2), got {flag!r}") from None
+    return make_mesh(data, model)

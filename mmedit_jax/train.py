@@ -21,6 +21,7 @@ import jax
 from mmedit_jax.editors import mend_net as MN
 from mmedit_jax.editors import train as T
 from mmedit_jax.eval.model_fns import Blip2Fns
+from mmedit_jax.sharding import mesh_from_flag
 
 
 def build_trainable(kind: str, model, hparams: dict, cfg: T.TrainConfig, pixels: bool = False) -> T.Trainable:
@@ -96,6 +97,8 @@ def main(argv=None):
     ap.add_argument("--demo-records", type=int, default=64)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--no-tensorboard", action="store_true", help="JSONL only, no TensorBoard event files")
+    ap.add_argument("--mesh", help="train on a device mesh: 'auto' (edits over every device) or DATAxMODEL, e.g. "
+                    "4x2 (edits over 4, base weights split over 2); --batch-size must divide by DATA")
     args = ap.parse_args(argv)
 
     from mmedit_jax.editors.hparams import load_hparams
@@ -154,7 +157,7 @@ def main(argv=None):
     result = T.train(trainable, Blip2Fns(model.module, pixels=pixels), cfg, model.params, train_cases,
                      len(train_records), args.out, val_cases=val_cases, val_meta=val_meta,
                      progress=not args.no_progress, resume=not args.no_resume,
-                     tensorboard=not args.no_tensorboard)
+                     tensorboard=not args.no_tensorboard, mesh=mesh_from_flag(args.mesh))
     last = [r for r in result.history if r.get("split") != "val"]
     if result.resumed_from is not None:
         print(f"resumed from step {result.resumed_from}")

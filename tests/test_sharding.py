@@ -163,3 +163,14 @@ def test_sharded_vision_forward_equals_unsharded(eight_devices):
 def test_sharded_qformer_forward_equals_unsharded(eight_devices):
     print(f"sharded vs unsharded Q-Former forward max|diff|={eight_devices['qformer_max_diff']:.2e}")
     assert eight_devices["qformer_max_diff"] <= 1e-5
+
+
+def test_mesh_flag_of_the_clis():
+    n = len(jax.devices())
+    assert sharding.mesh_from_flag(None) is None and sharding.mesh_from_flag("") is None
+    assert dict(sharding.mesh_from_flag("auto").shape) == {"data": n, "model": 1}
+    assert dict(sharding.mesh_from_flag(f"-1x{n}").shape) == {"data": 1, "model": n}
+    with pytest.raises(ValueError, match="DATAxMODEL"):
+        sharding.mesh_from_flag("4by2")
+    with pytest.raises(ValueError, match="needs"):
+        sharding.mesh_from_flag(f"{n + 1}x1")
