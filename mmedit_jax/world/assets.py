@@ -32,16 +32,24 @@ class World:
     editor_ckpts: dict
 
 
-def default_cache_dir() -> str:
+def default_cache_dir(n_train: int | None = None) -> str:
     root = os.environ.get("MMEDIT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmedit_jax"))
     # v2: objects never overlap (v1 let diagonal squares merge); a new tag so old caches are not reused.
-    tag = "world-v2-s{seed}-t{n_train}-e{n_eval}-px{image_size}".format(**WORLD)
+    tag = "world-v2-s{seed}-t{n_train}-e{n_eval}-px{image_size}".format(**world_args(n_train))
     return os.path.join(root, tag)
 
 
-def ensure_data(cache_dir: str | None = None) -> str:
-    """The world's MMEdit files, generated once (atomically: a half-written directory is never used)."""
-    data_dir = cache_dir or default_cache_dir()
+def world_args(n_train: int | None = None) -> dict:
+    """`WORLD`, with another train-split size when given (the eval split and the first train records do not
+    depend on it: each split has its own seeded stream)."""
+    return dict(WORLD, n_train=WORLD["n_train"] if n_train is None else int(n_train))
+
+
+def ensure_data(cache_dir: str | None = None, n_train: int | None = None) -> str:
+    """The world's MMEdit files, generated once (atomically: a half-written directory is never used).
+
+    `n_train`: a larger train split for meta-training editors (`world_n_train` in `configs/*_world.yaml`)."""
+    data_dir = cache_dir or default_cache_dir(n_train)
     marker = os.path.join(data_dir, "COMPLETE")
     if os.path.exists(marker):
         return data_dir
@@ -49,7 +57,7 @@ def ensure_data(cache_dir: str | None = None) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".world-", dir=parent)
     try:
-        write_world(tmp, **WORLD)
+        write_world(tmp, **world_args(n_train))
         open(os.path.join(tmp, "COMPLETE"), "w").close()
         if os.path.exists(data_dir):
             shutil.rmtree(data_dir)

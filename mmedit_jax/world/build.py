@@ -2,7 +2,8 @@
 
     python -m mmedit_jax.world.build [--work DIR] [--steps 3000] [--editors mend,ke] [--install]
 
-1. the world's MMEdit files (`assets.ensure_data`, the split the shipped editors were trained on);
+1. the world's MMEdit files (`assets.ensure_data`; an editor's config may ask for a larger train split with
+   `world_n_train`, generated beside it: same eval split, same first train records);
 2. `world.pretrain` -> `WORK/pretrain/model` (+ `pretrain_report.json` with held-out accuracy);
 3. `python -m mmedit_jax.train --editor E --config configs/E_world.yaml` on the E-VQA train split, validated on
    the eval split -> `WORK/E_vqa/editor`;
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 
+from mmedit_jax.editors.hparams import load_hparams
 from mmedit_jax.world import assets
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,8 +43,6 @@ def main(argv=None):
 
         evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
         pretrain(os.path.join(args.work, "pretrain"), args.seed, args.steps, eval_files=evals, image_root=data)
-    train_json = os.path.join(data, "vqa_train.json" if args.task == "vqa" else "caption_train_edit.json")
-    eval_json = os.path.join(data, "vqa_eval.json" if args.task == "vqa" else "caption_eval_edit.json")
     editor_dirs = {}
     for editor in [e for e in args.editors.split(",") if e]:
         out = os.path.join(args.work, f"{editor}_{args.task}")
@@ -50,9 +50,12 @@ def main(argv=None):
         if os.path.isdir(editor_dirs[editor]) and os.path.exists(os.path.join(out, "DONE")):
             continue
         config = os.path.join(REPO, "configs", f"{editor}_world.yaml")
+        train_data = assets.ensure_data(n_train=load_hparams(config).get("world_n_train"))
+        train_json = os.path.join(train_data, "vqa_train.json" if args.task == "vqa" else "caption_train_edit.json")
+        eval_json = os.path.join(train_data, "vqa_eval.json" if args.task == "vqa" else "caption_eval_edit.json")
         cmd = [sys.executable, "-m", "mmedit_jax.train", "--editor", editor, "--config", config, "--model", model_dir,
-               "--data", train_json, "--val-data", eval_json, "--image-root", data, "--out", out, "--no-progress",
-               "--seed", str(args.seed)]
+               "--data", train_json, "--val-data", eval_json, "--image-root", train_data, "--out", out,
+               "--no-progress", "--seed", str(args.seed)]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         open(os.path.join(out, "DONE"), "w").close()
