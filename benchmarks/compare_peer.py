@@ -102,6 +102,15 @@ SOURCES = {"demo": source_demo, "files": source_files, "world": source_world}
 # Editors.
 
 
+def last_ffn_shapes(model, layers: int) -> dict:
+    """`{site: kernel shape}` of fc1/fc2 in the last `layers` OPT layers: what the fresh editors edit."""
+    from mmedit_jax import patch as P
+
+    n = model.config.text.num_hidden_layers
+    sites = [f"language_model/layers/{i}/{fc}" for i in range(n - layers, n) for fc in ("fc1", "fc2")]
+    return {s: tuple(P.kernel_of(model.params, s, model.stacks).shape) for s in sites}
+
+
 def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, perturb: float = 0.0,
                stats_from: str = "data"):
     """A freshly initialised MEND over the last `layers` OPT layers' fc1/fc2, with normalisation statistics merged
@@ -111,15 +120,12 @@ def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, pertu
     import jax
 
     from mmedit_jax import evaluate as E
-    from mmedit_jax import patch as P
     from mmedit_jax.editors import mend as M
     from mmedit_jax.editors import mend_net as MN
     from mmedit_jax.eval import harness
     from mmedit_jax.eval.model_fns import Blip2Fns
 
-    n = model.config.text.num_hidden_layers
-    sites = [f"language_model/layers/{i}/{fc}" for i in range(n - layers, n) for fc in ("fc1", "fc2")]
-    shapes = {s: tuple(P.kernel_of(model.params, s, model.stacks).shape) for s in sites}
+    shapes = last_ffn_shapes(model, layers)
     spec = MN.mend_spec(MN.MendConfig(rank=64), shapes)
     params, stats = MN.init_mend(jax.random.PRNGKey(seed), spec)
     if perturb:
@@ -138,6 +144,7 @@ def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, pertu
     fns = Blip2Fns(model.module)
     editor = E.build_editor("ft-l", model)  # only for the image table of a non-vision editor
     cases = harness.make_cases(cases_batch, E.image_table(editor, model, pixels))
+    sites = tuple(shapes)
     out_dims = {s: shapes[s][1] for s in sites}
     factors = jax.jit(jax.vmap(lambda c: M.capture_factors(fns, model.params, {}, c, sites, out_dims)))(
         jax.tree.map(np.asarray, cases))
@@ -154,13 +161,10 @@ def fresh_ke(model, layers: int = 2, seed: int = 0, perturb: float = 0.0, cfg=No
     the update is then mostly the gradient, scaled entrywise, so a wrong gradient path would show."""
     import jax
 
-    from mmedit_jax import patch as P
     from mmedit_jax.editors import ke_net as KN
     from mmedit_jax.editors.ke import ke_spec
 
-    n = model.config.text.num_hidden_layers
-    sites = [f"language_model/layers/{i}/{fc}" for i in range(n - layers, n) for fc in ("fc1", "fc2")]
-    shapes = {s: tuple(P.kernel_of(model.params, s, model.stacks).shape) for s in sites}
+    shapes = last_ffn_shapes(model, layers)
     spec = ke_spec(cfg or KN.KEConfig(lstm_hidden=64, condition_dim=64, hidden_dim=64), shapes)
     emb = model.params["language_model"]["embed_tokens"]["embedding"]
     params = KN.init_ke(jax.random.PRNGKey(seed), spec.cfg, spec.shape_dict, emb)

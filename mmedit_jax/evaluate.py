@@ -125,6 +125,8 @@ def run_editor(editor: Editor, model, prepared: Prepared, tok, out: str | None, 
     decode = lambda ids: tok.decode([int(i) for i in ids])  # noqa: E731
     kw = dict(exact_match=exact_match, batch_size=batch_size, progress=progress)
     if sequential:
+        if mesh is not None:
+            raise SystemExit("--sequential runs one edit at a time on one device: drop --mesh")
         return harness.run_sequential(editor, fns, model.params, cases, prepared.meta, out, **kw)
     return harness.run(editor, fns, model.params, cases, prepared.meta, out, resume=resume, decode=decode, mesh=mesh,
                        **kw)

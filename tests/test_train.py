@@ -396,8 +396,10 @@ def test_meta_training_raises_edit_success_above_the_untrained_editor(world, kin
     trained = T.train(tr, fns, cfg, model.params, cases, N_TRAIN, None, progress=False).state
     assert int(trained["skipped"]) == 0
 
+    validator = T.Validator(tr, fns, cfg, model.params, cases, meta, untrained)  # one compile for both states
+
     def success(ts):
-        v = T.Validator(tr, fns, cfg, model.params, cases, meta, ts)(ts)
+        v = validator(ts)
         return (v["val/reliability"] + v["val/t_generality"]) / 2
 
     before, after = success(untrained), success(trained)
