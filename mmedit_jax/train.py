@@ -43,6 +43,18 @@ def build_trainable(kind: str, model, hparams: dict, cfg: T.TrainConfig, pixels:
     raise ValueError(f"editor {kind!r}: expected mend or ke")
 
 
+def load_editor_state(kind: str, path: str) -> tuple[dict, dict]:
+    """(params, editor_state) of a saved MEND or KE editor, for `--init-editor`."""
+    if kind == "mend":
+        from mmedit_jax.convert.mend_easyedit import load_mend
+
+        _, params, stats = load_mend(path)
+        return params, stats
+    from mmedit_jax.editors.ke import load_ke
+
+    return load_ke(path)[1], {}
+
+
 def cases_for(records, tok, model, task: str, pixels: bool):
     """Host `Case`s (leading `[N]`) and metadata for `records`; image embeddings computed once unless `pixels`."""
     from mmedit_jax import evaluate as E
@@ -92,6 +104,8 @@ def main(argv=None):
     ap.add_argument("--val-steps", type=int)
     ap.add_argument("--log-interval", type=int)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--init-editor", help="warm start: a trained editor directory (same config and sites), e.g. "
+                    "the shipped world editor, fine-tuned with a fresh optimiser")
     ap.add_argument("--no-resume", action="store_true", help="start over (removes nothing but ignores checkpoints)")
     ap.add_argument("--demo", action="store_true", help="synthetic data and a tiny random BLIP-2")
     ap.add_argument("--demo-records", type=int, default=64)
@@ -154,10 +168,13 @@ def main(argv=None):
                                                     for k, v in dataclasses.asdict(cfg).items()},
                    "editor_spec": dataclasses.asdict(trainable.spec.cfg), "sites": list(trainable.spec.sites)},
                   f, indent=1)
+    init = None
+    if args.init_editor:
+        init = load_editor_state(args.editor, args.init_editor)
     result = T.train(trainable, Blip2Fns(model.module, pixels=pixels), cfg, model.params, train_cases,
                      len(train_records), args.out, val_cases=val_cases, val_meta=val_meta,
                      progress=not args.no_progress, resume=not args.no_resume,
-                     tensorboard=not args.no_tensorboard, mesh=mesh_from_flag(args.mesh))
+                     tensorboard=not args.no_tensorboard, mesh=mesh_from_flag(args.mesh), init=init)
     last = [r for r in result.history if r.get("split") != "val"]
     if result.resumed_from is not None:
         print(f"resumed from step {result.resumed_from}")

@@ -197,6 +197,30 @@ def test_kl_ignores_padding_and_is_differentiable(random_case):
     assert np.any(np.asarray(g)[mask == 1] != 0)
 
 
+def test_topk_rank_loss_sees_reorderings_not_shifts(random_case):
+    logits, post, _, mask = random_case
+    k = 5
+    # A shift common to every token changes no rank: zero loss.
+    assert float(losses.topk_rank_loss(logits, logits + 3.0, mask, k)) == pytest.approx(0.0, abs=1e-6)
+    # By hand: centred squared logit changes at the unedited top-k, averaged, masked mean over positions.
+    idx = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+    d = np.take_along_axis(post - logits, idx, axis=-1)
+    per_pos = ((d - d.mean(-1, keepdims=True)) ** 2).mean(-1)
+    np.testing.assert_allclose(losses.topk_rank_loss(logits, post, mask, k), (per_pos * mask).sum() / mask.sum(),
+                               rtol=1e-5)
+    # Changes outside the unedited top-k, or at padding, cost nothing; inside they do.
+    outside = post.copy()
+    outside[...] = logits
+    low = np.argsort(-logits, axis=-1)[..., -1]
+    np.put_along_axis(outside, low[..., None], 50.0, axis=-1)
+    assert float(losses.topk_rank_loss(logits, outside, mask, k)) == pytest.approx(0.0, abs=1e-6)
+    garbage = np.where(mask[..., None] == 0, 100.0 * np.random.default_rng(0).normal(size=post.shape), post)
+    np.testing.assert_allclose(losses.topk_rank_loss(logits, garbage.astype(np.float32), mask, k),
+                               losses.topk_rank_loss(logits, post, mask, k), rtol=1e-6)
+    g = jax.grad(lambda p: losses.topk_rank_loss(jnp.asarray(logits), p, mask, k))(jnp.asarray(post))
+    assert np.all(np.asarray(g)[mask == 0] == 0) and np.any(np.asarray(g)[mask == 1] != 0)
+
+
 def test_mmedit_metrics_jit_and_vmap(random_case):
     from types import SimpleNamespace
 

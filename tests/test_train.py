@@ -286,6 +286,37 @@ def test_killed_run_resumes_to_the_same_result(world, ke_tr, tmp_path):
     assert os.path.exists(tmp_path / "a" / "editor" / "params.npz")
 
 
+def test_warm_start_continues_from_a_saved_editor(world, mend_tr, tmp_path):
+    """`--init-editor`: training starts from a saved editor's weights and statistics, with the rank loss on."""
+    from mmedit_jax.convert.mend_easyedit import load_mend
+    from mmedit_jax.train import load_editor_state
+
+    model, fns, cases, _ = world
+    cfg = T.TrainConfig.from_hparams({"alg": "MEND", "lr": 1e-3, "batch_size": 3, "accumulate_bs": 1,
+                                      "max_iters": 2, "crank": 1.0, "rank_k": 4})
+    first = T.train(mend_tr, fns, cfg, model.params, cases, N_TRAIN, str(tmp_path / "a"), progress=False,
+                    tensorboard=False)
+    assert all(np.isfinite(r["loss/rank_loc"]) for r in first.history)
+    _, params, stats = load_mend(str(tmp_path / "a" / "editor"))
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(first.state["params"]))
+    init = load_editor_state("mend", str(tmp_path / "a" / "editor"))
+    tx = T.make_optimizer(cfg, mend_tr.labels(init[0]))
+    fresh = T.init_train_state(mend_tr, tx, 0, cfg)
+    warm = T.warm_start(fresh, tx, *init)
+    jax.tree.map(np.testing.assert_array_equal, warm["params"], params)
+    jax.tree.map(np.testing.assert_array_equal, warm["editor_state"], stats)
+    # It continues: the first warm step's loss is the trained editor's, not a fresh one's.
+    again = T.train(mend_tr, fns, dataclasses_replace(cfg, max_iters=1), model.params, cases, N_TRAIN,
+                    str(tmp_path / "b"), progress=False, tensorboard=False, init=init)
+    scratch = T.train(mend_tr, fns, dataclasses_replace(cfg, max_iters=1), model.params, cases, N_TRAIN,
+                      str(tmp_path / "c"), progress=False, tensorboard=False)
+    assert again.history[0]["loss/total_edit"] != scratch.history[0]["loss/total_edit"]
+    # An editor of another shape is refused by name.
+    bad = jax.tree.map(lambda a: np.zeros(np.shape(a)[:-1] + (np.shape(a)[-1] + 1,)) if np.ndim(a) else a, params)
+    with pytest.raises(ValueError, match="warm start: params"):
+        T.warm_start(fresh, tx, bad, stats)
+
+
 def test_validation_reports_the_five_metrics_and_early_stops(world, tmp_path):
     model, fns, cases, meta = world
     tr = ke_trainable(world)

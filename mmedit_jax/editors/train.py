@@ -60,7 +60,7 @@ from mmedit_jax.editors import ke_net as KN
 from mmedit_jax.editors import mend_net as MN
 from mmedit_jax.editors.base import Case, Editor, ModelFns, answer_nll
 from mmedit_jax.eval import metrics as M
-from mmedit_jax.eval.losses import kl_loc_loss
+from mmedit_jax.eval.losses import kl_loc_loss, topk_rank_loss
 from mmedit_jax.metric_writer import MetricWriter
 
 # --------------------------------------------------------------------------------------------------
@@ -83,6 +83,10 @@ class TrainConfig:
     cedit: float = 0.1
     iedit: float = 0.1
     cloc: float = 1.0
+    # Our addition (0 = the reference's objective): weight of `losses.topk_rank_loss` on both locality inputs,
+    # which protects the rank order M-Locality measures; `rank_k` tokens per position.
+    crank: float = 0.0
+    rank_k: int = 11
     batch_size: int = 1  # edits per step (vmapped)
     val_batch_size: int = 1
     accumulate_bs: int = 2  # steps per optimiser update
@@ -127,7 +131,7 @@ class TrainConfig:
             kw["inner_params"] = tuple(kw["inner_params"])
         if "alg" not in kw and "alg_name" in hparams:
             kw["alg"] = hparams["alg_name"]
-        for k in ("lr", "cedit", "iedit", "cloc", "grad_clip", "margin_kl", "margin_kl_min", "lr_alpha"):
+        for k in ("lr", "cedit", "iedit", "cloc", "crank", "grad_clip", "margin_kl", "margin_kl_min", "lr_alpha"):
             if k in kw:
                 kw[k] = float(kw[k])
         if kw.get("lr_lr") is not None:
@@ -238,10 +242,17 @@ def case_losses(model: ModelFns, base_params, patch, case: Case, cfg: TrainConfi
     l_loc = kl_loc_loss(pre_loc[None], post_loc[None], case.loc.attention_mask[None])
     l_image_loc = kl_loc_loss(pre_loc_image[None], post_loc_image[None], case.loc_image.attention_mask[None])
     total = cfg.cedit * l_edit + cfg.iedit * l_image_edit + cfg.cloc * (l_loc + l_image_loc)
+    rank = {}
+    if cfg.crank:
+        l_rank = (topk_rank_loss(pre_loc[None], post_loc[None], case.loc.attention_mask[None], cfg.rank_k)
+                  + topk_rank_loss(pre_loc_image[None], post_loc_image[None], case.loc_image.attention_mask[None],
+                                   cfg.rank_k))
+        total = total + cfg.crank * l_rank
+        rank = {"loss/rank_loc": l_rank}
     acc = lambda lg, seq: M.edit_accuracy(lg[None], seq.labels[None], cfg.exact_match)[0]  # noqa: E731
     return {"loss/total_edit": total, "loss/edit": l_edit, "loss/image_edit": l_image_edit, "loss/loc": l_loc,
             "loss/image_loc": l_image_loc, "edit/acc": acc(post_edit, case.rephrase),
-            "image_rephrase/acc": acc(post_image, case.image_rephrase)}
+            "image_rephrase/acc": acc(post_image, case.image_rephrase), **rank}
 
 
 def batch_loss(trainable: Trainable, model: ModelFns, cfg: TrainConfig, params, state, base_params, cases: Case,
@@ -289,6 +300,22 @@ def init_train_state(trainable: Trainable, tx: optax.GradientTransformation, see
     """The whole training state as one pytree (what checkpoints hold); built in one jitted program.
     With `cfg.objective == "lagrangian"` it also holds the multiplier, its optimiser state and the margin."""
     return jax.jit(_train_state, static_argnums=(0, 1, 2, 3))(trainable, tx, seed, cfg)
+
+
+def warm_start(ts: dict, tx: optax.GradientTransformation, params, editor_state) -> dict:
+    """`params` / `editor_state` of a trained editor in place of a fresh state's, checked leaf by leaf."""
+    for name, fresh, given in (("params", ts["params"], params), ("editor_state", ts["editor_state"], editor_state)):
+        want = jax.tree_util.tree_flatten_with_path(fresh)[0]
+        have = dict(jax.tree_util.tree_flatten_with_path(given)[0])
+        for path, leaf in want:
+            got = have.get(path)
+            if got is None or tuple(np.shape(got)) != tuple(leaf.shape):
+                raise ValueError(f"warm start: {name}{jax.tree_util.keystr(path)} is "
+                                 f"{None if got is None else np.shape(got)} in the given editor, expected "
+                                 f"{tuple(leaf.shape)} (a different editor config or sites?)")
+    params = jax.tree.map(lambda f, g: jnp.asarray(g, f.dtype), ts["params"], params)
+    state = jax.tree.map(lambda f, g: jnp.asarray(g, f.dtype), ts["editor_state"], editor_state)
+    return {"params": params, "editor_state": state, "opt_state": tx.init(params)}
 
 
 def _train_state(trainable: Trainable, tx: optax.GradientTransformation, seed: int, cfg) -> dict:
@@ -501,7 +528,7 @@ class TrainResult:
 def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, train_cases: Case, n_train: int,
           out_dir: str | None, *, val_cases: Case | None = None, val_meta=None, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None, resume: bool = True, mesh=None,
-          tensorboard: bool = True) -> TrainResult:
+          tensorboard: bool = True, init: tuple | None = None) -> TrainResult:
     """Trains for `cfg.max_iters` steps (or until early stopping), resuming from `out_dir/checkpoints`.
 
     `train_cases`: host `Case` with a leading `[n_train]` axis (`eval.harness.make_cases`). Writes
@@ -513,11 +540,16 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
     With a `mesh` (`sharding.make_mesh`), each step's E edits are split over its "data" axis, the base weights
     are laid out over "model" by the partition rules, and the editor's state is replicated; the same jitted
     step runs (XLA inserts the reductions, e.g. for the shared statistics and the mean gradient).
+
+    `init = (params, editor_state)` warm-starts from a trained editor (e.g. `load_mend`'s) with a fresh
+    optimiser; a checkpoint in `out_dir` still takes precedence when resuming.
     """
     from mmedit_jax.checkpoint import CheckpointManager
 
     tx, step_fn = step_program(trainable, model, cfg)
     ts = init_train_state(trainable, tx, cfg.seed, cfg)
+    if init is not None:
+        ts = dict(ts, **warm_start(ts, tx, *init))
     mngr, resumed_from, metrics_path = None, None, None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

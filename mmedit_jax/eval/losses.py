@@ -66,3 +66,20 @@ def kl_loc_loss_per_example(pre_logits: jax.Array, post_logits: jax.Array, mask:
     """`kl_loc_loss` of each example alone, [B]."""
     m = mask.astype(jnp.float32)
     return jnp.sum(kl_per_position(pre_logits, post_logits) * m, axis=-1) / jnp.sum(m, axis=-1)
+
+
+def topk_rank_loss(pre_logits: jax.Array, post_logits: jax.Array, mask: jax.Array, k: int) -> jax.Array:
+    """Scalar: how much the edit reorders the unedited model's top-`k` tokens (our addition, not the reference's).
+
+    At each position the logit changes `post - pre` at the unedited top-`k` tokens, minus their mean (a shift
+    common to all of them changes no ranking), squared and averaged; then the masked mean over positions.
+    M-Locality compares rank-ordered top-10 lists, and the KL of `kl_loc_loss` weights ranks 5-10 by their
+    tiny probabilities, so small reorderings there cost it almost nothing; `k = 11` also covers the first
+    token that could enter the top 10. Shapes as `kl_loc_loss`.
+    """
+    pre = pre_logits.astype(jnp.float32)
+    _, idx = jax.lax.top_k(pre, k)
+    delta = jnp.take_along_axis(post_logits.astype(jnp.float32) - pre, idx, axis=-1)
+    per_pos = jnp.mean(jnp.square(delta - jnp.mean(delta, axis=-1, keepdims=True)), axis=-1)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(per_pos * m) / jnp.sum(m)
