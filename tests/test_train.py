@@ -342,6 +342,31 @@ def test_validation_reports_the_five_metrics_and_early_stops(world, tmp_path):
                                rtol=1e-6)
     np.testing.assert_allclose([v for _, v in tb["val/reliability"]], [v["val/reliability"] for v in vals],
                                rtol=1e-6)
+    five = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")
+    assert vals[-1]["val/mean"] == pytest.approx(np.mean([vals[-1][f"val/{k}"] for k in five]))
+
+
+def test_early_stopping_on_a_validation_metric_keeps_the_highest(world, mend_tr, tmp_path, monkeypatch):
+    """`early_stop_key: val/...` selects the editor with the highest value (losses: the lowest)."""
+    model, fns, cases, meta = world
+    seen = iter([50.0, 80.0, 60.0])
+
+    def fake_call(self, ts):
+        return {"val/mean": next(seen), "loss/total_edit_val": 1.0}
+
+    monkeypatch.setattr(T.Validator, "__call__", fake_call)
+    saved = []
+
+    def save(d, p, st):
+        saved.append(1)
+        os.makedirs(d, exist_ok=True)
+
+    tr = __import__("dataclasses").replace(mend_tr, save=save)
+    cfg = T.TrainConfig.from_hparams({"alg": "MEND", "lr": 1e-3, "batch_size": 3, "accumulate_bs": 1,
+                                      "max_iters": 3, "val_interval": 1, "early_stop_key": "val/mean"})
+    res = T.train(tr, fns, cfg, model.params, cases, N_TRAIN, str(tmp_path), val_cases=cases, val_meta=meta,
+                  progress=False, tensorboard=False)
+    assert int(res.state["best_step"]) == 2 and float(res.state["best_val"]) == -80.0 and len(saved) == 2
 
 
 # --------------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ class TrainConfig:
     val_steps: int = 500  # validation cases
     log_interval: int = 200
     early_stop_patience: int = 20000
-    early_stop_key: str = "loss/total_edit_val"
+    early_stop_key: str = "loss/total_edit_val"  # or a validation metric ("val/mean", ...), then higher is better
     exact_match: bool = True
     seed: int = 0
     ckpt_interval: int = 1000  # steps between periodic checkpoints (also saved at every validation and the end)
@@ -492,6 +492,7 @@ class Validator:
         out = {f"{k}_val": v / self.n for k, v in sums.items()}
         summary = harness.summarize(rows)
         out.update({f"val/{k}": summary[k] for k in METRICS})
+        out["val/mean"] = float(np.mean([summary[k] for k in METRICS]))  # one number to select editors by
         out.update({f"val/{k}": summary[k] for k in summary if k.startswith("pre_")})  # the unedited model
         return out
 
@@ -654,8 +655,9 @@ def train(trainable: Trainable, model: ModelFns, cfg: TrainConfig, base_params, 
                 if cfg.early_stop_key not in vals:
                     raise KeyError(f"early_stop_key {cfg.early_stop_key!r} is not a validation value "
                                    f"(have {sorted(vals)})")
-                # Lower is better, as the reference's loss key; accuracies are negated.
-                score = -vals[cfg.early_stop_key] if "acc" in cfg.early_stop_key else vals[cfg.early_stop_key]
+                # Lower is better, as the reference's loss key; accuracies and the five metrics are negated.
+                higher = "acc" in cfg.early_stop_key or cfg.early_stop_key.startswith("val/")
+                score = -vals[cfg.early_stop_key] if higher else vals[cfg.early_stop_key]
                 score = float(np.float32(score))  # as stored in the (float32) checkpointed state
                 if score < float(ts["best_val"]):
                     ts = dict(ts, best_val=jnp.asarray(score, jnp.float32), best_step=jnp.asarray(step, jnp.int32))
