@@ -127,3 +127,29 @@ def test_counts_are_visible_in_the_pixels(tmp_path):
             mask = np.linalg.norm(px - np.asarray(scenes.COLORS[color], float), axis=-1) < 60
             sizes = np.bincount(measure.label(mask, connectivity=1).ravel())[1:]
             assert (sizes >= 4).sum() == scenes.COUNTS.index(n) + 1, (r.pred, path)
+
+
+def test_build_runs_the_finetune_stage_from_the_first_stage_editor(tmp_path, monkeypatch):
+    """`world.build`: stage 2 (`E_world_finetune.yaml`, where it exists) warm-starts from stage 1's editor, the
+    installed editor is the last stage's, and finished stages are skipped on a rerun."""
+    from mmedit_jax.world import build
+
+    calls = []
+
+    def fake_train(editor, config, model_dir, out, task, seed, init):
+        calls.append((editor, os.path.basename(config), os.path.basename(out), init))
+        os.makedirs(os.path.join(out, "editor"))
+
+    monkeypatch.setattr(build, "train_editor", fake_train)
+    monkeypatch.setattr(build.assets, "ensure_data", lambda *a, **k: str(tmp_path))
+    work = tmp_path / "work"
+    os.makedirs(work / "pretrain" / "model")
+    build.main(["--work", str(work), "--editors", "mend,ke"])
+    stage1 = os.path.join(str(work), "mend_vqa", "editor")
+    want = [("mend", "mend_world.yaml", "mend_vqa", None)]
+    if os.path.exists(os.path.join(build.REPO, "configs", "mend_world_finetune.yaml")):
+        want.append(("mend", "mend_world_finetune.yaml", "mend_vqa_finetune", stage1))
+    want.append(("ke", "ke_world.yaml", "ke_vqa", None))
+    assert calls == want
+    build.main(["--work", str(work), "--editors", "mend,ke"])
+    assert len(calls) == len(want)  # everything DONE: nothing retrained

@@ -6,7 +6,8 @@
    `world_n_train`, generated beside it: same eval split, same first train records);
 2. `world.pretrain` -> `WORK/pretrain/model` (+ `pretrain_report.json` with held-out accuracy);
 3. `python -m mmedit_jax.train --editor E --config configs/E_world.yaml` on the E-VQA train split, validated on
-   the eval split -> `WORK/E_vqa/editor`;
+   the eval split -> `WORK/E_vqa/editor`; where `configs/E_world_finetune.yaml` exists, a second stage
+   warm-starts from that editor (`--init-editor`) -> `WORK/E_vqa_finetune/editor`, the one installed;
 4. with `--install`, copies the model and editors into `mmedit_jax/assets/world/` (what `bench` loads).
 Each step is skipped when its output exists, so an interrupted build resumes.
 """
@@ -23,6 +24,24 @@ from mmedit_jax.editors.hparams import load_hparams
 from mmedit_jax.world import assets
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# Training stages of each editor: config suffix -> run-directory suffix. A later stage runs only where its config
+# exists, warm-started from the previous stage's editor.
+STAGES = {"world": "", "world_finetune": "_finetune"}
+
+
+def train_editor(editor: str, config: str, model_dir: str, out: str, task: str, seed: int, init: str | None):
+    train_data = assets.ensure_data(n_train=load_hparams(config).get("world_n_train"))
+    train_json = os.path.join(train_data, "vqa_train.json" if task == "vqa" else "caption_train_edit.json")
+    eval_json = os.path.join(train_data, "vqa_eval.json" if task == "vqa" else "caption_eval_edit.json")
+    cmd = [sys.executable, "-m", "mmedit_jax.train", "--editor", editor, "--config", config, "--model", model_dir,
+           "--data", train_json, "--val-data", eval_json, "--image-root", train_data, "--out", out,
+           "--no-progress", "--seed", str(seed)]
+    if init:
+        cmd += ["--init-editor", init]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
 
 
 def main(argv=None):
@@ -45,20 +64,17 @@ def main(argv=None):
         pretrain(os.path.join(args.work, "pretrain"), args.seed, args.steps, eval_files=evals, image_root=data)
     editor_dirs = {}
     for editor in [e for e in args.editors.split(",") if e]:
-        out = os.path.join(args.work, f"{editor}_{args.task}")
-        editor_dirs[editor] = os.path.join(out, "editor")
-        if os.path.isdir(editor_dirs[editor]) and os.path.exists(os.path.join(out, "DONE")):
-            continue
-        config = os.path.join(REPO, "configs", f"{editor}_world.yaml")
-        train_data = assets.ensure_data(n_train=load_hparams(config).get("world_n_train"))
-        train_json = os.path.join(train_data, "vqa_train.json" if args.task == "vqa" else "caption_train_edit.json")
-        eval_json = os.path.join(train_data, "vqa_eval.json" if args.task == "vqa" else "caption_eval_edit.json")
-        cmd = [sys.executable, "-m", "mmedit_jax.train", "--editor", editor, "--config", config, "--model", model_dir,
-               "--data", train_json, "--val-data", eval_json, "--image-root", train_data, "--out", out,
-               "--no-progress", "--seed", str(args.seed)]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        open(os.path.join(out, "DONE"), "w").close()
+        init = None
+        for stage in STAGES:
+            config = os.path.join(REPO, "configs", f"{editor}_{stage}.yaml")
+            if stage != "world" and not os.path.exists(config):
+                break
+            out = os.path.join(args.work, f"{editor}_{args.task}{STAGES[stage]}")
+            editor_dirs[editor] = os.path.join(out, "editor")
+            if not (os.path.isdir(editor_dirs[editor]) and os.path.exists(os.path.join(out, "DONE"))):
+                train_editor(editor, config, model_dir, out, args.task, args.seed, init)
+                open(os.path.join(out, "DONE"), "w").close()
+            init = editor_dirs[editor]
     if args.install:
         os.makedirs(assets.ASSETS, exist_ok=True)
         targets = {"model": model_dir, **{f"{e}_{args.task}": d for e, d in editor_dirs.items()}}
