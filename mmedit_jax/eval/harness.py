@@ -236,7 +236,7 @@ def run(
             t0 = time.perf_counter()
             pre = pre_fn(params, batch)
             post = edit_fn(editor.editor_params, params, batch, pre)
-            pre = {k: v for k, v in pre.items() if not k.startswith("hidden_")}  # device-side only
+            pre = {key: v for key, v in pre.items() if not key.startswith("hidden_")}  # device-side only
             pre, post = jax.device_get(jax.block_until_ready((pre, post)))
             dt = time.perf_counter() - t0
             if timing["first_batch_s"] is None:
