@@ -14,6 +14,8 @@ Prints
   memory      peak host RSS, and peak device memory where the backend reports it.
 `--json FILE` writes all of it, `--plot FILE` draws throughput against E and the metric bars, `--profile DIR`
 writes a `jax.profiler` trace of one steady call at the largest E, `--device` picks cpu/gpu/tpu.
+Where the edits leave the language model's first k layers alone, the post-edit locality passes start from the
+pre-edit hidden states at layer k (`harness.prefix_layer`); `--no-prefix-cache` turns that off.
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "gpu", "tpu"), help="JAX platform (default: JAX's choice)")
     ap.add_argument("--cache-dir", help="where the built-in world's files are generated")
     ap.add_argument("--out", help="also write the per-case JSONL of the quality run here")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="run the post-edit locality passes from the embeddings, not from the pre-edit hidden "
+                         "states below the first edited layer")
     args = ap.parse_args(argv)
 
     import jax
@@ -141,13 +146,17 @@ def main(argv=None):
     fns = Blip2Fns(model.module, pixels=editor.vision_side)
     cases = harness.make_cases(prepared.batch, E.image_table(editor, model, prepared.pixels))
     batches = [int(b) for b in args.batches.split(",")]
-    timed_fns = harness.make_step_fns(editor, fns, exact_match, base_accuracy=False)
+    prefix = None if args.no_prefix_cache else harness.prefix_layer(editor, fns, model.params,
+                                                                    harness._take(cases, 0))
+    print(f"frozen-prefix cache: {'off' if prefix is None else f'from language-model layer {prefix}'}")
+    timed_fns = harness.make_step_fns(editor, fns, exact_match, base_accuracy=False, prefix_layer=prefix)
 
     # Quality: the whole eval split at the largest batch size that the split fills.
     n = len(prepared.meta)
     quality_batch = max([b for b in batches if b <= n] or [1])
     quality = harness.run(editor, fns, model.params, cases, prepared.meta, args.out, batch_size=quality_batch,
-                          exact_match=exact_match, resume=False, progress=False).summary
+                          exact_match=exact_match, resume=False, progress=False,
+                          prefix_cache=not args.no_prefix_cache).summary
 
     # Throughput.
     peak = throughput.matmul_peak_gflops()
@@ -169,7 +178,7 @@ def main(argv=None):
 
     result = dict(
         editor=editor.name, task=args.task, device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
-        data=data, num_cases=quality["num_cases"], exact_match=exact_match,
+        data=data, num_cases=quality["num_cases"], exact_match=exact_match, prefix_layer=prefix,
         quality={m: quality[m] for m in METRICS},
         pre_edit={k[4:]: quality[k] for k in quality if k.startswith("pre_")},
         throughput=rows, matmul_peak_gflops=peak, one_edit_p50_ms=one["p50_ms"], one_edit_p90_ms=one["p90_ms"],

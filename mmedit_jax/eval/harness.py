@@ -2,8 +2,11 @@
 
 One jitted program per batch shape does everything for E independent edits at once:
 `vmap(editor.edit)` -> patches `[E, ...]` -> `vmap(post_scores)`; the base parameters enter once, unbatched.
-Pre-edit outputs are one more jitted program. Results are appended to `cases.jsonl` after every batch (flushed
-and fsynced), so an interrupted run loses at most one batch and `resume=True` skips the cases already written.
+Pre-edit outputs are one more jitted program. When every patch leaves the language model's layers below some
+k alone (MEND, KE, FT-L on late layers), the pre-edit program keeps the locality inputs' hidden states at
+layer k and the post-edit locality passes start there (the frozen-prefix cache).
+Results are appended to `cases.jsonl` after every batch (flushed and fsynced), so an interrupted run loses at
+most one batch and `resume=True` skips the cases already written.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 
 from mmedit_jax.editors.base import Case, Editor, ModelFns, Seq
 from mmedit_jax.eval.scoring import METRICS, post_scores, pre_outputs
+from mmedit_jax.models.opt import STACK_PREFIX as LM_STACK
 
 
 @dataclasses.dataclass
@@ -28,22 +32,52 @@ class RunResult:
     rows: list[dict]
 
 
-def make_step_fns(editor: Editor, model: ModelFns, exact_match: bool, base_accuracy: bool = True):
+def first_edited_layer(sites) -> int | None:
+    """The lowest language-model layer among patch `sites` (`language_model/layers/<i>/...`), or None when a
+    site lies outside the language model's layer stack (vision side, embeddings, head) or layer 0 is edited:
+    then no unedited prefix of the stack can be shared."""
+    layers = []
+    for site in sites:
+        if not site.startswith(LM_STACK + "/"):
+            return None
+        layers.append(int(site[len(LM_STACK) + 1 :].partition("/")[0]))
+    k = min(layers, default=0)
+    return k if k > 0 else None
+
+
+def prefix_layer(editor: Editor, model: ModelFns, params, case: Case) -> int | None:
+    """The layer k from which the post-edit locality passes can reuse the pre-edit hidden states, or None.
+
+    `case` is one case (no batch axis); only its shapes matter: the patch's sites come from `jax.eval_shape`
+    of `editor.edit`. None where the model runs pixels (the vision side may be edited) or has no `prefix`.
+    """
+    if model.uses_pixels or not hasattr(model, "prefix"):
+        return None
+    patch = jax.eval_shape(lambda c: editor.edit(editor.editor_params, params, c, {}), case)
+    return first_edited_layer(patch)
+
+
+def make_step_fns(editor: Editor, model: ModelFns, exact_match: bool, base_accuracy: bool = True,
+                  prefix_layer: int | None = None):
     """The two jitted programs of a run: pre-edit outputs, and edit + post-edit scores, both over `[E]`.
 
     `base_accuracy=False` leaves the unedited model's accuracies out of the pre-edit program (the five metrics
     do not need them; throughput timing uses it, as the reference's per-record step computes none).
+    `prefix_layer` k (from `prefix_layer()`; every patch must leave the layers below k alone) turns on the
+    frozen-prefix cache: the pre-edit program also returns the locality inputs' hidden states entering layer k
+    (`hidden_loc`, `hidden_loc_image` `[E, L, D]`) and the post-edit locality passes run layers k.. only.
     """
+    k = prefix_layer
 
     @jax.jit
     def pre_fn(params, cases: Case):
-        return jax.vmap(lambda c: pre_outputs(model, params, c, exact_match, base_accuracy))(cases)
+        return jax.vmap(lambda c: pre_outputs(model, params, c, exact_match, base_accuracy, k))(cases)
 
     @jax.jit
     def edit_fn(editor_params, params, cases: Case, pre):
         def one(case, pre_c):
             patch = editor.edit(editor_params, params, case, {})
-            return post_scores(model, params, patch, case, pre_c, exact_match)
+            return post_scores(model, params, patch, case, pre_c, exact_match, k)
 
         return jax.vmap(one)(cases, pre)
 
@@ -153,13 +187,15 @@ def run(
     progress: bool = True,
     mesh=None,
     step_fns=None,
+    prefix_cache: bool = True,
 ) -> RunResult:
     """Edits and scores every case; `cases` is a host `Case` with a leading `[N]` axis, `meta[i]` holds at least
     `index` (the record's index in its file) for row i.
 
     With a `mesh` (`sharding.make_mesh`), each batch of edits is split over its "data" axis and the base
     parameters are laid out by the partition rules over "model" (replicated where "model" has size 1); the
-    same jitted programs run, XLA inserting the communication.
+    same jitted programs run, XLA inserting the communication. `prefix_cache` lets the post-edit locality
+    passes start from the pre-edit hidden states below the first edited layer, where the edits allow it.
     """
     n = len(meta)
     place = lambda b: b  # noqa: E731
@@ -180,7 +216,10 @@ def run(
         os.remove(jsonl)
     todo = [i for i in range(n) if int(meta[i]["index"]) not in done]
     # `step_fns` (from `make_step_fns`) lets repeated runs reuse compiled programs.
-    pre_fn, edit_fn = step_fns or make_step_fns(editor, model, exact_match)
+    if step_fns is None:
+        k = prefix_layer(editor, model, params, _take(cases, 0)) if prefix_cache and n else None
+        step_fns = make_step_fns(editor, model, exact_match, prefix_layer=k)
+    pre_fn, edit_fn = step_fns
 
     bar = None
     if progress:
@@ -197,6 +236,7 @@ def run(
             t0 = time.perf_counter()
             pre = pre_fn(params, batch)
             post = edit_fn(editor.editor_params, params, batch, pre)
+            pre = {key: v for key, v in pre.items() if not key.startswith("hidden_")}  # device-side only
             pre, post = jax.device_get(jax.block_until_ready((pre, post)))
             dt = time.perf_counter() - t0
             if timing["first_batch_s"] is None:

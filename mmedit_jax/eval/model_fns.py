@@ -2,7 +2,8 @@
 
 `Blip2Fns(module, pixels=False)` takes cached image embeddings `[nq, E]`. With `pixels=True` it takes pixels
 `[3, H, W]` (as the image processor gives them) and runs the (possibly patched) vision side itself, which
-vision-side editors (FT-V) need.
+vision-side editors (FT-V) need. `prefix` / `resume_logits` split the language model at a layer, for the
+harness's frozen-prefix cache.
 """
 
 from __future__ import annotations
@@ -48,3 +49,24 @@ class Blip2Fns:
 
     def logits(self, params, patch, seq: Seq, image) -> jax.Array:
         return self.forward(params, patch, seq, image)[0]
+
+    def prefix(self, params, seq: Seq, image, stop: int) -> jax.Array:
+        """The unedited language model up to layer `stop` (excluded): -> hidden states `[L, D]`.
+
+        Only with cached image embeddings `[nq, E]` (or None): a model that runs pixels may have the vision side
+        edited, which the language-model prefix cannot see.
+        """
+        if self.pixels:
+            raise ValueError("prefix() takes cached image embeddings; this Blip2Fns runs pixels")
+        image = None if image is None else image[None]
+        h = self.module.apply({"params": params}, seq.input_ids[None], seq.attention_mask[None], image, stop,
+                              method="text_prefix")
+        return h[0]
+
+    def resume_logits(self, params, patch, seq: Seq, h: jax.Array, start: int) -> jax.Array:
+        """Continues `prefix(..., stop=start)`'s hidden states `h [L, D]` through layers `start ..` (patched) and
+        the head: -> logits `[L, V]`, equal to `logits(params, patch, seq, image)` when `patch` leaves the layers
+        below `start` alone."""
+        logits, _ = self.module.apply({"params": params}, h[None], seq.attention_mask[None], start, patch,
+                                      method="text_resume")
+        return logits[0]

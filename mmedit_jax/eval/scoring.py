@@ -35,24 +35,48 @@ def _accuracies(model, params, patch, case, exact_match: bool):
     return out, preds
 
 
-def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True, base_accuracy: bool = True) -> dict:
+def _locality_logits(model, params, patch, case: Case, pre: dict, prefix_layer: int | None):
+    """Logits `[L, V]` on `loc` and `loc_image`. With `prefix_layer` k, from the hidden states entering layer k
+    that `pre` holds (`hidden_loc`, `hidden_loc_image` `[L, D]`), which no patch of layers >= k changes."""
+    if prefix_layer is None:
+        return tuple(_logits(model, params, patch, case, kind) for kind in ("loc", "loc_image"))
+    return tuple(model.resume_logits(params, patch, getattr(case, kind), pre[f"hidden_{kind}"], prefix_layer)
+                 for kind in ("loc", "loc_image"))
+
+
+def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True, base_accuracy: bool = True,
+                prefix_layer: int | None = None) -> dict:
     """The unedited model's outputs one case needs: `loc_top1 [L]` and `loc_image_top10 [L, 10]` (two forward
     passes: all the five metrics need, as the reference's per-record step), and with `base_accuracy` the
-    pre-edit accuracies (`reliability`, ...) and predictions (`pred_edit [L]`) (three more)."""
-    loc = _logits(model, params, {}, case, "loc")
-    loc_image = _logits(model, params, {}, case, "loc_image")
-    out = {"loc_top1": M.topk_indices(loc, 1), "loc_image_top10": M.topk_indices(loc_image, 10)}
+    pre-edit accuracies (`reliability`, ...) and predictions (`pred_edit [L]`) (three more).
+
+    With `prefix_layer` k (the first edited language-model layer), the two locality passes run in two parts and
+    also return the hidden states entering layer k, `hidden_loc` / `hidden_loc_image` `[L, D]`, for
+    `post_scores` to start from.
+    """
+    out = {}
+    if prefix_layer is not None:
+        for kind in ("loc", "loc_image"):
+            image_key = IMAGE_OF[kind]
+            image = None if image_key is None else case.images[image_key]
+            out[f"hidden_{kind}"] = model.prefix(params, getattr(case, kind), image, prefix_layer)
+    loc, loc_image = _locality_logits(model, params, {}, case, out, prefix_layer)
+    out.update(loc_top1=M.topk_indices(loc, 1), loc_image_top10=M.topk_indices(loc_image, 10))
     if base_accuracy:
         acc, preds = _accuracies(model, params, {}, case, exact_match)
         out.update(acc, pred_edit=preds["edit"])
     return out
 
 
-def post_scores(model: ModelFns, params, patch, case: Case, pre: dict, exact_match: bool = True) -> dict:
-    """The five metrics of the edited model on one case (scalars in [0, 1]) and its `pred_edit [L]`."""
+def post_scores(model: ModelFns, params, patch, case: Case, pre: dict, exact_match: bool = True,
+                prefix_layer: int | None = None) -> dict:
+    """The five metrics of the edited model on one case (scalars in [0, 1]) and its `pred_edit [L]`.
+
+    With `prefix_layer` k, `patch` must leave layers `< k` alone and `pre` come from `pre_outputs(...,
+    prefix_layer=k)`: the locality passes then run layers `k ..` only.
+    """
     out, preds = _accuracies(model, params, patch, case, exact_match)
-    loc = _logits(model, params, patch, case, "loc")
-    loc_image = _logits(model, params, patch, case, "loc_image")
+    loc, loc_image = _locality_logits(model, params, patch, case, pre, prefix_layer)
     # = metrics.text_locality / image_locality, with the pre-edit top-k cached instead of its logits.
     out["t_locality"] = M.index_agreement(
         pre["loc_top1"][None], M.topk_indices(loc, 1)[None], case.loc.attention_mask[None])[0]

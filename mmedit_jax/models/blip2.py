@@ -56,7 +56,9 @@ class Blip2(nn.Module):
     patch, taps) -> (logits [B, L, V] float32, captured)`.
 
     `encode_image(pixel_values, patch, taps) -> (image_embeds [B, nq, E], captured)` is the vision side alone
-    (ViT -> Q-Former -> projection), so callers can cache it when an edit does not touch it.
+    (ViT -> Q-Former -> projection), so callers can cache it when an edit does not touch it. Likewise
+    `text_prefix(..., stop=k)` and `text_resume(h, mask, k, patch)` split the language model at layer k, so the
+    hidden states below the first edited layer can be computed once and reused.
     """
 
     config: Blip2Config
@@ -108,6 +110,15 @@ class Blip2(nn.Module):
         embeds = self.embed_inputs(input_ids, image_embeds)
         logits, cap_t = self.language_model(embeds, attention_mask, patch=patch, taps=taps)
         return logits, {**captured, **cap_t}
+
+    def text_prefix(self, input_ids, attention_mask, image_embeds=None, stop: int = 0):
+        """Language-model layers `0 .. stop - 1`, unedited: -> hidden states `[B, L, D]` entering layer `stop`."""
+        embeds = self.embed_inputs(input_ids, image_embeds)
+        return self.language_model.prefix(embeds, attention_mask, stop)
+
+    def text_resume(self, h, attention_mask, start: int, patch=None, taps=None):
+        """From `text_prefix`'s hidden states `h [B, L, D]`: layers `start ..` and the head -> (logits, captured)."""
+        return self.language_model.resume(h, attention_mask, start, patch=patch, taps=taps)
 
     def decode(self, inputs_embeds, positions, cache, cache_index, key_mask, patch=None):
         """Runs new tokens through the language model with a KV cache: -> (logits, new cache)."""

@@ -151,9 +151,14 @@ def run_stack(
     taps: Mapping[str, Any] | None = None,
     per_unit_xs=None,
     remat: bool = False,
+    start: int = 0,
+    stop: int | None = None,
     **kwargs,
 ):
     """Runs a stack of `num_units` identical units (`unit.apply`) over `carry`, segment by segment.
+
+    `start`/`stop` run only units `start .. stop - 1` (a prefix of the stack, or its continuation from the
+    hidden states a prefix returned); a patch or tap on a unit outside that range is an error, not ignored.
 
     Args:
       unit: an unbound module (`parent=None`) whose `__call__(carry, *args, edits=view, xs=..., **kwargs)`
@@ -168,22 +173,29 @@ def run_stack(
       taps: `{site: eps}` perturbations whose layers record their inputs.
       per_unit_xs: optional pytree with a leading `[num_units]` axis handed to each unit as `xs` (KV caches).
       remat: rematerialise each unit in the backward pass (saves activation memory when training).
+      start, stop: the units to run, `[start, stop)` (default: all).
 
     Returns:
-      `(carry, ys, captured)`: `ys` stacked over units (or None), `captured` maps each tapped site to the
-      input its layer saw.
+      `(carry, ys, captured)`: `ys` stacked over the units run (or None), `captured` maps each tapped site to
+      the input its layer saw.
     """
     num_units = jax.tree.leaves(stacked_params)[0].shape[0]
+    stop = num_units if stop is None else stop
+    if not 0 <= start <= stop <= num_units:
+        raise ValueError(f"units [{start}, {stop}) out of range for a stack of {num_units}")
     unit_deltas = _unit_entries(patch or {}, prefix, num_units, per_unit)
     unit_taps = _unit_entries(taps or {}, prefix, num_units, per_unit)
+    skipped = [u for u in (*range(start), *range(stop, num_units)) if unit_deltas[u] or unit_taps[u]]
+    if skipped:
+        raise ValueError(f"{prefix}: units {skipped} carry edits or taps but only [{start}, {stop}) run")
     sigs = [_signature(d, t) for d, t in zip(unit_deltas, unit_taps)]
 
     # Maximal runs of units that carry the same kind of edits.
-    segments, start = [], 0
-    for u in range(1, num_units + 1):
-        if u == num_units or sigs[u] != sigs[start]:
-            segments.append((start, u))
-            start = u
+    segments, first = [], start
+    for u in range(start + 1, stop + 1):
+        if u == stop or sigs[u] != sigs[first]:
+            segments.append((first, u))
+            first = u
 
     def body(c, x):
         p, deltas, eps, xs = x

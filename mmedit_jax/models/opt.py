@@ -124,6 +124,8 @@ class OPTDecoder(nn.Module):
 
     `embed(input_ids [B, L]) -> [B, L, E]` (E = `word_embed_proj_dim`), then
     `__call__(inputs_embeds [B, L, E], attention_mask [B, L], patch, taps) -> (logits [B, L, V], captured)`.
+    The same forward in two parts, for edits that leave layers `< k` alone: `prefix(inputs_embeds, mask, k)`
+    -> hidden states `[B, L, D]` entering layer k, then `resume(h, mask, k, patch, taps)` -> (logits, captured).
     For generation, `__call__(..., cache=..., cache_index=i, key_mask=[B, T])` runs `L` new tokens placed at
     slots `i .. i + L - 1` of a `[layers, B, T, H, Dh]` cache and returns `(logits, captured, new cache)`.
     Sites: `language_model/layers/{i}/{self_attn/q_proj, ..., fc1, fc2}`.
@@ -177,17 +179,8 @@ class OPTDecoder(nn.Module):
             return self.lm_head(h).astype(jnp.float32)
         return self.embed_tokens.attend(h).astype(jnp.float32)
 
-    def __call__(
-        self,
-        inputs_embeds: jax.Array,
-        attention_mask: jax.Array,
-        patch: dict | None = None,
-        taps: dict | None = None,
-        cache=None,
-        cache_index: jax.Array | int = 0,
-        key_mask: jax.Array | None = None,
-        positions: jax.Array | None = None,
-    ):
+    def _embed_positions(self, inputs_embeds, attention_mask, positions):
+        """`inputs_embeds [B, L, E]` -> the hidden states entering layer 0, `[B, L, D]`."""
         cfg = self.config
         b, length, width = inputs_embeds.shape
         if width != cfg.embed_dim:
@@ -199,15 +192,45 @@ class OPTDecoder(nn.Module):
         x = inputs_embeds.astype(self.dtype)
         if self.project_in is not None:
             x = self.project_in(x)
-        h = x + self.embed_positions(positions + POSITION_OFFSET)
+        return x + self.embed_positions(positions + POSITION_OFFSET)
+
+    def _layers(self, h, mask, cache_index, patch, taps, cache=None, start=0, stop=None):
+        return run_stack(self.unit(), self.layers, h, mask, cache_index, prefix=STACK_PREFIX, patch=patch, taps=taps,
+                         per_unit_xs=cache, remat=self.remat, start=start, stop=stop)
+
+    def prefix(self, inputs_embeds: jax.Array, attention_mask: jax.Array, stop: int) -> jax.Array:
+        """The unedited layers `0 .. stop - 1` alone: `inputs_embeds [B, L, E]` -> hidden states `[B, L, D]` entering
+        layer `stop` (what `resume(..., start=stop)` continues from)."""
+        h = self._embed_positions(inputs_embeds, attention_mask, None)
+        mask = attention_bias(jnp.arange(h.shape[1]), attention_mask)
+        return self._layers(h, mask, 0, None, None, stop=stop)[0]
+
+    def resume(self, h: jax.Array, attention_mask: jax.Array, start: int, patch: dict | None = None,
+               taps: dict | None = None):
+        """Layers `start ..` and the head from the hidden states `h [B, L, D]` entering layer `start`:
+        -> `(logits [B, L, V], captured)`. Patches and taps may only touch layers `>= start`."""
+        mask = attention_bias(jnp.arange(h.shape[1]), attention_mask)
+        h, _, captured = self._layers(h, mask, 0, patch, taps, start=start)
+        return self.head(h), captured
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        attention_mask: jax.Array,
+        patch: dict | None = None,
+        taps: dict | None = None,
+        cache=None,
+        cache_index: jax.Array | int = 0,
+        key_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ):
+        h = self._embed_positions(inputs_embeds, attention_mask, positions)
+        length = h.shape[1]
         if cache is None:
             mask = attention_bias(jnp.arange(length), attention_mask)
         else:
             mask = attention_bias(cache_index + jnp.arange(length), key_mask)
-        h, new_cache, captured = run_stack(
-            self.unit(), self.layers, h, mask, cache_index, prefix=STACK_PREFIX, patch=patch, taps=taps,
-            per_unit_xs=cache, remat=self.remat,
-        )
+        h, new_cache, captured = self._layers(h, mask, cache_index, patch, taps, cache=cache)
         logits = self.head(h)
         if cache is None:
             return logits, captured
