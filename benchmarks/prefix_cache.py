@@ -17,24 +17,7 @@ import json
 import statistics
 import time
 
-
-def matmul_flops(jaxpr) -> float:
-    """2 * M * N * K summed over every `dot_general` of a (closed) jaxpr, scan bodies times their length."""
-    import numpy as np
-
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            k = np.prod([eqn.invars[0].aval.shape[d] for d in lhs_contract])
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * k
-        mult = eqn.params["length"] if eqn.primitive.name == "scan" else 1
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (list, tuple)) else (v,):
-                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    total += mult * matmul_flops(sub)
-    return total
+from mmedit_jax.eval.throughput import matmul_flops
 
 
 def main(argv=None):

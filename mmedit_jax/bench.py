@@ -8,8 +8,10 @@ Prints
   throughput  per vmapped batch size E: compile time, steady edits/s (edit + five-metric scoring of E
               independent cases: the unedited model's locality predictions, then edit + five metrics, two
               compiled calls; pre-edit base accuracy is not part of it, as in the reference's step),
-              speed-up over one edit at a time (E = 1), p50/p90 call latency, XLA FLOPs per edit and
-              achieved GFLOP/s as a fraction of a float32 matmul peak measured in the same run, XLA
+              speed-up over one edit at a time (E = 1), p50/p90 call latency, matmul FLOPs per edit
+              (`throughput.matmul_flops`: every layer of a scanned stack counted; XLA's cost analysis, which
+              counts a scan body once, is in the JSON as `xla_gflop_per_edit`) and achieved GFLOP/s as a
+              fraction of a float32 matmul peak measured in the same run, XLA
               temporaries per edit and the size of one edit's patch;
   memory      peak host RSS, and peak device memory where the backend reports it.
 `--json FILE` writes all of it, `--plot FILE` draws throughput against E and the metric bars, `--profile DIR`

@@ -25,7 +25,8 @@ class StepTiming:
     batch: int
     compile_s: float
     times_s: list[float]  # steady calls, one per repeat
-    flops: float  # XLA cost analysis of one call of the edit program (nan when unavailable)
+    flops: float  # matmul FLOPs of one call of both programs (`matmul_flops`, scans counted per iteration)
+    xla_flops: float  # XLA's cost analysis of the same (counts a scan body once: undercounts layer stacks)
     temp_bytes: float  # XLA temporaries of the edit program
     patch_bytes: int  # one edit's patch
 
@@ -44,6 +45,7 @@ class StepTiming:
         return dict(batch=self.batch, compile_s=self.compile_s, median_ms=self.median_s * 1e3,
                     p50_ms=self.percentile_ms(50), p90_ms=self.percentile_ms(90), edits_per_s=self.edits_per_s,
                     gflop_per_edit=self.flops / 1e9 / self.batch, achieved_gflops=self.flops / 1e9 / self.median_s,
+                    xla_gflop_per_edit=self.xla_flops / 1e9 / self.batch,
                     temp_mib_per_edit=self.temp_bytes / 2**20 / self.batch,
                     patch_kib_per_edit=self.patch_bytes / 2**10)
 
@@ -88,10 +90,32 @@ def time_edit_step(editor, fns, params, cases, batch_size: int, repeats: int, ex
     pre = pre_fn(params, batch)
     flops_edit, temp = _cost(edit_fn.lower(editor.editor_params, params, batch, pre).compile())
     flops_pre, _ = _cost(pre_fn.lower(params, batch).compile())
+    flops = (matmul_flops(jax.make_jaxpr(edit_fn)(editor.editor_params, params, batch, pre))
+             + matmul_flops(jax.make_jaxpr(pre_fn)(params, batch)))
     one = jax.tree.map(lambda a: a[0], batch)
     patch = jax.eval_shape(lambda c: editor.edit(editor.editor_params, params, c, {}), one)
     patch_bytes = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(patch))
-    return StepTiming(batch_size, first - statistics.median(times), times, flops_edit + flops_pre, temp, patch_bytes)
+    return StepTiming(batch_size, first - statistics.median(times), times, flops, flops_edit + flops_pre, temp,
+                      patch_bytes)
+
+
+def matmul_flops(jaxpr) -> float:
+    """`2 * M * N * K` summed over every `dot_general` of a (closed) jaxpr, nested jaxprs included and a
+    `scan` body counted `length` times (XLA's cost analysis counts it once). Both branches of a `cond` count;
+    a `while_loop` body counts once (its trip count is not static)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            k = np.prod([eqn.invars[0].aval.shape[d] for d in lhs_contract])
+            total += 2.0 * float(np.prod(eqn.outvars[0].aval.shape)) * float(k)
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else (v,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    total += times * matmul_flops(sub)
+    return total
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
