@@ -313,6 +313,10 @@ def warm_start(ts: dict, tx: optax.GradientTransformation, params, editor_state)
                 raise ValueError(f"warm start: {name}{jax.tree_util.keystr(path)} is "
                                  f"{None if got is None else np.shape(got)} in the given editor, expected "
                                  f"{tuple(leaf.shape)} (a different editor config or sites?)")
+        extra = set(have) - {path for path, _ in want}
+        if extra:
+            raise ValueError(f"warm start: the given editor's {name} has entries this editor lacks: "
+                             f"{sorted(jax.tree_util.keystr(p) for p in extra)[:4]} (different sites?)")
     params = jax.tree.map(lambda f, g: jnp.asarray(g, f.dtype), ts["params"], params)
     state = jax.tree.map(lambda f, g: jnp.asarray(g, f.dtype), ts["editor_state"], editor_state)
     return {"params": params, "editor_state": state, "opt_state": tx.init(params)}
