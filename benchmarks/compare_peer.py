@@ -250,7 +250,8 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
     model, tok, records, task, ckpt = source or SOURCES[args.source](args, workdir)
     if not records:
         raise SystemExit("no usable records")
-    prepared = E.prepare_data(records, tok, model, task, model.config.vision.image_size)
+    prepared = E.prepare_data(records, tok, model, task, model.config.vision.image_size,
+                              getattr(args, "pad_multiple", 1))
     hf_dir = os.path.join(workdir, "hf")
     export_hf(model.config, model.params, hf_dir, tok)
     peer_torch.save_cases(os.path.join(workdir, "cases.npz"), prepared.batch, prepared.pixels)
@@ -429,6 +430,7 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--token-accuracy", action="store_true")
+    ap.add_argument("--pad-multiple", type=int, default=1, help="our side's padding (the peer runs unpadded)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="keep the prepared files here (default: a temporary directory)")
     ap.add_argument("--json", help="write the whole comparison here")

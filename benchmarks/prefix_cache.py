@@ -44,7 +44,7 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(w.tokenizer_dir)
     records = load_mmedit(w.eval_json, "vqa", w.image_root, w.image_root).records
     editor = E.build_editor(args.editor, model, {}, w.editor_ckpts.get(args.editor))
-    prepared = E.prepare_data(records, tok, model, "vqa", model.config.vision.image_size)
+    prepared = E.prepare_data(records, tok, model, "vqa", model.config.vision.image_size, pad_multiple=1)
     fns = Blip2Fns(model.module, pixels=editor.vision_side)
     cases = harness.make_cases(prepared.batch, E.image_table(editor, model, prepared.pixels))
     k = harness.prefix_layer(editor, fns, model.params, harness._take(cases, 0))

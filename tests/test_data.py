@@ -297,6 +297,18 @@ def test_buckets_and_fixed_lengths(vqa_records, tok):
         _config(t, "vqa", buckets=(16, 8))
 
 
+def test_max_lengths_to_a_multiple(vqa_records, tok):
+    """`multiple=1` pads to the longest input exactly (no pad rows beyond it); other multiples round it up."""
+    t, _ = tok
+    cfg = _config(t, "vqa", buckets=(64,))
+    exact = C.max_lengths(vqa_records, t, cfg, multiple=1)
+    batch = C.build_edit_batch(vqa_records, t, C.ImageTable(_pil_preprocess), cfg, lengths=exact)
+    for name in C.SUB_INPUTS:
+        assert exact[name] == batch.sub(name).attention_mask.sum(1).max() < 64
+    for name, n in C.max_lengths(vqa_records, t, cfg, multiple=8).items():
+        assert n % 8 == 0 and exact[name] <= n < exact[name] + 8
+
+
 def test_image_table_decodes_each_image_once(vqa_records, tok):
     t, _ = tok
     calls = []
