@@ -210,6 +210,26 @@ class EditBatch:
         return jax.tree.map(lambda x: x[:, None], self)
 
 
+def answer_rows(labels: np.ndarray, width: int | None = None) -> np.ndarray:
+    """`labels [..., L]` -> `[..., R]` int32: the positions t whose logits predict an answer token
+    (`labels[..., t + 1] != -100`), ascending, then -1. R = `width`, or the most any input has (at least 1).
+
+    Accuracies and edit losses need the logits at these rows only (`editors.base.teacher_forced`).
+    """
+    labels = np.asarray(labels)
+    hits = labels[..., 1:] != IGNORE_INDEX
+    need = int(hits.sum(-1).max(initial=0))
+    width = max(need, 1) if width is None else width
+    if need > width:
+        raise ValueError(f"answer_rows: an input has {need} answer tokens, more than width {width}")
+    flat = hits.reshape(-1, hits.shape[-1])
+    out = np.full((flat.shape[0], width), -1, np.int32)
+    for i, row in enumerate(flat):
+        pos = np.nonzero(row)[0]
+        out[i, : len(pos)] = pos
+    return out.reshape(hits.shape[:-1] + (width,))
+
+
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
     """Smallest bucket >= n; ValueError if none."""
     for b in buckets:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 from mmedit_jax.eval.losses import masked_nll
@@ -29,6 +30,9 @@ class Seq:
     input_ids: jax.Array
     attention_mask: jax.Array
     labels: jax.Array
+    # [R] int32: the positions t whose logits predict an answer token (labels[t + 1] != -100), then -1. Optional:
+    # with it, accuracies and edit losses compute the last layer and the head at these R rows only, not all L.
+    answer_rows: jax.Array | None = None
 
 
 @struct.dataclass
@@ -66,6 +70,9 @@ class ModelFns(Protocol):
     def logits(self, params, patch, seq: Seq, image) -> jax.Array:  # [L, V]
         ...
 
+    def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):  # (logits [L | R, V], captured)
+        ...
+
     uses_pixels: bool
 
 
@@ -89,3 +96,28 @@ class Editor:
 def answer_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """The edit loss of one example: `logits [L, V]`, `labels [L]` -> [] (`eval.losses.masked_nll`)."""
     return masked_nll(logits[None], labels[None])
+
+
+def teacher_forced(model: ModelFns, params, patch, seq: Seq, image, taps=None):
+    """`(logits, labels, captured)` of one input, in the shifted layout `answer_nll` and the accuracies take
+    (`logits[t]` scored against `labels[t + 1]`).
+
+    Without `seq.answer_rows`: the whole forward, `logits [L, V]` and `seq.labels`. With it: the logits at the R
+    answer rows only (the last layer and the head run R rows), laid out as `logits [R + 1, V]` (a zero row
+    appended) and `labels [R + 1]` = (-100, the R targets, -100 at unused rows): the same loss and accuracies.
+    A tapped linear of the last layer then records its input at the R rows (`captured[site]` `[R, in]`).
+    """
+    if seq.answer_rows is None:
+        logits, captured = model.forward(params, patch, seq, image, taps=taps)
+        return logits, seq.labels, captured
+    rows, valid = answer_rows_of(seq)
+    logits, captured = model.forward(params, patch, seq, image, taps=taps, rows=rows)
+    targets = jnp.where(valid, seq.labels[jnp.minimum(rows + 1, seq.labels.shape[0] - 1)], -100)
+    logits = jnp.concatenate([logits, jnp.zeros_like(logits[:1])])
+    return logits, jnp.concatenate([jnp.full((1,), -100, targets.dtype), targets]), captured
+
+
+def answer_rows_of(seq: Seq) -> tuple[jax.Array, jax.Array]:
+    """`seq.answer_rows` as `(rows [R], valid [R] bool)`, unused rows pointing at position 0."""
+    valid = seq.answer_rows >= 0
+    return jnp.where(valid, seq.answer_rows, 0), valid

@@ -57,15 +57,17 @@ def ke_spec(cfg: KN.KEConfig, shapes) -> KESpec:
 
 
 def capture(spec: KESpec, model: ModelFns, params, case: Case, prior: dict) -> tuple[dict, dict]:
-    """`({site: (u [L, in], delta [L, out])}, {site: mask [L]})` of one case's edit loss."""
+    """`({site: (u [T, in], delta [T, out])}, {site: mask [T]})` of one case's edit loss (`capture_factors`)."""
     out_dims = {s: o for s, (_, o) in zip(spec.sites, spec.shapes)}
     factors = capture_factors(model, params, prior, case, spec.sites, out_dims)
     mask = case.edit.attention_mask.astype(jnp.float32)
-    return factors, {s: mask for s in spec.sites}
+    # A site that saw only the answer rows has its unused rows zeroed already; its other rows are all real.
+    return factors, {s: mask if u.shape[0] == mask.shape[0] else jnp.ones(u.shape[:1], jnp.float32)
+                     for s, (u, _) in factors.items()}
 
 
 def ke_case_patch(spec: KESpec, model: ModelFns, ke_params, params, case: Case, prior: dict) -> dict:
-    """The `{site: LowRank}` patch of one edit (rank `L + 1` per site)."""
+    """The `{site: LowRank}` patch of one edit (rank `T + 1` per site, T as in `capture_factors`)."""
     factors, masks = capture(spec, model, params, case, prior)
     patches = KN.ke_patches(spec.cfg, ke_params, case.cond_ids, case.cond_mask, factors, masks)
     return KN.as_low_rank(patches)

@@ -14,20 +14,32 @@ import jax
 import jax.numpy as jnp
 
 from mmedit_jax.editors import mend_net as MN
-from mmedit_jax.editors.base import Case, Editor, ModelFns, answer_nll, touches_vision
+from mmedit_jax.editors.base import Case, Editor, ModelFns, answer_nll, answer_rows_of, teacher_forced, touches_vision
 
 
 def capture_factors(model: ModelFns, params, prior: dict, case: Case, sites, out_dims: dict):
-    """`{site: (u [L, in], delta [L, out])}` of the edit loss on `case.edit`, through the model with `prior`."""
+    """`{site: (u [T, in], delta [T, out])}` of the edit loss on `case.edit`, through the model with `prior`.
+
+    T = L, except where `case.edit` carries `answer_rows` and the site's layer ran on those R rows only (the last
+    layer's row-wise linears: their delta is zero at every other position, as only the answer positions' logits
+    enter the loss): there T = R, with unused rows zeroed (dropped by `nonzero_mask`).
+    """
     length = case.edit.input_ids.shape[-1]
     eps = {s: jnp.zeros((1, length, out_dims[s]), jnp.float32) for s in sites}
 
     def loss(eps):
-        logits, captured = model.forward(params, prior, case.edit, case.images["edit"], taps=eps)
-        return answer_nll(logits, case.edit.labels), captured
+        logits, labels, captured = teacher_forced(model, params, prior, case.edit, case.images["edit"], taps=eps)
+        return answer_nll(logits, labels), captured
 
     delta, captured = jax.grad(loss, has_aux=True)(eps)
-    return {s: (jax.lax.stop_gradient(captured[s]), jax.lax.stop_gradient(delta[s][0])) for s in sites}
+    out = {}
+    for s in sites:
+        u, d = captured[s], delta[s][0]
+        if u.shape[0] != d.shape[0]:  # the site saw the answer rows only
+            rows, valid = answer_rows_of(case.edit)
+            u, d = u * valid[:, None].astype(u.dtype), d[rows]
+        out[s] = jax.lax.stop_gradient((u, d))
+    return out
 
 
 def mend_case_patch(spec: MN.MendSpec, model: ModelFns, mend_params, site_stats, params, case: Case, prior: dict):

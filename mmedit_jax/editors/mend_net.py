@@ -388,20 +388,23 @@ def mend_patch(spec: MendSpec, params: dict, site_stats: dict, site: str, u: jax
 
 
 def transform_group(spec: MendSpec, params: dict, group_key: str, site_stats: dict, u: jax.Array,
-                    delta: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+                    delta: jax.Array, mask: jax.Array, modes: tuple[int, ...] | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
     """All sites of one shape group in one call: inputs stacked in mode order.
 
     Args:
       site_stats: moments with a leading `[M]` axis (one per mode) on every leaf.
       u: `[M, T, in]`, delta: `[M, T, out]`, mask: `[M, T]`, M = number of sites in the group.
+      modes: the members' modes when only some of the group's sites are stacked (default: all, in order).
     Returns: `(u_tilde [M, T, in], delta_tilde [M, T, out])`, the shared network run with each site's mode.
     """
     members = dict(spec.groups)[group_key]
-    if u.shape[0] != len(members):
-        raise ValueError(f"transform_group {group_key!r}: {len(members)} sites {members} but u has leading "
+    modes = tuple(range(len(members))) if modes is None else tuple(modes)
+    if u.shape[0] != len(modes):
+        raise ValueError(f"transform_group {group_key!r}: modes {modes} of sites {members} but u has leading "
                          f"axis {u.shape[0]}")
     net = params["nets"][group_key]
-    modes = jnp.arange(len(members), dtype=jnp.int32)
+    modes = jnp.asarray(modes, dtype=jnp.int32)
     fn = lambda st, uu, dd, mm, md: _gtransform(spec.cfg, net, st, uu, dd, mm, md)
     return jax.vmap(fn)(site_stats, u, delta, mask, modes)
 
@@ -416,19 +419,26 @@ def mend_patches(spec: MendSpec, params: dict, site_stats: Mapping[str, dict],
                  inputs: Mapping[str, tuple[jax.Array, jax.Array]], masks: Mapping[str, jax.Array]) -> dict:
     """Patches for every site of one edit, each shape group in one stacked network call.
 
-    `inputs[site] = (u [T_site, in], delta [T_site, out])`; sites of one group must share T (they do when
-    they come from the same forward pass). Returns `{site: (a, b, scale)}`. vmap this over edits.
+    `inputs[site] = (u [T_site, in], delta [T_site, out])`. Members of a group with the same T share one
+    stacked call (T differs where the last layer's sites carry only the answer rows). Returns
+    `{site: (a, b, scale)}`. vmap this over edits.
     """
     out = {}
     for key, members in spec.groups:
-        for s in members:
-            _check_factors(spec, s, inputs[s][0], inputs[s][1], masks[s])
-        u = jnp.stack([inputs[s][0] for s in members])
-        d = jnp.stack([inputs[s][1] for s in members])
-        m = jnp.stack([masks[s] for s in members])
-        u_t, d_t = transform_group(spec, params, key, stack_site_stats(spec, key, site_stats), u, d, m)
+        by_rows: dict[int, list[int]] = {}
         for j, s in enumerate(members):
-            out[s] = (u_t[j], d_t[j], edit_scale(spec, params, s))
+            _check_factors(spec, s, inputs[s][0], inputs[s][1], masks[s])
+            by_rows.setdefault(inputs[s][0].shape[0], []).append(j)
+        stats = stack_site_stats(spec, key, site_stats)
+        for modes in by_rows.values():
+            sites = [members[j] for j in modes]
+            u = jnp.stack([inputs[s][0] for s in sites])
+            d = jnp.stack([inputs[s][1] for s in sites])
+            m = jnp.stack([masks[s] for s in sites])
+            st = jax.tree.map(lambda a: a[jnp.asarray(modes)], stats)  # noqa: B023 (used immediately)
+            u_t, d_t = transform_group(spec, params, key, st, u, d, m, modes)
+            for j, s in enumerate(sites):
+                out[s] = (u_t[j], d_t[j], edit_scale(spec, params, s))
     return out
 
 

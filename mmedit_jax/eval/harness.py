@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmedit_jax.data import cases as cases_lib
 from mmedit_jax.editors.base import Case, Editor, ModelFns, Seq
 from mmedit_jax.eval.scoring import METRICS, post_scores, pre_outputs
 from mmedit_jax.models.opt import STACK_PREFIX as LM_STACK
@@ -84,24 +85,27 @@ def make_step_fns(editor: Editor, model: ModelFns, exact_match: bool, base_accur
     return pre_fn, edit_fn
 
 
-def make_cases(batch, image_table: np.ndarray) -> Case:
+def make_cases(batch, image_table: np.ndarray, answer_rows: bool = True) -> Case:
     """Host `Case`s from a data `EditBatch` (`mmedit_jax.data.cases`) and the table its `image_ids` index.
 
     `image_table` is `[N_images, nq, E]` cached image embeddings, or `[N_images, 3, H, W]` pixels when the
     editor changes the vision side (or the feature cache is off). Images are gathered per case here, per batch,
-    so host memory holds each distinct image once.
+    so host memory holds each distinct image once. `answer_rows`: the three inputs scored by accuracy (and the
+    edit input, whose loss the editors take) carry their answer positions (`Seq.answer_rows`), so their
+    forwards compute the last layer and the head at those rows only; the locality inputs need every position.
     """
 
-    def seq(tb):
-        return Seq(tb.input_ids, tb.attention_mask, tb.labels)
+    def seq(tb, rows=False):
+        return Seq(tb.input_ids, tb.attention_mask, tb.labels,
+                   cases_lib.answer_rows(tb.labels) if (rows and answer_rows) else None)
 
     images = {
         "edit": image_table[batch.edit_inner.image_ids],
         "image_rephrase": image_table[batch.edit_outer_image.image_ids],
         "loc_image": image_table[batch.loc_image.image_ids],
     }
-    return Case(seq(batch.edit_inner), seq(batch.edit_outer), seq(batch.edit_outer_image), seq(batch.loc),
-                seq(batch.loc_image), images, batch.cond_ids, batch.cond_mask)
+    return Case(seq(batch.edit_inner, True), seq(batch.edit_outer, True), seq(batch.edit_outer_image, True),
+                seq(batch.loc), seq(batch.loc_image), images, batch.cond_ids, batch.cond_mask)
 
 
 def encode_image_table(encode: Callable, params, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:

@@ -32,12 +32,13 @@ class Blip2Fns:
         embeds, _ = self.module.apply({"params": params}, nhwc, patch=patch, method="encode_image")
         return embeds
 
-    def forward(self, params, patch, seq: Seq, image, taps=None):
+    def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):
         """One example: `seq` fields `[L]`, `image` `[nq, E]` / `[3, H, W]` / None -> (logits `[L, V]`, captured).
 
-        `captured` maps each tapped site to its layer input without the batch axis.
+        `captured` maps each tapped site to its layer input without the batch axis. `rows` `[R]`: logits at those
+        positions only, `[R, V]` (the last language-model layer and the head run R rows).
         """
-        kw = {}
+        kw = {} if rows is None else {"rows": rows[None]}
         if image is not None and self.pixels:
             kw["pixel_values"] = jnp.transpose(image[None], (0, 2, 3, 1))  # the table holds [3, H, W]
         elif image is not None:

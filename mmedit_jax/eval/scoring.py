@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmedit_jax.editors.base import IMAGE_OF, Case, ModelFns
+from mmedit_jax.editors.base import IMAGE_OF, Case, ModelFns, teacher_forced
 from mmedit_jax.eval import metrics as M
 
 # metric name -> the case input it is computed on
@@ -26,12 +26,19 @@ def _logits(model: ModelFns, params, patch, case: Case, kind: str) -> jax.Array:
 
 
 def _accuracies(model, params, patch, case, exact_match: bool):
+    """Reliability / T- / M-Generality, and the predicted tokens `[L]` (at the answer positions only where the
+    inputs carry `answer_rows`, 0 elsewhere: what the rows' text needs)."""
     out, preds = {}, {}
     for name, kind in GENERALITY.items():
         seq = getattr(case, kind)
-        logits = _logits(model, params, patch, case, kind)
-        out[name] = M.edit_accuracy(logits[None], seq.labels[None], exact_match)[0]
-        preds[kind] = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [L]: the token predicted at each step
+        image_key = IMAGE_OF[kind]
+        logits, labels, _ = teacher_forced(model, params, patch, seq, case.images[image_key] if image_key else None)
+        out[name] = M.edit_accuracy(logits[None], labels[None], exact_match)[0]
+        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # the token predicted at each step
+        if seq.answer_rows is not None:  # R rows (+ the appended zero row) back to their positions
+            at = jnp.where(seq.answer_rows >= 0, seq.answer_rows, seq.labels.shape[0])
+            pred = jnp.zeros(seq.labels.shape, jnp.int32).at[at].set(pred[:-1], mode="drop")
+        preds[kind] = pred
     return out, preds
 
 

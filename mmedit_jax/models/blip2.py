@@ -101,14 +101,16 @@ class Blip2(nn.Module):
             )
         return splice_image_embeds(embeds, input_ids, image_embeds, self.config.image_token_index)
 
-    def __call__(self, input_ids, attention_mask, pixel_values=None, image_embeds=None, patch=None, taps=None):
+    def __call__(self, input_ids, attention_mask, pixel_values=None, image_embeds=None, patch=None, taps=None,
+                 rows=None):
+        """-> `(logits [B, L, V], captured)`; with `rows` `[B, R]`, logits at those positions only `[B, R, V]`."""
         captured = {}
         if pixel_values is not None:
             if image_embeds is not None:
                 raise ValueError("pass pixel_values or image_embeds, not both")
             image_embeds, captured = self.encode_image(pixel_values, patch, taps)
         embeds = self.embed_inputs(input_ids, image_embeds)
-        logits, cap_t = self.language_model(embeds, attention_mask, patch=patch, taps=taps)
+        logits, cap_t = self.language_model(embeds, attention_mask, patch=patch, taps=taps, rows=rows)
         return logits, {**captured, **cap_t}
 
     def text_prefix(self, input_ids, attention_mask, image_embeds=None, stop: int = 0):
@@ -116,9 +118,9 @@ class Blip2(nn.Module):
         embeds = self.embed_inputs(input_ids, image_embeds)
         return self.language_model.prefix(embeds, attention_mask, stop)
 
-    def text_resume(self, h, attention_mask, start: int, patch=None, taps=None):
+    def text_resume(self, h, attention_mask, start: int, patch=None, taps=None, rows=None):
         """From `text_prefix`'s hidden states `h [B, L, D]`: layers `start ..` and the head -> (logits, captured)."""
-        return self.language_model.resume(h, attention_mask, start, patch=patch, taps=taps)
+        return self.language_model.resume(h, attention_mask, start, patch=patch, taps=taps, rows=rows)
 
     def decode(self, inputs_embeds, positions, cache, cache_index, key_mask, patch=None):
         """Runs new tokens through the language model with a KV cache: -> (logits, new cache)."""

@@ -45,6 +45,10 @@ class EditView:
         path = f"{self.path}/{name}" if self.path else name
         return EditView(self.deltas, self.taps, path, self.captured)
 
+    def with_taps(self, taps: Mapping[str, Any]) -> EditView:
+        """The same view with other tap perturbations (recording into the same `captured`)."""
+        return EditView(self.deltas, taps, self.path, self.captured)
+
     @property
     def delta(self):
         return self.deltas.get(self.path)
@@ -212,7 +216,11 @@ def run_stack(
         seg = lambda t: jax.tree.map(lambda a: a[s:e], t)  # noqa: B023 (used immediately)
         xs = (seg(stacked_params), _stack(unit_deltas[s:e]), _stack(unit_taps[s:e]),
               None if per_unit_xs is None else seg(per_unit_xs))
-        carry, (ys, cap) = jax.lax.scan(body, carry, xs)
+        if e - s == 1:  # one unit: called directly, so it may change the carry's shape (rows of the last layer)
+            carry, (ys, cap) = body(carry, jax.tree.map(lambda a: a[0], xs))
+            ys, cap = jax.tree.map(lambda a: a[None], (ys, cap))
+        else:
+            carry, (ys, cap) = jax.lax.scan(body, carry, xs)
         ys_parts.append(ys)
         for rel, x in cap.items():
             for j, u in enumerate(range(s, e)):

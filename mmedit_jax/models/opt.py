@@ -22,6 +22,8 @@ from mmedit_jax.models.layers import EditView, PatchableDense, child, init_stack
 from mmedit_jax.models.vit import activation
 
 STACK_PREFIX = "language_model/layers"
+# The linears of a layer that see each position on its own (not keys/values): with `rows`, they run on those rows.
+ROW_SITES = ("self_attn/q_proj", "self_attn/out_proj", "fc1", "fc2")
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2 (a fairseq legacy)
 
 
@@ -29,6 +31,11 @@ def position_ids(attention_mask: jax.Array) -> jax.Array:
     """transformers' OPT positions: `[B, L]` mask -> `[B, L]` ids (padding gets -1, then the offset)."""
     mask = attention_mask.astype(jnp.int32)
     return jnp.cumsum(mask, axis=-1) * mask - 1
+
+
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """`x [B, L, ...]` at positions `rows [B, R]` -> `[B, R, ...]`."""
+    return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 def attention_bias(query_pos: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -51,10 +58,11 @@ class OPTAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, edits: EditView | None = None, cache=None, cache_index=None):
-        """x `[B, L, D]`, mask bool `[B, 1, L, Lk]`; cache `(k, v)` each `[B, T, H, Dh]` or None.
+    def __call__(self, x, mask, edits: EditView | None = None, cache=None, cache_index=None, rows=None):
+        """x `[B, L, D]`, mask bool `[B, 1, L, Lk]` (`[B, 1, R, Lk]` with `rows`); cache `(k, v)` each
+        `[B, T, H, Dh]` or None. `rows` `[B, R]`: only these positions query (keys and values from all L).
 
-        Returns `(out [B, L, D], new cache or None)`; with a cache, `Lk == T`.
+        Returns `(out [B, L | R, D], new cache or None)`; with a cache, `Lk == T`.
         """
         cfg = self.config
         d, heads = cfg.hidden_size, cfg.num_attention_heads
@@ -65,7 +73,8 @@ class OPTAttention(nn.Module):
             d, use_bias=cfg.enable_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         split = lambda t: t.reshape(*t.shape[:-1], heads, head_dim)  # noqa: E731
-        q = split(dense("q_proj")(x, child(edits, "q_proj")) * jnp.asarray(head_dim**-0.5, self.dtype))
+        xq = x if rows is None else take_rows(x, rows)
+        q = split(dense("q_proj")(xq, child(edits, "q_proj")) * jnp.asarray(head_dim**-0.5, self.dtype))
         k = split(dense("k_proj")(x, child(edits, "k_proj")))
         v = split(dense("v_proj")(x, child(edits, "v_proj")))
         new_cache = None
@@ -78,20 +87,29 @@ class OPTAttention(nn.Module):
         # A finite fill: rows with no visible key (left padding) get a uniform softmax, not NaN.
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)).reshape(x.shape[:-1] + (d,))
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)).reshape(xq.shape[:-1] + (d,))
         return dense("out_proj")(out, child(edits, "out_proj")), new_cache
 
 
 class OPTLayer(nn.Module):
-    """One decoder layer; the scanned unit. `(h [B, L, D], mask) -> (h, new cache)`."""
+    """One decoder layer; the scanned unit. `(h [B, L, D], mask) -> (h, new cache)`.
+
+    With `rows` `[B, R]` only those positions go through the layer (queries, residual, feed-forward; keys and
+    values still come from all L) and `h` comes back `[B, R, D]`: enough for the last layer when only some
+    positions' logits are needed. Taps on the row-wise linears (`ROW_SITES`) then take and record `R` rows.
+    """
 
     config: OPTConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, mask, cache_index=None, edits: EditView | None = None, xs=None):
+    def __call__(self, h, mask, cache_index=None, edits: EditView | None = None, xs=None, rows=None):
         cfg = self.config
+        if rows is not None:
+            mask = jnp.take_along_axis(mask, rows[:, None, :, None], axis=2)
+            if edits is not None and edits.taps:
+                edits = edits.with_taps({p: take_rows(e, rows) if p in ROW_SITES else e for p, e in edits.taps.items()})
         pre = cfg.do_layer_norm_before
 
         def ln(name):
@@ -104,8 +122,8 @@ class OPTLayer(nn.Module):
 
         attn = OPTAttention(cfg, self.dtype, self.param_dtype, name="self_attn")
         x = norm("self_attn_layer_norm", h) if pre else h
-        a, new_cache = attn(x, mask, child(edits, "self_attn"), cache=xs, cache_index=cache_index)
-        h = h + a
+        a, new_cache = attn(x, mask, child(edits, "self_attn"), cache=xs, cache_index=cache_index, rows=rows)
+        h = (h if rows is None else take_rows(h, rows)) + a
         if not pre:
             h = norm("self_attn_layer_norm", h)
         dense = lambda n, name: PatchableDense(  # noqa: E731
@@ -194,9 +212,21 @@ class OPTDecoder(nn.Module):
             x = self.project_in(x)
         return x + self.embed_positions(positions + POSITION_OFFSET)
 
-    def _layers(self, h, mask, cache_index, patch, taps, cache=None, start=0, stop=None):
-        return run_stack(self.unit(), self.layers, h, mask, cache_index, prefix=STACK_PREFIX, patch=patch, taps=taps,
-                         per_unit_xs=cache, remat=self.remat, start=start, stop=stop)
+    def _layers(self, h, mask, cache_index, patch, taps, cache=None, start=0, stop=None, rows=None):
+        """Layers `start .. stop - 1`; with `rows` `[B, R]` the last layer runs on those positions only (its
+        output `[B, R, D]`)."""
+        if rows is None:
+            return run_stack(self.unit(), self.layers, h, mask, cache_index, prefix=STACK_PREFIX, patch=patch,
+                             taps=taps, per_unit_xs=cache, remat=self.remat, start=start, stop=stop)
+        last = self.config.num_hidden_layers - 1
+        if cache is not None or (stop is not None and stop <= last) or start > last:
+            raise ValueError("rows: only without a cache, through the last layer")
+        h, _, captured = self._layers(h, mask, cache_index, _below(patch, last), _below(taps, last), start=start,
+                                      stop=last)
+        h, _, top = run_stack(self.unit(), self.layers, h, mask, cache_index, prefix=STACK_PREFIX,
+                              patch=_from(patch, last), taps=_from(taps, last), remat=self.remat, start=last,
+                              rows=rows)
+        return h, None, {**captured, **top}
 
     def prefix(self, inputs_embeds: jax.Array, attention_mask: jax.Array, stop: int) -> jax.Array:
         """The unedited layers `0 .. stop - 1` alone: `inputs_embeds [B, L, E]` -> hidden states `[B, L, D]` entering
@@ -206,11 +236,11 @@ class OPTDecoder(nn.Module):
         return self._layers(h, mask, 0, None, None, stop=stop)[0]
 
     def resume(self, h: jax.Array, attention_mask: jax.Array, start: int, patch: dict | None = None,
-               taps: dict | None = None):
+               taps: dict | None = None, rows: jax.Array | None = None):
         """Layers `start ..` and the head from the hidden states `h [B, L, D]` entering layer `start`:
-        -> `(logits [B, L, V], captured)`. Patches and taps may only touch layers `>= start`."""
+        -> `(logits [B, L | R, V], captured)`. Patches and taps may only touch layers `>= start`."""
         mask = attention_bias(jnp.arange(h.shape[1]), attention_mask)
-        h, _, captured = self._layers(h, mask, 0, patch, taps, start=start)
+        h, _, captured = self._layers(h, mask, 0, patch, taps, start=start, rows=rows)
         return self.head(h), captured
 
     def __call__(
@@ -223,15 +253,38 @@ class OPTDecoder(nn.Module):
         cache_index: jax.Array | int = 0,
         key_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
+        rows: jax.Array | None = None,
     ):
+        """`rows` `[B, R]` (teacher forcing only): logits at those positions only, `[B, R, V]`; the last layer and
+        the head then run on R rows instead of L (where only the answer positions' logits are needed)."""
         h = self._embed_positions(inputs_embeds, attention_mask, positions)
         length = h.shape[1]
         if cache is None:
             mask = attention_bias(jnp.arange(length), attention_mask)
         else:
             mask = attention_bias(cache_index + jnp.arange(length), key_mask)
-        h, new_cache, captured = self._layers(h, mask, cache_index, patch, taps, cache=cache)
+        h, new_cache, captured = self._layers(h, mask, cache_index, patch, taps, cache=cache, rows=rows)
         logits = self.head(h)
         if cache is None:
             return logits, captured
         return logits, captured, new_cache
+
+
+def _layer_of(site: str) -> int | None:
+    if not site.startswith(STACK_PREFIX + "/"):
+        return None
+    return int(site[len(STACK_PREFIX) + 1 :].partition("/")[0])
+
+
+def _below(table: dict | None, layer: int) -> dict | None:
+    """The entries of a `{site: ...}` table outside the stack or on layers `< layer`."""
+    if table is None:
+        return None
+    return {k: v for k, v in table.items() if _layer_of(k) is None or _layer_of(k) < layer}
+
+
+def _from(table: dict | None, layer: int) -> dict | None:
+    """The entries of a `{site: ...}` table on stack layers `>= layer`."""
+    if table is None:
+        return None
+    return {k: v for k, v in table.items() if _layer_of(k) is not None and _layer_of(k) >= layer}
