@@ -112,7 +112,7 @@ def test_step_fns_with_cache_equal_without(world, name, want_k):
         outs.append((pre, edit_fn(editor.editor_params, model.params, batch, pre)))
     (pre0, post0), (pre1, post1) = outs
     assert pre1["hidden_loc"].shape == (N, cases.loc.input_ids.shape[1], model.config.text.hidden_size)
-    assert set(pre1) - set(pre0) == {"hidden_loc", "hidden_loc_image"}
+    assert set(pre1) - set(pre0) == {"hidden_edit", "hidden_loc", "hidden_loc_image"}
     for key in pre0:
         np.testing.assert_allclose(pre1[key], pre0[key], rtol=1e-6, atol=1e-6, err_msg=key)
     assert set(post1) == set(post0)

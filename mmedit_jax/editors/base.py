@@ -84,13 +84,16 @@ class Editor:
     edit: `(editor_params, base_params, case, prior) -> patch`, for one case, pure and vmappable.
     editor_params: trained hypernetwork weights (None for FT).
     vision_side: True when patches touch the vision side, so images must enter as pixels, not cached embeds.
+    resumes: `edit` also takes `prefix=(h [L, D], k)`, the unedited hidden states of `case.edit` entering
+      language-model layer k (no site of the editor lies below k), and then runs its forwards from there.
     """
 
     name: str
-    edit: Callable[[Any, Any, Case, dict], dict]
+    edit: Callable[..., dict]
     editor_params: Any = None
     vision_side: bool = False
     hparams: Any = None
+    resumes: bool = False
 
 
 def answer_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -98,20 +101,28 @@ def answer_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return masked_nll(logits[None], labels[None])
 
 
-def teacher_forced(model: ModelFns, params, patch, seq: Seq, image, taps=None):
+def teacher_forced(model: ModelFns, params, patch, seq: Seq, image, taps=None, prefix=None):
     """`(logits, labels, captured)` of one input, in the shifted layout `answer_nll` and the accuracies take
     (`logits[t]` scored against `labels[t + 1]`).
+
+    `prefix` `(h [L, D], k)`: the unedited hidden states of this input entering language-model layer k
+    (`model.prefix`); the forward then runs layers k.. only (`patch` and `taps` must leave layers < k alone).
 
     Without `seq.answer_rows`: the whole forward, `logits [L, V]` and `seq.labels`. With it: the logits at the R
     answer rows only (the last layer and the head run R rows), laid out as `logits [R + 1, V]` (a zero row
     appended) and `labels [R + 1]` = (-100, the R targets, -100 at unused rows): the same loss and accuracies.
     A tapped linear of the last layer then records its input at the R rows (`captured[site]` `[R, in]`).
     """
+    def forward(rows=None):
+        if prefix is None:
+            return model.forward(params, patch, seq, image, taps=taps, rows=rows)
+        return model.resume(params, patch, seq, prefix[0], prefix[1], taps=taps, rows=rows)
+
     if seq.answer_rows is None:
-        logits, captured = model.forward(params, patch, seq, image, taps=taps)
+        logits, captured = forward()
         return logits, seq.labels, captured
     rows, valid = answer_rows_of(seq)
-    logits, captured = model.forward(params, patch, seq, image, taps=taps, rows=rows)
+    logits, captured = forward(rows)
     targets = jnp.where(valid, seq.labels[jnp.minimum(rows + 1, seq.labels.shape[0] - 1)], -100)
     logits = jnp.concatenate([logits, jnp.zeros_like(logits[:1])])
     return logits, jnp.concatenate([jnp.full((1,), -100, targets.dtype), targets]), captured

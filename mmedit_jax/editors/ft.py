@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mmedit_jax import patch as P
-from mmedit_jax.editors.base import Case, Editor, ModelFns, answer_nll, touches_vision
+from mmedit_jax.editors.base import Case, Editor, ModelFns, answer_nll, teacher_forced, touches_vision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ def make_ft(name: str, model: ModelFns, cfg: FTConfig, base_params, stacks) -> E
     for s in cfg.inner_params:  # fail now, with the site's name, rather than inside a trace
         P.kernel_of(base_params, s, stacks)
 
-    def edit(editor_params, params, case: Case, prior: dict) -> dict:
+    def edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dict:
         del editor_params
         # The weights the optimiser sees are W + prior + delta; decay acts on all of it (decoupled AdamW).
         base_w = {s: P.kernel_of(params, s, stacks) for s in cfg.inner_params}
@@ -79,8 +79,8 @@ def make_ft(name: str, model: ModelFns, cfg: FTConfig, base_params, stacks) -> E
         def loss(delta):
             patch = P.compose(prior, {s: P.Dense(d) for s, d in delta.items()}) if prior else \
                 {s: P.Dense(d) for s, d in delta.items()}
-            logits = model.logits(params, patch, case.edit, case.images["edit"])
-            return answer_nll(logits, case.edit.labels)
+            logits, labels, _ = teacher_forced(model, params, patch, case.edit, case.images["edit"], prefix=prefix)
+            return answer_nll(logits, labels)
 
         def step(carry, t):
             delta, m, v = carry
@@ -100,4 +100,4 @@ def make_ft(name: str, model: ModelFns, cfg: FTConfig, base_params, stacks) -> E
         (delta, _, _), _ = jax.lax.scan(step, (zeros, zeros, zeros), jnp.arange(cfg.num_steps))
         return {s: P.Dense(d) for s, d in delta.items()}
 
-    return Editor(name=name, edit=edit, vision_side=touches_vision(cfg.inner_params), hparams=cfg)
+    return Editor(name=name, edit=edit, vision_side=touches_vision(cfg.inner_params), hparams=cfg, resumes=True)

@@ -56,19 +56,19 @@ def ke_spec(cfg: KN.KEConfig, shapes) -> KESpec:
     return KESpec(cfg, tuple(shapes), tuple((int(i), int(o)) for i, o in shapes.values()))
 
 
-def capture(spec: KESpec, model: ModelFns, params, case: Case, prior: dict) -> tuple[dict, dict]:
+def capture(spec: KESpec, model: ModelFns, params, case: Case, prior: dict, prefix=None) -> tuple[dict, dict]:
     """`({site: (u [T, in], delta [T, out])}, {site: mask [T]})` of one case's edit loss (`capture_factors`)."""
     out_dims = {s: o for s, (_, o) in zip(spec.sites, spec.shapes)}
-    factors = capture_factors(model, params, prior, case, spec.sites, out_dims)
+    factors = capture_factors(model, params, prior, case, spec.sites, out_dims, prefix)
     mask = case.edit.attention_mask.astype(jnp.float32)
     # A site that saw only the answer rows has its unused rows zeroed already; its other rows are all real.
     return factors, {s: mask if u.shape[0] == mask.shape[0] else jnp.ones(u.shape[:1], jnp.float32)
                      for s, (u, _) in factors.items()}
 
 
-def ke_case_patch(spec: KESpec, model: ModelFns, ke_params, params, case: Case, prior: dict) -> dict:
+def ke_case_patch(spec: KESpec, model: ModelFns, ke_params, params, case: Case, prior: dict, prefix=None) -> dict:
     """The `{site: LowRank}` patch of one edit (rank `T + 1` per site, T as in `capture_factors`)."""
-    factors, masks = capture(spec, model, params, case, prior)
+    factors, masks = capture(spec, model, params, case, prior, prefix)
     patches = KN.ke_patches(spec.cfg, ke_params, case.cond_ids, case.cond_mask, factors, masks)
     return KN.as_low_rank(patches)
 
@@ -79,11 +79,11 @@ def make_ke(spec: KESpec, model: ModelFns, ke_params) -> Editor:
     if missing:
         raise KeyError(f"KE parameters have no head for sites {missing} (have {sorted(ke_params['heads'])})")
 
-    def edit(editor_params, params, case: Case, prior: dict) -> dict:
-        return ke_case_patch(spec, model, editor_params, params, case, prior)
+    def edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dict:
+        return ke_case_patch(spec, model, editor_params, params, case, prior, prefix)
 
     return Editor(name="ke", edit=edit, editor_params=ke_params, vision_side=touches_vision(spec.sites),
-                  hparams=spec)
+                  hparams=spec, resumes=True)
 
 
 def save_ke(out_dir: str, spec: KESpec, params) -> None:

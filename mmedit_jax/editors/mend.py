@@ -17,18 +17,20 @@ from mmedit_jax.editors import mend_net as MN
 from mmedit_jax.editors.base import Case, Editor, ModelFns, answer_nll, answer_rows_of, teacher_forced, touches_vision
 
 
-def capture_factors(model: ModelFns, params, prior: dict, case: Case, sites, out_dims: dict):
+def capture_factors(model: ModelFns, params, prior: dict, case: Case, sites, out_dims: dict, prefix=None):
     """`{site: (u [T, in], delta [T, out])}` of the edit loss on `case.edit`, through the model with `prior`.
 
     T = L, except where `case.edit` carries `answer_rows` and the site's layer ran on those R rows only (the last
     layer's row-wise linears: their delta is zero at every other position, as only the answer positions' logits
-    enter the loss): there T = R, with unused rows zeroed (dropped by `nonzero_mask`).
+    enter the loss): there T = R, with unused rows zeroed (dropped by `nonzero_mask`). `prefix` `(h, k)`: start
+    from the edit input's hidden states entering layer k (`teacher_forced`).
     """
     length = case.edit.input_ids.shape[-1]
     eps = {s: jnp.zeros((1, length, out_dims[s]), jnp.float32) for s in sites}
 
     def loss(eps):
-        logits, labels, captured = teacher_forced(model, params, prior, case.edit, case.images["edit"], taps=eps)
+        logits, labels, captured = teacher_forced(model, params, prior, case.edit, case.images["edit"], taps=eps,
+                                                  prefix=prefix)
         return answer_nll(logits, labels), captured
 
     delta, captured = jax.grad(loss, has_aux=True)(eps)
@@ -42,10 +44,11 @@ def capture_factors(model: ModelFns, params, prior: dict, case: Case, sites, out
     return out
 
 
-def mend_case_patch(spec: MN.MendSpec, model: ModelFns, mend_params, site_stats, params, case: Case, prior: dict):
+def mend_case_patch(spec: MN.MendSpec, model: ModelFns, mend_params, site_stats, params, case: Case, prior: dict,
+                    prefix=None):
     """The patch of one edit (eval-mode statistics `site_stats`)."""
     out_dims = {s: spec.shape(s)[1] for s in spec.sites}
-    factors = capture_factors(model, params, prior, case, spec.sites, out_dims)
+    factors = capture_factors(model, params, prior, case, spec.sites, out_dims, prefix)
     masks = {s: MN.nonzero_mask(u, d) for s, (u, d) in factors.items()}
     return MN.as_low_rank(MN.mend_patches(spec, mend_params, site_stats, factors, masks))
 
@@ -54,9 +57,9 @@ def make_mend(spec: MN.MendSpec, model: ModelFns, mend_params, stats) -> Editor:
     """A trained (or freshly initialised) MEND as an `Editor`; `editor_params = (mend_params, stats)`."""
     MN.check_stats(spec, stats)
 
-    def edit(editor_params, params, case: Case, prior: dict) -> dict:
+    def edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dict:
         net, st = editor_params
-        return mend_case_patch(spec, model, net, MN.frozen_site_stats(spec, st), params, case, prior)
+        return mend_case_patch(spec, model, net, MN.frozen_site_stats(spec, st), params, case, prior, prefix)
 
     return Editor(name="mend", edit=edit, editor_params=(mend_params, stats), vision_side=touches_vision(spec.sites),
-                  hparams=spec)
+                  hparams=spec, resumes=True)

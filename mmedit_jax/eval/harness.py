@@ -3,8 +3,9 @@
 One jitted program per batch shape does everything for E independent edits at once:
 `vmap(editor.edit)` -> patches `[E, ...]` -> `vmap(post_scores)`; the base parameters enter once, unbatched.
 Pre-edit outputs are one more jitted program. When every patch leaves the language model's layers below some
-k alone (MEND, KE, FT-L on late layers), the pre-edit program keeps the locality inputs' hidden states at
-layer k and the post-edit locality passes start there (the frozen-prefix cache).
+k alone (MEND, KE, FT-L on late layers), the pre-edit program keeps the edit and locality inputs' hidden states
+at layer k, and the editor's forwards, Reliability and the post-edit locality passes start there (the
+frozen-prefix cache).
 Results are appended to `cases.jsonl` after every batch (flushed and fsynced), so an interrupted run loses at
 most one batch and `resume=True` skips the cases already written.
 """
@@ -65,8 +66,9 @@ def make_step_fns(editor: Editor, model: ModelFns, exact_match: bool, base_accur
     `base_accuracy=False` leaves the unedited model's accuracies out of the pre-edit program (the five metrics
     do not need them; throughput timing uses it, as the reference's per-record step computes none).
     `prefix_layer` k (from `prefix_layer()`; every patch must leave the layers below k alone) turns on the
-    frozen-prefix cache: the pre-edit program also returns the locality inputs' hidden states entering layer k
-    (`hidden_loc`, `hidden_loc_image` `[E, L, D]`) and the post-edit locality passes run layers k.. only.
+    frozen-prefix cache: the pre-edit program also returns the edit and locality inputs' hidden states entering
+    layer k (`hidden_edit`, `hidden_loc`, `hidden_loc_image` `[E, L, D]`); the post-edit locality and Reliability
+    passes, and the editor's own forwards where it `resumes`, run layers k.. only.
     """
     k = prefix_layer
 
@@ -74,10 +76,13 @@ def make_step_fns(editor: Editor, model: ModelFns, exact_match: bool, base_accur
     def pre_fn(params, cases: Case):
         return jax.vmap(lambda c: pre_outputs(model, params, c, exact_match, base_accuracy, k))(cases)
 
+    resume = k is not None and editor.resumes
+
     @jax.jit
     def edit_fn(editor_params, params, cases: Case, pre):
         def one(case, pre_c):
-            patch = editor.edit(editor_params, params, case, {})
+            kw = {"prefix": (pre_c["hidden_edit"], k)} if resume else {}
+            patch = editor.edit(editor_params, params, case, {}, **kw)
             return post_scores(model, params, patch, case, pre_c, exact_match, k)
 
         return jax.vmap(one)(cases, pre)

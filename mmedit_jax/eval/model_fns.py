@@ -64,10 +64,14 @@ class Blip2Fns:
                               method="text_prefix")
         return h[0]
 
-    def resume_logits(self, params, patch, seq: Seq, h: jax.Array, start: int) -> jax.Array:
+    def resume(self, params, patch, seq: Seq, h: jax.Array, start: int, taps=None, rows=None):
         """Continues `prefix(..., stop=start)`'s hidden states `h [L, D]` through layers `start ..` (patched) and
-        the head: -> logits `[L, V]`, equal to `logits(params, patch, seq, image)` when `patch` leaves the layers
-        below `start` alone."""
-        logits, _ = self.module.apply({"params": params}, h[None], seq.attention_mask[None], start, patch,
-                                      method="text_resume")
-        return logits[0]
+        the head: -> `(logits [L, V] (or [R, V] at `rows`), captured)`, as `forward` when `patch` and `taps`
+        leave the layers below `start` alone."""
+        logits, captured = self.module.apply({"params": params}, h[None], seq.attention_mask[None], start, patch,
+                                             taps, None if rows is None else rows[None], method="text_resume")
+        return logits[0], {k: v[0] for k, v in captured.items()}
+
+    def resume_logits(self, params, patch, seq: Seq, h: jax.Array, start: int) -> jax.Array:
+        """`resume`'s logits `[L, V]`."""
+        return self.resume(params, patch, seq, h, start)[0]

@@ -25,14 +25,16 @@ def _logits(model: ModelFns, params, patch, case: Case, kind: str) -> jax.Array:
     return model.logits(params, patch, getattr(case, kind), image)
 
 
-def _accuracies(model, params, patch, case, exact_match: bool):
+def _accuracies(model, params, patch, case, exact_match: bool, prefixes: dict | None = None):
     """Reliability / T- / M-Generality, and the predicted tokens `[L]` (at the answer positions only where the
-    inputs carry `answer_rows`, 0 elsewhere: what the rows' text needs)."""
+    inputs carry `answer_rows`, 0 elsewhere: what the rows' text needs). `prefixes`: `{kind: (h, k)}` inputs
+    whose forwards start from their hidden states entering layer k."""
     out, preds = {}, {}
     for name, kind in GENERALITY.items():
         seq = getattr(case, kind)
         image_key = IMAGE_OF[kind]
-        logits, labels, _ = teacher_forced(model, params, patch, seq, case.images[image_key] if image_key else None)
+        logits, labels, _ = teacher_forced(model, params, patch, seq, case.images[image_key] if image_key else None,
+                                           prefix=(prefixes or {}).get(kind))
         out[name] = M.edit_accuracy(logits[None], labels[None], exact_match)[0]
         pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # the token predicted at each step
         if seq.answer_rows is not None:  # R rows (+ the appended zero row) back to their positions
@@ -40,6 +42,13 @@ def _accuracies(model, params, patch, case, exact_match: bool):
             pred = jnp.zeros(seq.labels.shape, jnp.int32).at[at].set(pred[:-1], mode="drop")
         preds[kind] = pred
     return out, preds
+
+
+def _prefixes(pre: dict, prefix_layer: int | None) -> dict:
+    """`{"edit": (hidden_edit, k)}` where `pre` holds the edit input's hidden states, else `{}`."""
+    if prefix_layer is None or "hidden_edit" not in pre:
+        return {}
+    return {"edit": (pre["hidden_edit"], prefix_layer)}
 
 
 def _locality_logits(model, params, patch, case: Case, pre: dict, prefix_layer: int | None):
@@ -59,18 +68,19 @@ def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True, b
 
     With `prefix_layer` k (the first edited language-model layer), the two locality passes run in two parts and
     also return the hidden states entering layer k, `hidden_loc` / `hidden_loc_image` `[L, D]`, for
-    `post_scores` to start from.
+    `post_scores` to start from, and those of the edit input, `hidden_edit` (the editor's forward and
+    Reliability's start there).
     """
     out = {}
     if prefix_layer is not None:
-        for kind in ("loc", "loc_image"):
+        for kind in ("edit", "loc", "loc_image"):
             image_key = IMAGE_OF[kind]
             image = None if image_key is None else case.images[image_key]
             out[f"hidden_{kind}"] = model.prefix(params, getattr(case, kind), image, prefix_layer)
     loc, loc_image = _locality_logits(model, params, {}, case, out, prefix_layer)
     out.update(loc_top1=M.topk_indices(loc, 1), loc_image_top10=M.topk_indices(loc_image, 10))
     if base_accuracy:
-        acc, preds = _accuracies(model, params, {}, case, exact_match)
+        acc, preds = _accuracies(model, params, {}, case, exact_match, _prefixes(out, prefix_layer))
         out.update(acc, pred_edit=preds["edit"])
     return out
 
@@ -80,9 +90,9 @@ def post_scores(model: ModelFns, params, patch, case: Case, pre: dict, exact_mat
     """The five metrics of the edited model on one case (scalars in [0, 1]) and its `pred_edit [L]`.
 
     With `prefix_layer` k, `patch` must leave layers `< k` alone and `pre` come from `pre_outputs(...,
-    prefix_layer=k)`: the locality passes then run layers `k ..` only.
+    prefix_layer=k)`: the locality and Reliability passes then run layers `k ..` only.
     """
-    out, preds = _accuracies(model, params, patch, case, exact_match)
+    out, preds = _accuracies(model, params, patch, case, exact_match, _prefixes(pre, prefix_layer))
     loc, loc_image = _locality_logits(model, params, patch, case, pre, prefix_layer)
     # = metrics.text_locality / image_locality, with the pre-edit top-k cached instead of its logits.
     out["t_locality"] = M.index_agreement(
