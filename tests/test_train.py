@@ -96,7 +96,10 @@ def test_ke_patch_is_the_dense_ke_update_and_low_rank(world):
     for s in SITES:
         d = patch[s]
         n_in, n_out = kernels[s].shape
-        assert d.a.shape == (L + 1, n_in) and d.b.shape == (L + 1, n_out) and d.scale.shape == ()
+        # Rank T + 1: T = L, or on the last layer the answer rows only (the gradient is zero elsewhere).
+        last = int(s.split("/")[2]) == model.config.text.num_hidden_layers - 1
+        t = case.edit.answer_rows.shape[0] if last else L
+        assert d.a.shape == (t + 1, n_in) and d.b.shape == (t + 1, n_out) and d.scale.shape == ()
         h = KN.head_outputs(params["heads"][s], c, (n_in, n_out))
         mask = h["a_col"][:, None] * jax.nn.softmax(h["a_row"])[None, :]
         offset = h["b_col"][:, None] * jax.nn.softmax(h["b_row"])[None, :]
