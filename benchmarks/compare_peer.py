@@ -427,7 +427,7 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, help="first N records of the file")
     ap.add_argument("--peer-limit", type=int, help="the peer scores only the first N cases (it is slow)")
     ap.add_argument("--demo-records", type=int, default=32)
-    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--batches", default="1,4,16,32,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--token-accuracy", action="store_true")
     ap.add_argument("--pad-multiple", type=int, default=1, help="our side's padding (the peer runs unpadded)")
