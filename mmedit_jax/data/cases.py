@@ -222,12 +222,11 @@ def answer_rows(labels: np.ndarray, width: int | None = None) -> np.ndarray:
     width = max(need, 1) if width is None else width
     if need > width:
         raise ValueError(f"answer_rows: an input has {need} answer tokens, more than width {width}")
-    flat = hits.reshape(-1, hits.shape[-1])
-    out = np.full((flat.shape[0], width), -1, np.int32)
-    for i, row in enumerate(flat):
-        pos = np.nonzero(row)[0]
-        out[i, : len(pos)] = pos
-    return out.reshape(hits.shape[:-1] + (width,))
+    if width > hits.shape[-1]:  # more rows than positions: the extra ones stay unused
+        hits = np.pad(hits, [(0, 0)] * (hits.ndim - 1) + [(0, width - hits.shape[-1])])
+    order = np.argsort(~hits, axis=-1, kind="stable")[..., :width]  # answer positions first, ascending
+    taken = np.take_along_axis(hits, order, axis=-1)
+    return np.where(taken, order, -1).astype(np.int32)
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:

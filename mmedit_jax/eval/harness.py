@@ -25,7 +25,7 @@ import numpy as np
 from mmedit_jax.data import cases as cases_lib
 from mmedit_jax.editors.base import Case, Editor, ModelFns, Seq
 from mmedit_jax.eval.scoring import METRICS, post_scores, pre_outputs
-from mmedit_jax.models.opt import STACK_PREFIX as LM_STACK
+from mmedit_jax.models.opt import layer_of
 
 
 @dataclasses.dataclass
@@ -38,11 +38,9 @@ def first_edited_layer(sites) -> int | None:
     """The lowest language-model layer among patch `sites` (`language_model/layers/<i>/...`), or None when a
     site lies outside the language model's layer stack (vision side, embeddings, head) or layer 0 is edited:
     then no unedited prefix of the stack can be shared."""
-    layers = []
-    for site in sites:
-        if not site.startswith(LM_STACK + "/"):
-            return None
-        layers.append(int(site[len(LM_STACK) + 1 :].partition("/")[0]))
+    layers = [layer_of(site) for site in sites]
+    if None in layers:
+        return None
     k = min(layers, default=0)
     return k if k > 0 else None
 

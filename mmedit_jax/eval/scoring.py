@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmedit_jax.editors.base import IMAGE_OF, Case, ModelFns, teacher_forced
+from mmedit_jax.editors.base import IMAGE_OF, Case, ModelFns, answer_rows_of, teacher_forced
 from mmedit_jax.eval import metrics as M
 
 # metric name -> the case input it is computed on
@@ -38,7 +38,8 @@ def _accuracies(model, params, patch, case, exact_match: bool, prefixes: dict | 
         out[name] = M.edit_accuracy(logits[None], labels[None], exact_match)[0]
         pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # the token predicted at each step
         if seq.answer_rows is not None:  # R rows (+ the appended zero row) back to their positions
-            at = jnp.where(seq.answer_rows >= 0, seq.answer_rows, seq.labels.shape[0])
+            rows, valid = answer_rows_of(seq)
+            at = jnp.where(valid, rows, seq.labels.shape[0])
             pred = jnp.zeros(seq.labels.shape, jnp.int32).at[at].set(pred[:-1], mode="drop")
         preds[kind] = pred
     return out, preds

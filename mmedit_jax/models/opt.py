@@ -270,7 +270,8 @@ class OPTDecoder(nn.Module):
         return logits, captured, new_cache
 
 
-def _layer_of(site: str) -> int | None:
+def layer_of(site: str) -> int | None:
+    """The language-model layer of a site `language_model/layers/<i>/...`, None for a site outside the stack."""
     if not site.startswith(STACK_PREFIX + "/"):
         return None
     return int(site[len(STACK_PREFIX) + 1 :].partition("/")[0])
@@ -280,11 +281,11 @@ def _below(table: dict | None, layer: int) -> dict | None:
     """The entries of a `{site: ...}` table outside the stack or on layers `< layer`."""
     if table is None:
         return None
-    return {k: v for k, v in table.items() if _layer_of(k) is None or _layer_of(k) < layer}
+    return {k: v for k, v in table.items() if layer_of(k) is None or layer_of(k) < layer}
 
 
 def _from(table: dict | None, layer: int) -> dict | None:
     """The entries of a `{site: ...}` table on stack layers `>= layer`."""
     if table is None:
         return None
-    return {k: v for k, v in table.items() if _layer_of(k) is not None and _layer_of(k) >= layer}
+    return {k: v for k, v in table.items() if layer_of(k) is not None and layer_of(k) >= layer}
