@@ -1,24 +1,24 @@
-"""Ours (the JAX harness: vmapped edits, compiled edit + score) against the PyTorch peer (`peer_torch.py`, EasyEdit's
-one-edit-at-a-time procedure) on the same model, cases and editor weights, in one run.
+"""Ours (the JAX harness: vmapped edits, compiled edit + score) against the peer (`peer_easyedit.py`, EasyEdit's
+one-edit-at-a-time procedure in PyTorch) on the same model, cases and editor weights, in one run.
 
     python benchmarks/compare_peer.py --editor mend                       # demo: tiny random BLIP-2, synthetic data
     python benchmarks/compare_peer.py --editor ft-l --model DIR --data FILE --image-root DIR [--editor-ckpt DIR]
     python benchmarks/compare_peer.py --editor ke --source world          # the shipped world KE
 
-Steps: (1) prepare once, here: load the model and data the way `mmedit_jax.evaluate` does (`prepare_data`), export
-the weights to a transformers directory (`export_hf`), save the token arrays and pixels (`peer_torch.save_cases`)
-and the editor (ours: `save_mend` / `save_ke`; the peer's: EasyEdit's MEND state-dict layout, `mend_to_easyedit`,
-or a `peer_torch.KENet` state dict, `ke_to_torch`; FT: the hparams). (2) run each side in its own process, one
-after the other, so each peak RSS is its own: ours reloads the exported directory with `from_pretrained`
-(bit-identical to the weights exported), scores every case with the harness at the best batch size, and times
-steady-state calls per vmapped batch size; the peer edits and scores every case one at a time. (3) print edits/s
-of both and the ratio, peak memory, and metric agreement (mean |difference| per metric over cases and the fraction
-of cases where the metric is identical); `--json` writes it.
+Steps: (1) prepare once, here: load the model and data the way `mmedit_jax.evaluate` does
+(`pipeline.prepare_data`), export the weights to a transformers directory (`export_hf`), save the token arrays and
+pixels (`save_cases`) and the editor (ours: `editors.io.save_mend` / `save_ke`; the peer's: EasyEdit's MEND
+state-dict layout, `mend_to_easyedit`, or a `peer_easyedit.KENet` state dict, `ke_to_torch`; FT: the hparams).
+(2) run each side in its own process, one after the other, so each peak RSS is its own: ours reloads the exported
+directory with `from_pretrained` (bit-identical to the weights exported), scores every case with the harness at
+the best batch size, and times steady-state calls per vmapped batch size; the peer edits and scores every case one
+at a time. (3) print edits/s of both and the ratio, peak memory, and metric agreement (mean |difference| per metric
+over cases and the fraction of cases where the metric is identical); `--json` writes it.
 
 Model and data sources are pluggable (`SOURCES`): `files` (--model/--data/--image-root), `world` (the built-in
 world's shipped model, eval split and editors via `mmedit_jax.world.assets`, the default once it exists) and
-`demo` (evaluate.demo_setup; for MEND without a checkpoint a freshly initialised MEND over the last two layers'
-fc1/fc2, statistics gathered from the cases' own edit gradients; for KE without a checkpoint a fresh KE over the
+`demo` (`mmedit_jax.demo.demo_setup`; for MEND without a checkpoint a freshly initialised MEND over the last two
+layers' fc1/fc2, statistics gathered from the cases' own edit gradients; for KE without a checkpoint a fresh KE over the
 same sites at ke_world.yaml's sizes, the `a_col` part of its heads' output biases perturbed so that the update is
 not near zero and mostly the gradient term, `fresh_ke`).
 """
@@ -33,12 +33,10 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
-
-import numpy as np  # noqa: E402
 
 METRICS = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")
 FT_KEYS = ("num_steps", "edit_lr", "weight_decay", "beta1", "beta2", "eps")
@@ -50,7 +48,7 @@ FT_KEYS = ("num_steps", "edit_lr", "weight_decay", "beta1", "beta2", "eps")
 
 def source_demo(args, workdir):
     from mmedit_jax.data.mmedit import load_mmedit
-    from mmedit_jax.evaluate import demo_setup
+    from mmedit_jax.demo import demo_setup
 
     paths, tok, model = demo_setup(os.path.join(workdir, "demo"), args.demo_records, args.seed)
     loaded = load_mmedit(paths.json_path, "vqa", paths.image_root, paths.rephrase_image_root)
@@ -58,33 +56,26 @@ def source_demo(args, workdir):
 
 
 def source_files(args, workdir):
-    from transformers import AutoTokenizer
-
+    from mmedit_jax import pipeline
     from mmedit_jax.data.mmedit import load_mmedit
-    from mmedit_jax.loading import from_pretrained
 
-    model = from_pretrained(args.model, image_size=args.image_size)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    task = args.task or ("caption" if "caption" in os.path.basename(args.data) else "vqa")
+    model, tok = pipeline.load_model(args.model, image_size=args.image_size)
+    task = pipeline.task_of(args.data, args.task)
     loaded = load_mmedit(args.data, task, args.image_root, args.rephrase_image_root or args.image_root,
                          size=args.limit)
     return model, tok, loaded.records, task, args.editor_ckpt
 
 
 def source_world(args, workdir):
-    """The built-in world (`mmedit_jax.world.assets.ensure`, the interface `mmedit_jax.bench` uses)."""
-    from transformers import AutoTokenizer
-
+    """The built-in world (`pipeline.world_inputs`, the interface `mmedit_jax.bench` uses)."""
+    from mmedit_jax import pipeline
     from mmedit_jax.data.mmedit import load_mmedit
-    from mmedit_jax.loading import from_pretrained
-    from mmedit_jax.world import assets
 
     task = args.task or "vqa"
-    w = assets.ensure(task, cache_dir=None)
-    model = from_pretrained(w.model_dir)
-    tok = AutoTokenizer.from_pretrained(w.tokenizer_dir)
-    loaded = load_mmedit(w.eval_json, task, w.image_root, w.image_root, size=args.limit)
-    return model, tok, loaded.records, task, w.editor_ckpts.get(args.editor)
+    model_dir, tokenizer_dir, eval_json, image_root, ckpts = pipeline.world_inputs(task)
+    model, tok = pipeline.load_model(model_dir, tokenizer_dir)
+    loaded = load_mmedit(eval_json, task, image_root, image_root, size=args.limit)
+    return model, tok, loaded.records, task, ckpts.get(args.editor)
 
 
 def world_available() -> bool:
@@ -104,11 +95,11 @@ SOURCES = {"demo": source_demo, "files": source_files, "world": source_world}
 
 def last_ffn_shapes(model, layers: int) -> dict:
     """`{site: kernel shape}` of fc1/fc2 in the last `layers` OPT layers: what the fresh editors edit."""
-    from mmedit_jax import patch as P
+    from mmedit_jax.sites import kernel_of
 
     n = model.config.text.num_hidden_layers
     sites = [f"language_model/layers/{i}/{fc}" for i in range(n - layers, n) for fc in ("fc1", "fc2")]
-    return {s: tuple(P.kernel_of(model.params, s, model.stacks).shape) for s in sites}
+    return {s: tuple(kernel_of(model.params, s, model.stacks).shape) for s in sites}
 
 
 def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, perturb: float = 0.0,
@@ -119,11 +110,10 @@ def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, pertu
     identity network would hide a wrong transform in tests)."""
     import jax
 
-    from mmedit_jax import evaluate as E
+    from mmedit_jax.case import make_cases
     from mmedit_jax.editors import mend as M
     from mmedit_jax.editors import mend_net as MN
-    from mmedit_jax.eval import harness
-    from mmedit_jax.eval.model_fns import Blip2Fns
+    from mmedit_jax.forward import Blip2Fns
 
     shapes = last_ffn_shapes(model, layers)
     spec = MN.mend_spec(MN.MendConfig(rank=64), shapes)
@@ -141,9 +131,8 @@ def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, pertu
         stats = {k: {"u": moments(spec.group_shape(k)[0]), "delta": moments(spec.group_shape(k)[1])}
                  for k, _ in spec.groups}
         return spec, params, stats
-    fns = Blip2Fns(model.module)
-    editor = E.build_editor("ft-l", model)  # only for the image table of a non-vision editor
-    cases = harness.make_cases(cases_batch, E.image_table(editor, model, pixels))
+    fns = Blip2Fns(model.module)  # the language model's sites: cached image embeddings
+    cases = make_cases(cases_batch, fns.image_table(model.params, pixels))
     sites = tuple(shapes)
     out_dims = {s: shapes[s][1] for s in sites}
     factors = jax.jit(jax.vmap(lambda c: M.capture_factors(fns, model.params, {}, c, sites, out_dims)))(
@@ -180,7 +169,7 @@ def fresh_ke(model, layers: int = 2, seed: int = 0, perturb: float = 0.0, cfg=No
 
 
 def ke_to_torch(spec, params) -> tuple[dict, dict]:
-    """Our KE parameters as a `peer_torch.KENet` state dict (numpy arrays) and its meta. Layouts: torch Linear
+    """Our KE parameters as a `peer_easyedit.KENet` state dict (numpy arrays) and its meta. Layouts: torch Linear
     weights are `[out, in]` (ours `[in, out]`); LSTM gates i, f, g, o in both, our summed bias goes to `bias_ih`
     (`bias_hh` = 0); weight norm `original0` = g `[out, 1]`, `original1` = v `[out, in]`."""
     import dataclasses
@@ -211,9 +200,9 @@ def ke_to_torch(spec, params) -> tuple[dict, dict]:
 def ft_hparams(model, config_path: str | None) -> dict:
     """FT-L hparams: configs/ft_l_blip2.yaml (or --config) values; sites from the config's inner_params when they
     exist in this model, else the last OPT layer's fc1/fc2 (the yaml's layer 31 is OPT-2.7B's last)."""
-    from mmedit_jax.convert.blip2 import easyedit_site
     from mmedit_jax.editors import ft
     from mmedit_jax.editors.hparams import load_hparams
+    from mmedit_jax.sites import easyedit_site
 
     hp = load_hparams(config_path or os.path.join(ROOT, "configs", "ft_l_blip2.yaml"))
     sites = None
@@ -240,21 +229,19 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
             perturb_ke: float = 1.0) -> dict:
     """Writes everything both sides need under `workdir`; returns the manifest. `source`: an already loaded
     `(model, tok, records, task, ckpt)` (default: `SOURCES[args.source]`). `perturb_ke`: for a fresh KE only."""
-    import peer_torch
     import torch
 
-    from mmedit_jax import evaluate as E
+    from mmedit_jax import pipeline
     from mmedit_jax.convert.export_hf import export_hf
     from mmedit_jax.convert.mend_to_easyedit import easyedit_name, to_easyedit
 
     model, tok, records, task, ckpt = source or SOURCES[args.source](args, workdir)
     if not records:
         raise SystemExit("no usable records")
-    prepared = E.prepare_data(records, tok, model, task, model.config.vision.image_size,
-                              getattr(args, "pad_multiple", 1))
+    prepared = pipeline.prepare_data(records, tok, model, task, getattr(args, "pad_multiple", 1))
     hf_dir = os.path.join(workdir, "hf")
     export_hf(model.config, model.params, hf_dir, tok)
-    peer_torch.save_cases(os.path.join(workdir, "cases.npz"), prepared.batch, prepared.pixels)
+    save_cases(os.path.join(workdir, "cases.npz"), prepared.batch, prepared.pixels)
     manifest = {"editor": args.editor, "task": task, "num_cases": len(records), "hf": hf_dir,
                 "cases": os.path.join(workdir, "cases.npz"), "meta": prepared.meta,
                 "exact_match": not args.token_accuracy, "source": args.source,
@@ -268,7 +255,7 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
         peer_ft["inner_params"] = [easyedit_name(s) for s in hp["sites"]]
         manifest["peer_ft"] = peer_ft
     elif args.editor == "ke":
-        from mmedit_jax.editors.ke import load_ke, save_ke
+        from mmedit_jax.editors.io import load_ke, save_ke
 
         ckpt = args.editor_ckpt or ckpt
         spec, params = load_ke(ckpt) if ckpt else fresh_ke(model, seed=args.seed, perturb=perturb_ke)
@@ -279,7 +266,7 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
         torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}, "meta": meta}, peer_path)
         manifest.update(ke=ours_dir, peer_ke=peer_path, ke_fresh=not ckpt)
     else:
-        from mmedit_jax.convert.mend_easyedit import load_mend, save_mend
+        from mmedit_jax.editors.io import load_mend, save_mend
 
         ckpt = args.editor_ckpt or ckpt
         if ckpt:
@@ -298,21 +285,39 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
     return manifest
 
 
+TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "image_ids")
+
+
+def save_cases(path: str, batch, pixels: np.ndarray) -> None:
+    """Writes an `EditBatch` (`mmedit_jax.data.cases`) and its image table `[N, 3, H, W]` to one npz, the five
+    inputs under EasyEdit's names (`case.INPUTS`), as the peer reads them (`peer_easyedit.load_cases`)."""
+    from mmedit_jax.case import INPUTS
+
+    arrays = {"pixels": np.asarray(pixels, np.float32), "case_index": np.asarray(batch.case_index),
+              "cond_ids": np.asarray(batch.cond_ids), "cond_mask": np.asarray(batch.cond_mask),
+              "valid": np.asarray(batch.valid)}
+    for spec in INPUTS:
+        tb = batch.sub(spec.name)
+        for field in TOKEN_FIELDS:
+            arrays[f"{spec.easyedit}/{field}"] = np.asarray(getattr(tb, field))
+    np.savez(path, **arrays)
+
+
 def cases_from_npz(path: str):
-    """The `EditBatch` saved by `peer_torch.save_cases`, and its pixels."""
-    from mmedit_jax.data.cases import SUB_INPUTS, EditBatch, TokenBatch
+    """The `EditBatch` saved by `save_cases`, and its pixels."""
+    from mmedit_jax.case import INPUTS
+    from mmedit_jax.data.cases import EditBatch, TokenBatch
 
     with np.load(path) as z:
         d = dict(z)
-    subs = {n: TokenBatch(*(d[f"{n}/{f}"] for f in ("input_ids", "attention_mask", "labels", "image_ids")))
-            for n in SUB_INPUTS}
+    subs = {spec.name: TokenBatch(*(d[f"{spec.easyedit}/{f}"] for f in TOKEN_FIELDS)) for spec in INPUTS}
     batch = EditBatch(**subs, cond_ids=d["cond_ids"], cond_mask=d["cond_mask"], case_index=d["case_index"],
                       valid=d["valid"])
     return batch, d["pixels"]
 
 
 def vm_hwm_mib() -> float:
-    """Peak RSS of this process (VmHWM; `peer_torch.peak_rss_mib` without importing torch here)."""
+    """Peak RSS of this process (VmHWM; `peer_easyedit.peak_rss_mib` without importing torch here)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
@@ -321,9 +326,9 @@ def run_ours(manifest: dict, batches=(1, 4, 16, 64), repeats: int = 3) -> dict:
     """The harness on the exported model: every case scored (quality), and steady edits/s per batch size."""
     import jax
 
-    from mmedit_jax import evaluate as E
-    from mmedit_jax.eval import harness, throughput
-    from mmedit_jax.eval.model_fns import Blip2Fns
+    from mmedit_jax import pipeline
+    from mmedit_jax.case import make_cases, take
+    from mmedit_jax.eval import harness, steps, throughput
     from mmedit_jax.loading import from_pretrained
 
     model = from_pretrained(manifest["hf"])
@@ -333,26 +338,25 @@ def run_ours(manifest: dict, batches=(1, 4, 16, 64), repeats: int = 3) -> dict:
 
         hparams = {k: hp[k] for k in FT_KEYS}
         hparams["inner_params"] = [easyedit_name(s) for s in hp["sites"]]
-        editor = E.build_editor("ft-l", model, hparams)
+        editor = pipeline.build_editor("ft-l", model, hparams)
     else:
-        editor = E.build_editor(manifest["editor"], model, editor_ckpt=manifest[manifest["editor"]])
+        editor = pipeline.build_editor(manifest["editor"], model, editor_ckpt=manifest[manifest["editor"]])
     batch, pixels = cases_from_npz(manifest["cases"])
-    fns = Blip2Fns(model.module, pixels=editor.vision_side)
-    cases = harness.make_cases(batch, E.image_table(editor, model, pixels))
+    cases = make_cases(batch, editor.fns.image_table(model.params, pixels))
     n = manifest["num_cases"]
     em = manifest["exact_match"]
     # Timing: what the peer computes, with the frozen-prefix cache where the editor allows it (as the bench).
-    prefix = harness.prefix_layer(editor, fns, model.params, harness._take(cases, 0))
-    step_fns = harness.make_step_fns(editor, fns, em, base_accuracy=False, prefix_layer=prefix)
+    prefix = steps.prefix_layer(editor, model.params, take(cases, 0))
+    step_fns = steps.make_step_fns(editor, em, base_accuracy=False, prefix_layer=prefix)
     rows = []
     for b in batches:  # no batches: quality only (tests)
-        r = throughput.time_edit_step(editor, fns, model.params, cases, b, repeats * (3 if b == 1 else 1), em,
+        r = throughput.time_edit_step(editor, model.params, cases, b, repeats * (3 if b == 1 else 1), em,
                                       step_fns).as_dict()
         rows.append({k: r[k] for k in ("batch", "compile_s", "edits_per_s", "p50_ms", "p90_ms")})
         print(f"  ours E={b}: {r['edits_per_s']:.1f} edits/s (compile {r['compile_s']:.1f}s)", file=sys.stderr,
               flush=True)
     best = max(rows, key=lambda r: r["edits_per_s"]) if rows else {"batch": 4, "edits_per_s": float("nan")}
-    quality = harness.run(editor, fns, model.params, cases, manifest["meta"], None, batch_size=min(best["batch"], n),
+    quality = harness.run(editor, model.params, cases, manifest["meta"], None, batch_size=min(best["batch"], n),
                           exact_match=em, resume=False, progress=False)
     per_case = [{"index": int(r["index"]), **{m: r[m] for m in METRICS}} for r in quality.rows]
     return {"rows": per_case, "throughput": rows, "best_batch": best["batch"], "edits_per_s": best["edits_per_s"],
@@ -361,14 +365,12 @@ def run_ours(manifest: dict, batches=(1, 4, 16, 64), repeats: int = 3) -> dict:
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
 
 
-def run_peer_inline(manifest: dict, limit: int | None = None) -> dict:
-    """The peer in this process (tests): same files as the worker."""
-    import peer_torch
-
-    model = peer_torch.load_model(manifest["hf"])
-    editor = peer_torch.make_editor(manifest["editor"], model, manifest.get("peer_ft"), manifest.get("peer_mend"),
-                                    manifest.get("peer_ke"))
-    return peer_torch.run_peer(model, editor, peer_torch.load_cases(manifest["cases"]), manifest["exact_match"], limit)
+def peer_files(manifest: dict) -> dict:
+    """The peer's inputs in a prepared manifest, as `peer_easyedit.run_files` takes them (the worker gets the same
+    as command-line flags; tests call `run_files(**peer_files(manifest))` in their own process)."""
+    return {"hf": manifest["hf"], "cases": manifest["cases"], "editor": manifest["editor"],
+            "ft": manifest.get("peer_ft"), "mend": manifest.get("peer_mend"), "ke": manifest.get("peer_ke"),
+            "exact_match": manifest["exact_match"]}
 
 
 def agreement(ours_rows, peer_rows) -> dict:
@@ -385,9 +387,8 @@ def agreement(ours_rows, peer_rows) -> dict:
 
 
 def _worker(cmd: list[str], out_path: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True)
     with open(out_path) as f:
         res = json.load(f)
     res["process_wall_s"] = time.perf_counter() - t0
@@ -459,7 +460,7 @@ def main(argv=None):
     ours = _worker([sys.executable, os.path.abspath(__file__), "--worker", "ours", "--workdir", workdir,
                     "--json", ours_json, "--batches", args.batches, "--repeats", str(args.repeats)], ours_json)
     peer_json = os.path.join(workdir, "peer.json")
-    cmd = [sys.executable, os.path.join(HERE, "peer_torch.py"), "--hf", manifest["hf"], "--cases", manifest["cases"],
+    cmd = [sys.executable, os.path.join(HERE, "peer_easyedit.py"), "--hf", manifest["hf"], "--cases", manifest["cases"],
            "--editor", args.editor, "--out", peer_json]
     if args.editor == "ft-l":
         ft_path = os.path.join(workdir, "peer_ft.json")

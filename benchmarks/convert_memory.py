@@ -151,7 +151,6 @@ def engine_child(mode: str, ckpt: str, out: str):
     save: stream it into a part-wise Orbax save as the CLI does; memory: convert into a numpy tree and move
     it to the device as `from_pretrained(hf_dir)` does; restore: restore the saved one as
     `from_pretrained(converted_dir)` does."""
-    sys.path.insert(0, REPO)
     import jax
 
     from mmedit_jax import checkpoint

@@ -20,21 +20,19 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def setup(size: str, n_records: int, workdir: str, seed: int = 0):
     import jax
 
-    from mmedit_jax import evaluate as E
+    from mmedit_jax import pipeline
     from mmedit_jax.data.mmedit import load_mmedit
+    from mmedit_jax.demo import demo_setup
     from mmedit_jax.models.blip2 import Blip2Model
 
-    paths, tok, model = E.demo_setup(workdir, n_records, seed)
+    paths, tok, model = demo_setup(workdir, n_records, seed)
     if size == "small":
         c = model.config
         cfg = dataclasses.replace(
@@ -45,7 +43,7 @@ def setup(size: str, n_records: int, workdir: str, seed: int = 0):
         )
         model = Blip2Model.init(cfg, jax.random.PRNGKey(seed))
     records = load_mmedit(paths.json_path, "vqa", paths.image_root).records
-    prepared = E.prepare_data(records, tok, model, "vqa", model.config.vision.image_size)
+    prepared = pipeline.prepare_data(records, tok, model, "vqa")
     return model, prepared
 
 
@@ -60,24 +58,22 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import jax
 
-    from mmedit_jax import evaluate as E
-    from mmedit_jax.eval import harness
-    from mmedit_jax.eval.model_fns import Blip2Fns
+    from mmedit_jax import pipeline
+    from mmedit_jax.case import make_cases
     from mmedit_jax.eval.throughput import matmul_peak_gflops, time_edit_step
 
     with tempfile.TemporaryDirectory() as workdir:
         model, prepared = setup(args.size, args.records, workdir)
     rows = []
     for cache in (True, False):
-        editor = E.build_editor(args.editor, model, {}, feature_cache=cache)
-        fns = Blip2Fns(model.module, pixels=editor.vision_side)
+        editor = pipeline.build_editor(args.editor, model, {}, feature_cache=cache)
         t0 = time.perf_counter()
-        table = E.image_table(editor, model, prepared.pixels)
+        table = editor.fns.image_table(model.params, prepared.pixels)
         table_s = time.perf_counter() - t0
-        cases = harness.make_cases(prepared.batch, table)
+        cases = make_cases(prepared.batch, table)
         batches = [int(b) for b in args.batches.split(",")] if cache else [max(int(b) for b in args.batches.split(","))]
         for b in batches:
-            r = time_edit_step(editor, fns, model.params, cases, b, args.repeats).as_dict()
+            r = time_edit_step(editor, model.params, cases, b, args.repeats).as_dict()
             r.update(feature_cache=cache, image_table_s=table_s)
             rows.append(r)
             print(f"E={b:3d} cache={cache!s:5}  {r['edits_per_s']:8.1f} edits/s  compile {r['compile_s']:.1f}s  "

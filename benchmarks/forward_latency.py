@@ -16,13 +16,10 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIGS = {
     "tiny": dict(

@@ -1,8 +1,8 @@
 """The frozen-prefix cache, timed side by side with the plain path in one process (the built-in world).
 
-    PYTHONPATH=. python benchmarks/prefix_cache.py --editor mend --batch 64 --repeats 10 [--json FILE]
+    python benchmarks/prefix_cache.py --editor mend --batch 64 --repeats 10 [--json FILE]
 
-Both paths run the bench's timed programs (`harness.make_step_fns(..., base_accuracy=False)`: the unedited
+Both paths run the bench's timed programs (`steps.make_step_fns(..., base_accuracy=False)`: the unedited
 model's locality predictions, then edit + five metrics), compiled separately, then timed in alternating rounds
 (steady calls, `jax.block_until_ready`) so a noisy machine affects both alike. Also checks that both give the
 same outputs on the timed batch, and reports FLOPs per edit of each: XLA's cost analysis (which counts a
@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 
-from mmedit_jax.eval.throughput import matmul_flops
+from mmedit_jax.eval.throughput import matmul_flops, xla_cost
 
 
 def main(argv=None):
@@ -30,31 +30,26 @@ def main(argv=None):
 
     import jax
     import numpy as np
-    from transformers import AutoTokenizer
 
-    from mmedit_jax import evaluate as E
+    from mmedit_jax import pipeline
+    from mmedit_jax.case import pad_batch, take
     from mmedit_jax.data.mmedit import load_mmedit
-    from mmedit_jax.eval import harness, throughput
-    from mmedit_jax.eval.model_fns import Blip2Fns
-    from mmedit_jax.loading import from_pretrained
-    from mmedit_jax.world import assets
+    from mmedit_jax.eval import steps
 
-    w = assets.ensure("vqa")
-    model = from_pretrained(w.model_dir)
-    tok = AutoTokenizer.from_pretrained(w.tokenizer_dir)
-    records = load_mmedit(w.eval_json, "vqa", w.image_root, w.image_root).records
-    editor = E.build_editor(args.editor, model, {}, w.editor_ckpts.get(args.editor))
-    prepared = E.prepare_data(records, tok, model, "vqa", model.config.vision.image_size, pad_multiple=1)
-    fns = Blip2Fns(model.module, pixels=editor.vision_side)
-    cases = harness.make_cases(prepared.batch, E.image_table(editor, model, prepared.pixels))
-    k = harness.prefix_layer(editor, fns, model.params, harness._take(cases, 0))
+    model_dir, tokenizer_dir, eval_json, image_root, ckpts = pipeline.world_inputs("vqa")
+    model, tok = pipeline.load_model(model_dir, tokenizer_dir)
+    records = load_mmedit(eval_json, "vqa", image_root, image_root).records
+    editor = pipeline.build_editor(args.editor, model, {}, ckpts.get(args.editor))
+    prepared = pipeline.prepare_data(records, tok, model, "vqa", pad_multiple=1)
+    cases = pipeline.cases_for(editor.fns, model.params, prepared)
+    k = steps.prefix_layer(editor, model.params, take(cases, 0))
     print(f"{args.editor}: first edited language-model layer {k} of {model.config.text.num_hidden_layers}")
 
     n = len(prepared.meta)
-    batch = harness._pad_batch(harness._take(cases, np.arange(min(args.batch, n))), args.batch)
+    batch = pad_batch(take(cases, np.arange(min(args.batch, n))), args.batch)
     batch = jax.device_put(batch)
-    paths = {"plain": harness.make_step_fns(editor, fns, True, base_accuracy=False),
-             "prefix cache": harness.make_step_fns(editor, fns, True, base_accuracy=False, prefix_layer=k)}
+    paths = {"plain": steps.make_step_fns(editor, True, base_accuracy=False),
+             "prefix cache": steps.make_step_fns(editor, True, base_accuracy=False, prefix_layer=k)}
 
     def call(name):
         pre_fn, edit_fn = paths[name]
@@ -73,8 +68,8 @@ def main(argv=None):
             result[name]["times_s"].append(time.perf_counter() - t0)
     for name, (pre_fn, edit_fn) in paths.items():
         pre = pre_fn(model.params, batch)
-        flops_edit, _ = throughput._cost(edit_fn.lower(editor.editor_params, model.params, batch, pre).compile())
-        flops_pre, _ = throughput._cost(pre_fn.lower(model.params, batch).compile())
+        flops_edit = xla_cost(edit_fn.lower(editor.editor_params, model.params, batch, pre).compile())[0]
+        flops_pre = xla_cost(pre_fn.lower(model.params, batch).compile())[0]
         jaxpr_flops = (matmul_flops(jax.make_jaxpr(edit_fn)(editor.editor_params, model.params, batch, pre))
                        + matmul_flops(jax.make_jaxpr(pre_fn)(model.params, batch)))
         r = result[name]

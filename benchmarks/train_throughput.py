@@ -37,25 +37,25 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from mmedit_jax import train as TR
-    from mmedit_jax.editors import train as T
-    from mmedit_jax.eval.model_fns import Blip2Fns
+    from mmedit_jax import demo, pipeline
+    from mmedit_jax import training as T
+    from mmedit_jax.case import take
+    from mmedit_jax.train import demo_sites
 
     with tempfile.TemporaryDirectory() as d:
-        tok, model, records, _ = TR.demo_world(d, 32, 8, 0)
-        n = model.config.text.num_hidden_layers
-        sites = tuple(f"language_model/layers/{i}/{f}" for i in range(n - 3, n) for f in ("fc1", "fc2"))
-        cases, _ = TR.cases_for(records, tok, model, "vqa", False)
-    fns = Blip2Fns(model.module)
+        tok, model, records, _ = demo.demo_world(d, 32, 8, 0)
+        prepared = pipeline.prepare_data(records, tok, model, "vqa")
+    sites = demo_sites(model)
     rows = []
     for kind in args.editors.split(","):
         for e in (int(x) for x in args.batch_sizes.split(",")):
             cfg = T.TrainConfig(alg=kind.upper(), inner_params=sites, batch_size=e, accumulate_bs=1, lr=1e-4)
-            tr = TR.build_trainable(kind, model, {}, cfg)
-            tx, step = T.step_program(tr, fns, cfg)
+            tr = T.build_trainable(kind, model, {}, cfg)
+            cases = pipeline.cases_for(tr.fns, model.params, prepared)
+            tx, step = T.step_program(tr, cfg)
             ts = T.init_train_state(tr, tx, 0, cfg)
             w = jnp.ones(e, bool)
-            batches = [jax.device_put(T.take(cases, T.batch_indices(0, s, e, len(records))))
+            batches = [jax.device_put(take(cases, T.batch_indices(0, s, e, len(records))))
                        for s in range(args.steps + 1)]
             t0 = time.perf_counter()
             ts, m = step(ts, model.params, batches[0], w)

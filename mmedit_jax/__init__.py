@@ -2,9 +2,11 @@
 
 The path of one forward pass, by file:
   image -> `data/image.py` (preprocess) -> `models/vit.py` -> `models/qformer.py` -> `models/opt.py` -> logits
-  (`models/blip2.py` composes them).
+  (`models/blip2.py` composes them; `forward.py` is the single-example view editors and scoring use).
 The path of one edit:
-  case -> `editors/*.py` (FT, MEND, KE) -> `patch.py` (low-rank / dense patches) -> `eval/metrics.py`.
+  `case.py` -> `editors/{ft,mend,ke}.py` -> `patch.py` (low-rank / dense patches) -> `forward.py` (patched forward)
+  -> `eval/scoring.py` + `eval/metrics.py` (the five metrics) -> `eval/harness.py` (batches, rows on disk).
+README.md "How it fits together" lists every file and which way imports point.
 """
 
 __version__ = "0.1.0"

@@ -17,7 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmedit_jax import checkpoint
+from mmedit_jax.convert.blip2 import blip2_rules
+from mmedit_jax.convert.engine import apply_rules, iter_rules, open_checkpoint
+from mmedit_jax.models.blip2 import Blip2Model
 from mmedit_jax.models.config import Blip2Config
+from mmedit_jax.models.vit import interpolate_pos_encoding
 
 HF_CONFIG = "config.json"
 
@@ -54,15 +58,10 @@ def detect(path: str | os.PathLike) -> str:
 
 def param_template(config: Blip2Config, dtype: Any = jnp.float32) -> dict[str, Any]:
     """The model's parameter tree as `jax.ShapeDtypeStruct`s (nothing is allocated)."""
-    from mmedit_jax.models.blip2 import Blip2Model
-
     return jax.eval_shape(lambda rng: Blip2Model.init(config, rng, dtype=dtype).params, jax.random.key(0))
 
 
 def _hf_conversion(hf_dir, dtype):
-    from mmedit_jax.convert.blip2 import blip2_rules
-    from mmedit_jax.convert.engine import open_checkpoint
-
     config = read_hf_config(hf_dir)
     rules, ignored = blip2_rules(config)
     return config, open_checkpoint(hf_dir), param_template(config, dtype), rules, ignored
@@ -70,8 +69,6 @@ def _hf_conversion(hf_dir, dtype):
 
 def convert_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=None):
     """(config, numpy param tree) from a Hugging Face BLIP-2 directory, converted tensor by tensor."""
-    from mmedit_jax.convert.engine import apply_rules
-
     config, reader, template, rules, ignored = _hf_conversion(hf_dir, dtype)
     return config, apply_rules(reader, template, rules, ignored, dtype=dtype, progress=progress)
 
@@ -79,8 +76,6 @@ def convert_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=Non
 def iter_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32):
     """(config, iterator of ('a/b/c', numpy array)): the conversion as a stream, one parameter at a time.
     Every check runs when the iteration starts, before any tensor is read."""
-    from mmedit_jax.convert.engine import iter_rules
-
     config, reader, template, rules, ignored = _hf_conversion(hf_dir, dtype)
     return config, iter_rules(reader, template, rules, ignored, dtype=dtype)
 
@@ -103,8 +98,6 @@ def _resize_images(config: Blip2Config, params, image_size: int | None):
     """Resample the vision position embeddings when the run's image size differs from the checkpoint's."""
     if image_size is None or int(image_size) == config.vision.image_size:
         return config, params
-    from mmedit_jax.models.vit import interpolate_pos_encoding
-
     vision, vision_config = interpolate_pos_encoding(params["vision_model"], config.vision, int(image_size))
     return dataclasses.replace(config, vision=vision_config), {**params, "vision_model": vision}
 
@@ -115,8 +108,6 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_siz
     `dtype`: parameter and compute dtype (float32 or bfloat16). `image_size`: run at this image size,
     interpolating the vision position embeddings (EasyEdit feeds 364 px images to 224 px checkpoints).
     """
-    from mmedit_jax.models.blip2 import Blip2Model
-
     dtype = jnp.dtype(dtype)  # accepts "bfloat16" as well as jnp.bfloat16
     kind = detect(path)
     if kind == "converted":

@@ -1,8 +1,7 @@
 """Edits as patches: values that say how some parameters change, never in-place writes.
 
-A patch is a plain dict `{site: delta}`. A *site* names one linear layer by its readable path, with the layer
-index spelled out for stacked (scanned) layers, e.g. `"language_model/layers/31/fc1"` or
-`"qformer/layers/10/output_query/dense"`; its parameter is that module's `kernel` (`[in, out]`, `y = x @ W`).
+A patch is a plain dict `{site: delta}`; a *site* names one linear layer (`sites.py`), e.g.
+`"language_model/layers/31/fc1"`; its parameter is that module's `kernel` (`[in, out]`, `y = x @ W`).
 
 Deltas:
   * `LowRank(a [r, in], b [r, out], scale [])`: `W + scale * a.T @ b`, applied factored inside the layer as
@@ -22,6 +21,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from mmedit_jax.sites import get_path, resolve_site, set_path
 
 
 @struct.dataclass
@@ -55,56 +56,9 @@ Delta = LowRank | Dense
 Patch = dict  # dict[str, Delta]
 
 
-# --------------------------------------------------------------------------------------------------
-# Sites: readable names <-> where the kernel lives in the (stacked) parameter tree.
-
-
-def resolve_site(site: str, stacks: Mapping[str, int]) -> tuple[tuple[str, ...], int | None]:
-    """Maps a site to `(path of its kernel leaf, index on the leaf's leading layer axis or None)`.
-
-    `stacks` maps each stacked-layer prefix (e.g. `"language_model/layers"`) to how many layers one scanned
-    unit holds: 1 for plain stacks; k for the Q-Former, whose layers are scanned in groups of k (cross-attention
-    every k-th layer), stored as members `"0".."k-1"` of each group.
-    """
-    for prefix, per_unit in stacks.items():
-        if site.startswith(prefix + "/"):
-            idx, _, rest = site[len(prefix) + 1 :].partition("/")
-            if not idx.isdigit() or not rest:
-                raise KeyError(f"site {site!r}: expected '{prefix}/<layer index>/<module path>'")
-            i = int(idx)
-            path = prefix.split("/")
-            if per_unit > 1:
-                path.append(str(i % per_unit))
-            return (*path, *rest.split("/"), "kernel"), i // per_unit
-    return (*site.split("/"), "kernel"), None
-
-
-def _get(tree, path: tuple[str, ...], site: str):
-    node = tree
-    for i, k in enumerate(path):
-        if not isinstance(node, Mapping) or k not in node:
-            have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
-            raise KeyError(f"site {site!r}: no {'/'.join(path[: i + 1])!r} in params (have {have})")
-        node = node[k]
-    return node
-
-
-def _set(tree, path: tuple[str, ...], value):
-    """A new dict spine with `value` at `path`; every other leaf is shared, not copied."""
-    if not path:
-        return value
-    new = dict(tree)
-    new[path[0]] = _set(tree[path[0]], path[1:], value)
-    return new
-
-
-def kernel_of(params, site: str, stacks: Mapping[str, int]) -> jax.Array:
-    """The `[in, out]` kernel a site edits."""
-    path, idx = resolve_site(site, stacks)
-    leaf = _get(params, path, site)
-    if idx is not None and idx >= leaf.shape[0]:  # jax would clamp the index silently
-        raise KeyError(f"site {site!r}: layer out of range (the stack holds {leaf.shape[0]} units)")
-    return leaf if idx is None else leaf[idx]
+def as_low_rank(factors: Mapping[str, tuple[jax.Array, jax.Array, jax.Array]]) -> Patch:
+    """`{site: (a, b, scale)}` (what the hypernetwork editors compute) as a patch `{site: LowRank}`."""
+    return {site: LowRank(a, b, scale) for site, (a, b, scale) in factors.items()}
 
 
 def apply_patch(params, patch: Patch, stacks: Mapping[str, int]):
@@ -115,12 +69,12 @@ def apply_patch(params, patch: Patch, stacks: Mapping[str, int]):
     """
     for site, delta in patch.items():
         path, idx = resolve_site(site, stacks)
-        leaf = _get(params, path, site)
+        leaf = get_path(params, path, site)
         d = delta.dense().astype(leaf.dtype)
         target_shape = leaf.shape if idx is None else leaf.shape[1:]
         if d.shape != target_shape:
             raise ValueError(f"site {site!r}: delta shape {d.shape} does not match kernel shape {target_shape}")
-        params = _set(params, path, leaf + d if idx is None else leaf.at[idx].add(d))
+        params = set_path(params, path, leaf + d if idx is None else leaf.at[idx].add(d))
     return params
 
 

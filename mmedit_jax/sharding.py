@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mmedit_jax import tree
+
 DATA, MODEL = "data", "model"
 
 # Stacked layer prefixes: their leaves carry a leading layer (or Q-Former group) axis.
@@ -60,20 +62,6 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
 )
 
 
-def path_name(path) -> str:
-    """A `tree_flatten_with_path` key path as a '/'-joined name (`vision_model/layers/mlp/fc1/kernel`)."""
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
 
 def _is_stacked(name: str, stacked_prefixes: Sequence[str]) -> bool:
     return any(name.startswith(p + "/") for p in stacked_prefixes)
@@ -104,7 +92,7 @@ def partition_spec(name: str, shape: Sequence[int], rules=DEFAULT_RULES,
 def param_specs(params, rules=DEFAULT_RULES, stacked_prefixes: Sequence[str] = STACKED_PREFIXES):
     """The tree of `PartitionSpec`s for `params` (arrays or `jax.ShapeDtypeStruct`s)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: partition_spec(path_name(path), np.shape(leaf), rules, stacked_prefixes), params
+        lambda path, leaf: partition_spec(tree.path_name(path), np.shape(leaf), rules, stacked_prefixes), params
     )
 
 
@@ -124,7 +112,7 @@ def param_shardings(params, mesh: Mesh, rules=DEFAULT_RULES,
 
     def one(path, leaf):
         shape = np.shape(leaf)
-        spec = partition_spec(path_name(path), shape, rules, stacked_prefixes)
+        spec = partition_spec(tree.path_name(path), shape, rules, stacked_prefixes)
         return NamedSharding(mesh, fit_spec(spec, shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, params)
@@ -151,6 +139,17 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Inputs `[B, ...]` split over "data" on their batch axis."""
     return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
+
+
+def place_batch(mesh: Mesh | None, batch_size: int):
+    """`place(tree)`: puts a host batch of `batch_size` edits on `mesh`, split over "data" (identity without a mesh).
+
+    The harness and the trainer place every batch through this, so both check the same divisibility."""
+    if mesh is None:
+        return lambda tree: tree
+    if batch_size % mesh.shape[DATA]:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's data axis ({mesh.shape[DATA]})")
+    return lambda tree: jax.tree.map(lambda a: jax.device_put(a, batch_sharding(mesh, np.ndim(a))), tree)
 
 
 def mesh_from_flag(flag: str | None) -> Mesh | None:

@@ -2,38 +2,30 @@
 positions only equal those of the full forward (tiny random BLIP-2, 4 OPT layers, pre- and post-LayerNorm)."""
 
 import dataclasses
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_prefix_cache import cases_for, fresh_mend, random_patch
+from worlds import fresh_mend, random_patch
 
-from mmedit_jax import evaluate as E
-from mmedit_jax.data.cases import answer_rows
-from mmedit_jax.data.mmedit import load_mmedit
-from mmedit_jax.editors.base import answer_nll, teacher_forced
+from benchmarks import compare_peer
+from mmedit_jax import pipeline
+from mmedit_jax.case import answer_rows, make_cases
 from mmedit_jax.editors.ke import make_ke
-from mmedit_jax.eval import harness
 from mmedit_jax.eval import metrics as M
-from mmedit_jax.eval.model_fns import Blip2Fns
+from mmedit_jax.eval import steps
+from mmedit_jax.forward import Blip2Fns, teacher_forced
+from mmedit_jax.losses import answer_nll
 from mmedit_jax.models.blip2 import Blip2Model
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import compare_peer  # noqa: E402
 
 N = 6
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("demo"))
-    paths, tok, model = E.demo_setup(out, N, seed=2)
-    records = load_mmedit(paths.json_path, "vqa", paths.image_root).records
-    prepared = E.prepare_data(records, tok, model, "vqa", model.config.vision.image_size)
-    return model, prepared
+def world(make_demo_world):
+    w = make_demo_world(N, seed=2)
+    return w.model, w.prepared
 
 
 def test_answer_rows_by_hand():
@@ -52,7 +44,8 @@ def test_forward_at_rows_equals_full_forward(world, pre_ln):
         text = dataclasses.replace(model.config.text, do_layer_norm_before=False)
         model = Blip2Model.init(dataclasses.replace(model.config, text=text), jax.random.PRNGKey(7))
     fns = Blip2Fns(model.module)
-    cases = cases_for(E.build_editor("ft-l", model), model, prepared)
+    editor = pipeline.build_editor("ft-l", model)
+    cases = pipeline.cases_for(editor.fns, model.params, prepared)
     rows_all = np.asarray(cases.edit.answer_rows)
     assert rows_all.shape[1] > 1 and (rows_all == -1).any()  # several answer tokens, and padding rows
     patch = random_patch(model, [1, 3])
@@ -87,9 +80,8 @@ def test_patches_and_scores_with_rows_equal_without(world, name):
     last layer's factors shrink to the answer rows."""
     model, prepared = world
     editor = fresh_mend(model) if name == "mend" else fresh_ke(model)
-    fns = Blip2Fns(model.module)
-    table = E.image_table(editor, model, prepared.pixels)
-    with_rows, without = (harness.make_cases(prepared.batch, table, answer_rows=a) for a in (True, False))
+    table = editor.fns.image_table(model.params, prepared.pixels)
+    with_rows, without = (make_cases(prepared.batch, table, with_answer_rows=a) for a in (True, False))
     assert without.edit.answer_rows is None
     one = [jax.tree.map(lambda a: jnp.asarray(a[0]), c) for c in (with_rows, without)]
     edit = jax.jit(editor.edit)
@@ -100,13 +92,13 @@ def test_patches_and_scores_with_rows_equal_without(world, name):
         dense = [np.asarray(p[site].scale * p[site].a.T @ p[site].b) for p in patches]
         assert np.abs(dense[1]).max() > 0
         np.testing.assert_allclose(dense[0], dense[1], rtol=1e-4, atol=1e-6 * np.abs(dense[1]).max(), err_msg=site)
-    pre_fn, edit_fn = harness.make_step_fns(editor, fns, exact_match=False, prefix_layer=2)
+    pre_fn, edit_fn = steps.make_step_fns(editor, exact_match=False, prefix_layer=2)
     outs = []
     for cases in (with_rows, without):
         batch = jax.device_put(cases)
         pre = pre_fn(model.params, batch)
         outs.append((pre, edit_fn(editor.editor_params, model.params, batch, pre)))
-    answer = np.asarray(prepared.batch.edit_inner.labels)[:, 1:] != -100
+    answer = np.asarray(prepared.batch.edit.labels)[:, 1:] != -100
     for a, b in zip(*outs):
         for key in b:
             x, y = np.asarray(a[key]), np.asarray(b[key])

@@ -16,11 +16,12 @@ transformers = pytest.importorskip("transformers")
 
 from mmedit_jax import patch as P  # noqa: E402
 from mmedit_jax.convert import __main__ as cli  # noqa: E402
-from mmedit_jax.convert.blip2 import easyedit_site, opt_rules  # noqa: E402
+from mmedit_jax.convert.blip2 import opt_rules  # noqa: E402
 from mmedit_jax.convert.engine import ConversionError  # noqa: E402
 from mmedit_jax.loading import from_pretrained  # noqa: E402
 from mmedit_jax.models.config import OPTConfig  # noqa: E402
 from mmedit_jax.models.opt import OPTDecoder  # noqa: E402
+from mmedit_jax.sites import easyedit_site, kernel_of  # noqa: E402
 
 IMAGE_TOKEN, PAD, EOS, NQ = 63, 1, 2, 3
 
@@ -206,7 +207,7 @@ def test_patches_and_taps_reach_every_stack(tmp_path):
     assert np.abs(got - np.asarray(model(pixels, ids, mask))).max() > 1e-2
 
     site = "language_model/layers/1/fc2"
-    kernel = P.kernel_of(model.params, site, model.stacks)
+    kernel = kernel_of(model.params, site, model.stacks)
     x_pix = jnp.transpose(jnp.asarray(pixels), (0, 2, 3, 1))
 
     def loss_eps(eps):

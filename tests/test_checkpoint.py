@@ -10,6 +10,7 @@ import pytest
 from mmedit_jax import checkpoint
 from mmedit_jax.checkpoint import CheckpointError, CheckpointManager
 from mmedit_jax.models.config import Blip2Config, OPTConfig
+from mmedit_jax.tree import flatten
 
 
 def small_tree(seed=0):
@@ -103,7 +104,7 @@ def test_checkpoint_manager_keeps_latest(tmp_path):
 def test_parts_and_streamed_input(tmp_path):
     tree = small_tree(5)
     tree["language_projection"] = {"kernel": np.ones((4, 8), np.float32), "bias": np.zeros(8, np.float32)}
-    flat = checkpoint._flatten(tree)
+    flat = flatten(tree)
     consumed = []
 
     def stream():  # a generator, as the converter feeds it
@@ -116,7 +117,7 @@ def test_parts_and_streamed_input(tmp_path):
     assert len(meta["params_parts"]) >= 3 and consumed == list(flat)
     assert meta["num_params"] == sum(a.size for a in flat.values())
     assert set(checkpoint.params_metadata(tmp_path)) == set(flat)
-    got = checkpoint._flatten(checkpoint.restore_params(tmp_path, abstract(tree)))
+    got = flatten(checkpoint.restore_params(tmp_path, abstract(tree)))
     assert set(got) == set(flat)
     for name, want in flat.items():
         np.testing.assert_array_equal(np.asarray(got[name]), want)

@@ -10,6 +10,7 @@ import pytest
 import transformers
 from PIL import Image
 
+from mmedit_jax.case import INPUT_NAMES
 from mmedit_jax.data import cases as C
 from mmedit_jax.data.mmedit import ALL_FIELDS, SKIP_DIRTY, SKIP_EMPTY_ALT, DataError, load_mmedit
 from mmedit_jax.data.synthetic import write_synthetic_mmedit
@@ -191,27 +192,27 @@ def test_tokenizer_reloads_offline(tok):
 def test_case_strings_follow_reference_templates(vqa, caption):
     r = load_mmedit(vqa.json_path, "vqa", vqa.image_root).records[0]
     x = C.case_inputs(r, "vqa")
-    assert x["edit_inner"].text == f"Question: {r.src} Short answer: {r.alt}"
-    assert x["edit_inner"].prompt == f"Question: {r.src} Short answer:"
-    assert x["edit_inner"].target == " " + r.alt
-    assert x["edit_outer"].text == f"Question: {r.rephrase} Short answer: {r.alt}"
-    assert (x["edit_inner"].image, x["edit_outer"].image, x["edit_outer_image"].image) == (
+    assert x["edit"].text == f"Question: {r.src} Short answer: {r.alt}"
+    assert x["edit"].prompt == f"Question: {r.src} Short answer:"
+    assert x["edit"].target == " " + r.alt
+    assert x["rephrase"].text == f"Question: {r.rephrase} Short answer: {r.alt}"
+    assert (x["edit"].image, x["rephrase"].image, x["image_rephrase"].image) == (
         r.image, r.image, r.image_rephrase)
-    assert x["edit_outer_image"].text == x["edit_inner"].text
+    assert x["image_rephrase"].text == x["edit"].text
     assert x["loc"].text == f"{r.loc} {r.loc_ans}" and x["loc"].image is None
     assert x["loc_image"].text == f"Question: {r.m_loc_q} Short answer: {r.m_loc_a}"
     assert x["loc_image"].image == r.m_loc
 
     old = C.case_inputs(r, "vqa", paper_era_template=True)
-    assert old["edit_inner"].prompt == f"Question: {r.src} Short answer: "
-    assert old["edit_inner"].target == r.alt
+    assert old["edit"].prompt == f"Question: {r.src} Short answer: "
+    assert old["edit"].target == r.alt
     assert old["loc_image"].target == r.m_loc_a and old["loc"].text == x["loc"].text
 
     c = load_mmedit(caption.json_path, "caption", caption.image_root).records[0]
     y = C.case_inputs(c, "caption")
-    assert y["edit_inner"].text == f"{c.src} {c.alt}" and y["edit_outer"].text == f"{c.rephrase} {c.alt}"
+    assert y["edit"].text == f"{c.src} {c.alt}" and y["rephrase"].text == f"{c.rephrase} {c.alt}"
     assert y["loc_image"].text == f"Question: {c.m_loc_q} Short answer: {c.m_loc_a}"  # M-Loc always templated
-    assert C.case_inputs(c, "caption", paper_era_template=True)["edit_inner"].text == y["edit_inner"].text
+    assert C.case_inputs(c, "caption", paper_era_template=True)["edit"].text == y["edit"].text
 
 
 def test_prompt_is_clean_token_prefix(vqa, caption, tok):
@@ -238,7 +239,7 @@ def test_edit_batch_layout_and_labels(vqa_records, tok):
     recs = vqa_records[:3]
     batch = C.build_edit_batch(recs, t, table, cfg)
     assert batch.batch_size == 3 and list(batch.case_index) == [0, 1, 2]
-    for name in C.SUB_INPUTS:
+    for name in INPUT_NAMES:
         sub = batch.sub(name)
         b, length = sub.input_ids.shape
         assert length in cfg.buckets and sub.labels.shape == sub.attention_mask.shape == (b, length)
@@ -257,7 +258,7 @@ def test_edit_batch_layout_and_labels(vqa_records, tok):
             assert np.all(sub.labels[i, : n_img + len(t.encode(x.prompt, add_special_tokens=False))] == -100)
             assert np.all(sub.labels[i, n:] == -100)
             assert sub.image_ids[i] == (-1 if name == "loc" else table.paths.index(x.image))
-    assert t.decode(batch.edit_inner.labels[0][batch.edit_inner.labels[0] >= 0]) == " " + recs[0].alt
+    assert t.decode(batch.edit.labels[0][batch.edit.labels[0] >= 0]) == " " + recs[0].alt
     assert batch.cond_ids.shape == batch.cond_mask.shape == (3, 32)
     n = batch.cond_mask[1].sum()
     assert t.decode(batch.cond_ids[1, :n]) == recs[1].cond and np.all(batch.cond_ids[1, n:] == t.pad_token_id)
@@ -270,9 +271,9 @@ def test_prepend_bos_is_masked(vqa_records, tok):
     table = C.ImageTable(_pil_preprocess)
     a = C.build_edit_batch(vqa_records[:2], t, table, _config(t, "vqa"))
     b = C.build_edit_batch(vqa_records[:2], t, table, _config(t, "vqa", prepend_bos=True))
-    assert b.edit_inner.input_ids[0, NQ] == t.bos_token_id and b.loc.input_ids[0, 0] == t.bos_token_id
-    assert b.edit_inner.labels[0, NQ] == -100
-    for name in C.SUB_INPUTS:  # same answer tokens, one position later
+    assert b.edit.input_ids[0, NQ] == t.bos_token_id and b.loc.input_ids[0, 0] == t.bos_token_id
+    assert b.edit.labels[0, NQ] == -100
+    for name in INPUT_NAMES:  # same answer tokens, one position later
         la, lb = a.sub(name).labels, b.sub(name).labels
         np.testing.assert_array_equal(la[la != -100], lb[lb != -100])
 
@@ -281,7 +282,7 @@ def test_buckets_and_fixed_lengths(vqa_records, tok):
     t, _ = tok
     cfg = _config(t, "vqa", buckets=(8, 16, 24, 40))
     batch = C.build_edit_batch(vqa_records[:2], t, C.ImageTable(_pil_preprocess), cfg)
-    for name in C.SUB_INPUTS:
+    for name in INPUT_NAMES:
         sub = batch.sub(name)
         longest = sub.attention_mask.sum(1).max()
         smaller = [x for x in cfg.buckets if x < sub.input_ids.shape[1]]
@@ -289,9 +290,9 @@ def test_buckets_and_fixed_lengths(vqa_records, tok):
     lengths = C.max_lengths(vqa_records, t, cfg)
     table = C.ImageTable(_pil_preprocess)
     fixed = [C.build_edit_batch(vqa_records[i : i + 2], t, table, cfg, lengths=lengths) for i in (0, 2, 4, 6)]
-    for name in C.SUB_INPUTS:
+    for name in INPUT_NAMES:
         assert {f.sub(name).input_ids.shape for f in fixed} == {(2, lengths[name])}
-    with pytest.raises(ValueError, match=r"case 0, edit_inner: \d+ tokens exceed the largest bucket 8"):
+    with pytest.raises(ValueError, match=r"case 0, edit: \d+ tokens exceed the largest bucket 8"):
         C.build_edit_batch(vqa_records[:1], t, C.ImageTable(_pil_preprocess), _config(t, "vqa", buckets=(8,)))
     with pytest.raises(ValueError, match="ascending"):
         _config(t, "vqa", buckets=(16, 8))
@@ -303,7 +304,7 @@ def test_max_lengths_to_a_multiple(vqa_records, tok):
     cfg = _config(t, "vqa", buckets=(64,))
     exact = C.max_lengths(vqa_records, t, cfg, multiple=1)
     batch = C.build_edit_batch(vqa_records, t, C.ImageTable(_pil_preprocess), cfg, lengths=exact)
-    for name in C.SUB_INPUTS:
+    for name in INPUT_NAMES:
         assert exact[name] == batch.sub(name).attention_mask.sum(1).max() < 64
     for name, n in C.max_lengths(vqa_records, t, cfg, multiple=8).items():
         assert n % 8 == 0 and exact[name] <= n < exact[name] + 8
@@ -328,7 +329,7 @@ def test_image_table_decodes_each_image_once(vqa_records, tok):
     table.stack(batch.loc_image.image_ids)
     table.array(0)
     assert sorted(calls) == sorted(table.paths)  # each path preprocessed exactly once
-    np.testing.assert_array_equal(pixels[batch.edit_outer_image.image_ids[3]],
+    np.testing.assert_array_equal(pixels[batch.image_rephrase.image_ids[3]],
                                   _pil_preprocess(vqa_records[3].image_rephrase))
     with pytest.raises(IndexError):
         table.array(len(table))
@@ -342,11 +343,11 @@ def test_pad_to_and_decode_answers(vqa_records, tok):
     cfg = _config(t, "vqa")
     batch = C.build_edit_batch(vqa_records[5:], t, table, cfg, pad_to=4)
     assert list(batch.valid) == [True, True, True, False] and list(batch.case_index) == [5, 6, 7, -1]
-    np.testing.assert_array_equal(batch.edit_inner.input_ids[3], batch.edit_inner.input_ids[2])
+    np.testing.assert_array_equal(batch.edit.input_ids[3], batch.edit.input_ids[2])
     with pytest.raises(ValueError, match="pad_to=2"):
         C.build_edit_batch(vqa_records[5:], t, table, cfg, pad_to=2)
     # Logits that predict each label one step early decode back to the target text.
-    labels = batch.edit_outer.labels
+    labels = batch.rephrase.labels
     v = len(t)
     logits = np.zeros(labels.shape + (v,), np.float32)
     for i, j in zip(*np.nonzero(labels[:, 1:] != -100)):

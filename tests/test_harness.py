@@ -9,30 +9,39 @@ import numpy as np
 import optax
 import pytest
 
-from mmedit_jax import evaluate as E
 from mmedit_jax import patch as P
-from mmedit_jax.data.mmedit import load_mmedit
+from mmedit_jax import pipeline
+from mmedit_jax.case import make_cases
 from mmedit_jax.eval import harness
-from mmedit_jax.eval.model_fns import Blip2Fns
+from mmedit_jax.forward import Blip2Fns
+from mmedit_jax.losses import answer_nll
+from mmedit_jax.sites import kernel_of
 
 N = 6
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("demo"))
-    paths, tok, model = E.demo_setup(out, N, seed=1)
-    records = load_mmedit(paths.json_path, "vqa", paths.image_root).records
-    prepared = E.prepare_data(records, tok, model, "vqa", model.config.vision.image_size)
+def world(demo_world):
+    model, tok, prepared = demo_world.model, demo_world.tok, demo_world.prepared
+    assert len(prepared.meta) == N
     hp = {"num_steps": 4, "edit_lr": 0.02}
-    editor = E.build_editor("ft-l", model, hp)
+    editor = pipeline.build_editor("ft-l", model, hp)
     return model, tok, prepared, editor, hp
+
+
+def run_editor(editor, model, prepared, tok, out, *, sequential=False, **kw):
+    """What `evaluate` runs for one editor: every prepared case, independent or sequential edits."""
+    cases = pipeline.cases_for(editor.fns, model.params, prepared)
+    if sequential:
+        kw.pop("resume", None)
+        return harness.run_sequential(editor, model.params, cases, prepared.meta, out, **kw)
+    return harness.run(editor, model.params, cases, prepared.meta, out, decode=pipeline.decoder(tok), **kw)
 
 
 def run(world, out=None, batch_size=3, **kw):
     model, tok, prepared, editor, _ = world
     kw = dict(batch_size=batch_size, exact_match=False, resume=True, sequential=False, progress=False) | kw
-    return E.run_editor(kw.pop("editor", editor), model, prepared, tok, out, **kw)
+    return run_editor(kw.pop("editor", editor), model, prepared, tok, out, **kw)
 
 
 def test_vmapped_batches_equal_one_at_a_time(world):
@@ -53,8 +62,7 @@ def numpy_metrics(logits, input_ids, labels, mask):
 
 def test_metrics_match_numpy_on_materialised_edit(world):
     model, tok, prepared, editor, _ = world
-    table = E.image_table(editor, model, prepared.pixels)
-    cases = harness.make_cases(prepared.batch, table)
+    cases = pipeline.cases_for(editor.fns, model.params, prepared)
     case = jax.tree.map(lambda a: jnp.asarray(a[0]), cases)
     patch = jax.jit(editor.edit)(None, model.params, case, {})
     edited = P.apply_patch(model.params, patch, model.stacks)
@@ -65,8 +73,8 @@ def test_metrics_match_numpy_on_materialised_edit(world):
         img = None if pixels_key is None else prepared.pixels[ids.image_ids[:1]]
         return np.asarray(model(img, ids.input_ids[:1], ids.attention_mask[:1], params=params))[0], ids
 
-    for metric, sub, key in (("reliability", "edit_inner", 1), ("t_generality", "edit_outer", 1),
-                             ("m_generality", "edit_outer_image", 1)):
+    for metric, sub, key in (("reliability", "edit", 1), ("t_generality", "rephrase", 1),
+                             ("m_generality", "image_rephrase", 1)):
         lg, ids = logits(edited, sub, key)
         assert row[metric] == pytest.approx(numpy_metrics(lg, ids.input_ids[0], ids.labels[0], None), abs=1e-6)
     for metric, sub, key, k in (("t_locality", "loc", None, 1), ("m_locality", "loc_image", 1, 10)):
@@ -81,18 +89,16 @@ def test_metrics_match_numpy_on_materialised_edit(world):
 def test_ft_equals_adamw_on_the_weight(world):
     """FT's dense delta equals optax.adamw run on the real kernel (decoupled decay on W, as torch's AdamW)."""
     model, _, prepared, editor, hp = world
-    table = E.image_table(editor, model, prepared.pixels)
-    case = jax.tree.map(lambda a: jnp.asarray(a[0]), harness.make_cases(prepared.batch, table))
+    table = editor.fns.image_table(model.params, prepared.pixels)
+    case = jax.tree.map(lambda a: jnp.asarray(a[0]), make_cases(prepared.batch, table))
     patch = jax.jit(editor.edit)(None, model.params, case, {})
     sites = editor.hparams.inner_params
     fns = Blip2Fns(model.module)
-    kernels = {s: P.kernel_of(model.params, s, model.stacks) for s in sites}
+    kernels = {s: kernel_of(model.params, s, model.stacks) for s in sites}
 
     def loss(ws):
         delta = {s: P.Dense(ws[s] - kernels[s]) for s in sites}
         logits = fns.logits(model.params, delta, case.edit, case.images["edit"])
-        from mmedit_jax.editors.base import answer_nll
-
         return answer_nll(logits, case.edit.labels)
 
     opt = optax.adamw(hp["edit_lr"], b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
@@ -110,7 +116,7 @@ def test_resume_writes_each_case_once(world, tmp_path):
     out = str(tmp_path)
     model, tok, prepared, editor, _ = world
     part = dataclasses.replace(prepared, batch=jax.tree.map(lambda a: a[:4], prepared.batch), meta=prepared.meta[:4])
-    E.run_editor(editor, model, part, tok, out, batch_size=2, exact_match=False, resume=True, sequential=False,
+    run_editor(editor, model, part, tok, out, batch_size=2, exact_match=False, resume=True, sequential=False,
                  progress=False)
     with open(f"{out}/cases.jsonl", "a") as f:
         f.write('{"index": 99, "torn')  # an interrupted write
@@ -125,8 +131,8 @@ def test_resume_writes_each_case_once(world, tmp_path):
 
 def test_feature_cache_off_gives_same_scores(world):
     model, *_ , hp = world
-    no_cache = E.build_editor("ft-l", model, hp, feature_cache=False)
-    assert no_cache.vision_side  # takes pixels
+    no_cache = pipeline.build_editor("ft-l", model, hp, feature_cache=False)
+    assert no_cache.uses_pixels  # takes pixels
     a = run(world).summary
     b = run(world, editor=no_cache).summary
     for m in ("reliability", "t_generality", "m_generality", "t_locality", "m_locality"):
@@ -135,8 +141,8 @@ def test_feature_cache_off_gives_same_scores(world):
 
 def test_ft_v_leaves_text_locality_untouched(world):
     model, *_, hp = world
-    editor = E.build_editor("ft-v", model, hp)
-    assert editor.vision_side and all(s.startswith("qformer/") for s in editor.hparams.inner_params)
+    editor = pipeline.build_editor("ft-v", model, hp)
+    assert editor.uses_pixels and all(s.startswith("qformer/") for s in editor.hparams.inner_params)
     s = run(world, editor=editor).summary
     assert s["t_locality"] == pytest.approx(100.0)  # text-only inputs never see the Q-Former
 
@@ -155,6 +161,6 @@ def test_sequential_accumulates_edits(world):
 def test_bad_editor_and_missing_ckpt_are_clear(world):
     model, *_ = world
     with pytest.raises(SystemExit, match="needs --editor-ckpt"):
-        E.build_editor("mend", model, {})
+        pipeline.build_editor("mend", model, {})
     with pytest.raises(KeyError, match="no 'language_model/layers/fc9'"):
-        E.build_editor("ft-l", model, {"inner_params": ["opt_model.model.decoder.layers.1.fc9.weight"]})
+        pipeline.build_editor("ft-l", model, {"inner_params": ["opt_model.model.decoder.layers.1.fc9.weight"]})

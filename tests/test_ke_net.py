@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmedit_jax.editors import ke_net as ke
+from mmedit_jax.patch import as_low_rank
 
 V, E, L, T = 30, 8, 9, 6
 SHAPES = {"lm/layers/0/fc1": (5, 7), "lm/layers/0/fc2": (7, 5)}
@@ -118,7 +119,7 @@ def test_vmapped_edits_equal_one_at_a_time(params):
         for s in SHAPES:
             for x, y in zip(one[s], batched[s]):
                 np.testing.assert_allclose(y[e], x, rtol=1e-5, atol=1e-6)
-    lr = ke.as_low_rank({s: tuple(x[0] for x in batched[s]) for s in SHAPES})
+    lr = as_low_rank({s: tuple(x[0] for x in batched[s]) for s in SHAPES})
     assert lr["lm/layers/0/fc1"].dense().shape == SHAPES["lm/layers/0/fc1"]
 
 

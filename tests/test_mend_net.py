@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mmedit_jax.editors import mend_net as mn
+from mmedit_jax.patch import as_low_rank
 
 SHAPES = {"lm/layers/0/fc1": (6, 10), "lm/layers/0/fc2": (10, 6), "lm/layers/1/fc1": (6, 10),
           "lm/layers/1/fc2": (10, 6)}
@@ -250,7 +251,7 @@ def test_nonzero_mask_and_low_rank_adapter(setup):
     site = spec.sites[1]
     per = mn.frozen_site_stats(spec, _trained(spec, stats, inputs, masks))[site]
     a, b, s = mn.mend_patch(spec, params, per, site, inputs[site][0][0], inputs[site][1][0], masks[site][0])
-    lr = mn.as_low_rank({site: (a, b, s)})[site]
+    lr = as_low_rank({site: (a, b, s)})[site]
     np.testing.assert_allclose(lr.dense(), s * a.T @ b, rtol=1e-5, atol=1e-6)
 
 

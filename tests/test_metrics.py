@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmedit_jax.eval import losses, metrics
+from mmedit_jax import losses
+from mmedit_jax.eval import metrics
 
 V = 16
 
@@ -225,7 +226,7 @@ def test_mmedit_metrics_jit_and_vmap(random_case):
     from types import SimpleNamespace
 
     logits, post, labels, mask = random_case
-    names = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
+    names = ("edit", "rephrase", "image_rephrase", "loc", "loc_image")
 
     @jax.jit
     def score(post_logits, pre_logits, labels, mask):

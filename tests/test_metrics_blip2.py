@@ -11,11 +11,13 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from mmedit_jax import losses  # noqa: E402
+from mmedit_jax.case import INPUT_NAMES  # noqa: E402
 from mmedit_jax.data import cases as C  # noqa: E402
 from mmedit_jax.data.mmedit import load_mmedit  # noqa: E402
 from mmedit_jax.data.synthetic import write_synthetic_mmedit  # noqa: E402
 from mmedit_jax.data.tokenizer import image_token_id, train_bpe_tokenizer  # noqa: E402
-from mmedit_jax.eval import losses, metrics  # noqa: E402
+from mmedit_jax.eval import metrics  # noqa: E402
 
 NQ, IMG = 4, 30
 
@@ -70,13 +72,13 @@ def setup(tmp_path_factory):
         return out.logits.float().numpy(), float(out.loss)
 
     outs = {name: {"pre": run(pre, batch.sub(name)), "post": run(post, batch.sub(name))}
-            for name in C.SUB_INPUTS}
+            for name in INPUT_NAMES}
     return batch, outs, pre, pixels
 
 
 def test_hf_loss_equals_masked_nll(setup):
     batch, outs, _, _ = setup
-    for name in C.SUB_INPUTS:
+    for name in INPUT_NAMES:
         logits, hf_loss = outs[name]["post"]
         ours = float(losses.masked_nll(logits, batch.sub(name).labels))
         assert ours == pytest.approx(hf_loss, rel=1e-5), name
@@ -84,12 +86,12 @@ def test_hf_loss_equals_masked_nll(setup):
 
 def test_padding_does_not_change_valid_logits(setup):
     batch, outs, pre, pixels = setup
-    sub = batch.edit_inner
+    sub = batch.edit
     n = int(sub.attention_mask[1].sum())
     with torch.no_grad():
         alone = pre(input_ids=torch.from_numpy(sub.input_ids[1:2, :n]).long(),
                     pixel_values=pixels[int(sub.image_ids[1])][None]).logits.numpy()
-    np.testing.assert_allclose(outs["edit_inner"]["pre"][0][1, :n], alone[0], atol=1e-4)
+    np.testing.assert_allclose(outs["edit"]["pre"][0][1, :n], alone[0], atol=1e-4)
 
 
 def _reference_locality(pre_logits, post_logits, k):
@@ -114,7 +116,7 @@ def test_metrics_match_reference_formulas(setup):
             ref.append(_reference_locality(pre_logits[i : i + 1, :n], post_logits[i : i + 1, :n], k))
         np.testing.assert_allclose(ours, ref, rtol=1e-6)
         assert 0 < np.mean(ours) < 1, (name, ours)  # the edit moved some but not all predictions
-    for name in ("edit_inner", "edit_outer", "edit_outer_image"):
+    for name in ("edit", "rephrase", "image_rephrase"):
         logits = outs[name]["post"][0]
         labels = batch.sub(name).labels
         acc, em = [], []

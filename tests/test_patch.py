@@ -8,6 +8,7 @@ import pytest
 
 from mmedit_jax import patch as P
 from mmedit_jax.models.layers import PatchableDense, child, init_stack, run_stack
+from mmedit_jax.sites import resolve_site
 
 
 class Block(nn.Module):
@@ -124,7 +125,7 @@ def test_grouped_stack_sites():
     run = lambda p, patch=None: run_stack(unit, p["q"]["layers"], x, prefix="q/layers", per_unit=2, patch=patch)[0]
     dense = run(P.apply_patch(params, patch, {"q/layers": 2}))
     np.testing.assert_allclose(run(params, patch), dense, rtol=1e-5, atol=1e-5)
-    path, idx = P.resolve_site("q/layers/3/fc2", {"q/layers": 2})
+    path, idx = resolve_site("q/layers/3/fc2", {"q/layers": 2})
     assert path == ("q", "layers", "1", "fc2", "kernel") and idx == 1
 
 

@@ -5,17 +5,15 @@ fresh (perturbed) KE exported to the peer's torch modules (nn.LSTM, weight-norma
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
-import compare_peer as C  # noqa: E402
+from benchmarks import compare_peer as C  # noqa: E402
+from benchmarks import peer_easyedit as PE  # noqa: E402
 
 N = 4
 
@@ -53,7 +51,7 @@ def manifests(demo, tmp_path_factory):
 
 def _check(manifest):
     ours = C.run_ours(manifest, batches=())
-    peer = C.run_peer_inline(manifest)
+    peer = PE.run_files(**C.peer_files(manifest))
     agree = C.agreement(ours["rows"], peer["rows"])
     assert agree["num_cases"] == N
     for m in C.METRICS:
@@ -89,29 +87,28 @@ def _edit_deltas(manifest, case_id=1):
     """The first case's weight change by each side: ours `{site: [in, out]}` (patch, materialised), the peer's
     (copied module's weight minus the original, transposed)."""
     import jax
-    import peer_torch
 
-    from mmedit_jax import evaluate as E
+    from mmedit_jax import pipeline
+    from mmedit_jax.case import make_cases
     from mmedit_jax.convert.mend_to_easyedit import easyedit_name
-    from mmedit_jax.eval import harness
     from mmedit_jax.loading import from_pretrained
 
     model = from_pretrained(manifest["hf"])
     if manifest["editor"] == "ft-l":
         hp = {k: manifest["ft"][k] for k in C.FT_KEYS}
-        editor = E.build_editor("ft-l", model, {**hp, "inner_params": manifest["peer_ft"]["inner_params"]})
+        editor = pipeline.build_editor("ft-l", model, {**hp, "inner_params": manifest["peer_ft"]["inner_params"]})
     else:
-        editor = E.build_editor(manifest["editor"], model, editor_ckpt=manifest[manifest["editor"]])
+        editor = pipeline.build_editor(manifest["editor"], model, editor_ckpt=manifest[manifest["editor"]])
     batch, pixels = C.cases_from_npz(manifest["cases"])
-    cases = harness.make_cases(batch, E.image_table(editor, model, pixels))
+    cases = make_cases(batch, editor.fns.image_table(model.params, pixels))
     case = jax.tree.map(lambda a: a[case_id], cases)
     patch = jax.jit(lambda p, c: editor.edit(editor.editor_params, p, c, {}))(model.params, case)
     ours = {s: np.asarray(d.dense()) for s, d in patch.items()}
 
-    pmodel = peer_torch.load_model(manifest["hf"])
-    peditor = peer_torch.make_editor(manifest["editor"], pmodel, manifest.get("peer_ft"), manifest.get("peer_mend"),
+    pmodel = PE.load_model(manifest["hf"])
+    peditor = PE.make_editor(manifest["editor"], pmodel, manifest.get("peer_ft"), manifest.get("peer_mend"),
                                      manifest.get("peer_ke"))
-    inst = peditor.edit(peer_torch.case_inputs(peer_torch.load_cases(manifest["cases"]), case_id))
+    inst = peditor.edit(PE.case_inputs(PE.load_cases(manifest["cases"]), case_id))
     inst.restore()
     peer = {s: (inst.copies[easyedit_name(s)].weight - pmodel.get_submodule(
         easyedit_name(s).removesuffix(".weight")).weight).detach().numpy().T for s in ours}

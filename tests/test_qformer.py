@@ -14,6 +14,7 @@ from mmedit_jax import patch as P
 from mmedit_jax.convert.blip2_vision import qformer_rules
 from mmedit_jax.models.config import QFormerConfig
 from mmedit_jax.models.qformer import QFormer
+from mmedit_jax.sites import resolve_site
 
 HF_VISION = dict(hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
                  patch_size=4)
@@ -117,7 +118,7 @@ def test_taps_give_weight_gradient():
 
     delta, cap = jax.grad(loss_of_eps, has_aux=True)({site: jnp.zeros((2, NQ, 32))})
     grads = jax.grad(lambda p: jnp.sum(jnp.sin(3 * run(p, query, enc)[0])))(params)["layers"]
-    path, idx = P.resolve_site(site, {"qformer/layers": k})
+    path, idx = resolve_site(site, {"qformer/layers": k})
     gw = grads
     for name in path[2:]:
         gw = gw[name]

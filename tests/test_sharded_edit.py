@@ -14,25 +14,22 @@ SCRIPT = textwrap.dedent(
     """
     import json, tempfile
     import jax, numpy as np
-    from mmedit_jax import evaluate as E, sharding
-    from mmedit_jax.data.mmedit import load_mmedit
+    import worlds
+    from mmedit_jax import pipeline, sharding
     from mmedit_jax.eval import harness
-    from mmedit_jax.eval.model_fns import Blip2Fns
 
     assert len(jax.devices()) == 8
     out = {}
     with tempfile.TemporaryDirectory() as d:
-        paths, tok, model = E.demo_setup(d, 8, seed=2)
-        records = load_mmedit(paths.json_path, "vqa", paths.image_root).records
-        prepared = E.prepare_data(records, tok, model, "vqa", model.config.vision.image_size)
-    editor = E.build_editor("ft-l", model, {"num_steps": 3, "edit_lr": 0.02})
-    fns = Blip2Fns(model.module, pixels=editor.vision_side)
-    cases = harness.make_cases(prepared.batch, E.image_table(editor, model, prepared.pixels))
+        world = worlds.demo_world(d, 8, seed=2)
+    model, prepared = world.model, world.prepared
+    editor = pipeline.build_editor("ft-l", model, {"num_steps": 3, "edit_lr": 0.02})
+    cases = pipeline.cases_for(editor.fns, model.params, prepared)
     kw = dict(batch_size=8, exact_match=False, resume=False, progress=False)
-    single = harness.run(editor, fns, model.params, cases, prepared.meta, None, **kw).rows
+    single = harness.run(editor, model.params, cases, prepared.meta, None, **kw).rows
     for data, mdl in ((8, 1), (4, 2)):
         mesh = sharding.make_mesh(data=data, model=mdl)
-        rows = harness.run(editor, fns, model.params, cases, prepared.meta, None, mesh=mesh, **kw).rows
+        rows = harness.run(editor, model.params, cases, prepared.meta, None, mesh=mesh, **kw).rows
         diffs = [abs(a[m] - b[m]) for a, b in zip(single, rows)
                  for m in ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")]
         out[f"{data}x{mdl}"] = max(diffs)
@@ -58,7 +55,7 @@ SCRIPT = textwrap.dedent(
 def result():
     root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(root))
+               PYTHONPATH=os.pathsep.join([str(root / "tests"), str(root)]))  # `worlds`, the tests' helpers
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -18,6 +18,7 @@ from mmedit_jax import sharding
 from mmedit_jax.models.config import QFormerConfig, VisionConfig
 from mmedit_jax.models.qformer import QFormer
 from mmedit_jax.models.vit import VisionModel
+from mmedit_jax.tree import path_name
 
 VISION = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       image_size=16, patch_size=4)
@@ -56,7 +57,7 @@ def tiny_blip2_params(abstract: bool = True):
 def test_every_param_has_a_spec_of_its_rank():
     params = tiny_blip2_params()
     specs = sharding.param_specs(params)
-    flat = {sharding.path_name(p): (leaf.shape, spec) for (p, leaf), spec in
+    flat = {path_name(p): (leaf.shape, spec) for (p, leaf), spec in
             zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(specs, is_leaf=lambda x:
                                                                                  isinstance(x, P)))}
     assert len(flat) == len(jax.tree.leaves(params))
@@ -84,11 +85,11 @@ def test_unmatched_and_misfit_params_are_named():
 # Runs with 8 host devices: XLA_FLAGS must be set before jax is imported, hence a fresh interpreter.
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json
     import jax, jax.numpy as jnp, numpy as np
-    sys.path.insert(0, "tests")
     from test_sharding import QFORMER, VISION, tiny_blip2_params
     from mmedit_jax import sharding
+    from mmedit_jax.tree import path_name
     from mmedit_jax.models.qformer import QFormer
     from mmedit_jax.models.vit import VisionModel
 
@@ -98,7 +99,7 @@ SCRIPT = textwrap.dedent(
     shardings = sharding.param_shardings(tree, mesh)
     out = {"mesh": dict(mesh.shape), "axis_types": [str(t) for t in mesh.axis_types], "shards": {}}
     for (path, leaf), s in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(shardings)):
-        out["shards"][sharding.path_name(path)] = [list(leaf.shape), list(s.shard_shape(leaf.shape))]
+        out["shards"][path_name(path)] = [list(leaf.shape), list(s.shard_shape(leaf.shape))]
 
     # Random values on the abstract tree (numpy: no init program to compile).
     rng = np.random.default_rng(0)
@@ -130,7 +131,8 @@ SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module")
 def eight_devices():
     root = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(root / "tests"), os.environ.get("PYTHONPATH", "")]))  # test_sharding
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 
 from mmedit_jax import patch as P
+from mmedit_jax import pipeline
+from mmedit_jax import training as T
+from mmedit_jax.editors import io
 from mmedit_jax.editors import ke as KE
 from mmedit_jax.editors import ke_net as KN
-from mmedit_jax.editors import train as T
-from mmedit_jax.editors.base import answer_nll
 from mmedit_jax.editors.hparams import load_hparams
-from mmedit_jax.eval.model_fns import Blip2Fns
+from mmedit_jax.forward import Blip2Fns
+from mmedit_jax.losses import answer_nll
+from mmedit_jax.sites import kernel_of, resolve_sites
 
 SITES = ("language_model/layers/1/fc1", "language_model/layers/1/fc2")
 N_TRAIN = 6
@@ -31,7 +34,6 @@ def tiny_world(out: str):
     from mmedit_jax.data.tokenizer import train_bpe_tokenizer
     from mmedit_jax.models.blip2 import Blip2Model
     from mmedit_jax.models.config import Blip2Config, OPTConfig, QFormerConfig, VisionConfig
-    from mmedit_jax.train import cases_for
 
     paths = write_synthetic_mmedit(out, "vqa", N_TRAIN, 3, image_size=16, split="train")
     records = load_mmedit(paths.json_path, "vqa", paths.image_root).records
@@ -49,13 +51,14 @@ def tiny_world(out: str):
         num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"),
     )
     model = Blip2Model.init(cfg, jax.random.PRNGKey(0))
-    cases, meta = cases_for(records, tok, model, "vqa", pixels=False)
-    return model, Blip2Fns(model.module), cases, meta
+    fns = Blip2Fns(model.module)
+    prepared = pipeline.prepare_data(records, tok, model, "vqa")
+    return model, fns, pipeline.cases_for(fns, model.params, prepared), prepared.meta
 
 
 def ke_trainable(world, **kw):
     model, fns, _, _ = world
-    shapes = {s: tuple(P.kernel_of(model.params, s, model.stacks).shape) for s in SITES}
+    shapes = {s: tuple(kernel_of(model.params, s, model.stacks).shape) for s in SITES}
     spec = KE.ke_spec(KN.KEConfig(lstm_hidden=8, condition_dim=12, hidden_dim=10, **kw), shapes)
     return T.ke_trainable(spec, fns, model.params["language_model"]["embed_tokens"]["embedding"])
 
@@ -64,7 +67,7 @@ def mend_trainable(world):
     from mmedit_jax.editors import mend_net as MN
 
     model, fns, _, _ = world
-    shapes = {s: tuple(P.kernel_of(model.params, s, model.stacks).shape) for s in SITES}
+    shapes = {s: tuple(kernel_of(model.params, s, model.stacks).shape) for s in SITES}
     return T.mend_trainable(MN.mend_spec(MN.MendConfig(rank=8, edit_lr=1e-2), shapes), fns)
 
 
@@ -85,7 +88,7 @@ def test_ke_patch_is_the_dense_ke_update_and_low_rank(world):
     patch = jax.jit(editor.edit)(params, model.params, case, {})
     L = case.edit.input_ids.shape[0]
     # Dense reference: grad_W of the edit loss w.r.t. each kernel, then max_scale * sig(eta) * (g * mask + offset).
-    kernels = {s: P.kernel_of(model.params, s, model.stacks) for s in SITES}
+    kernels = {s: kernel_of(model.params, s, model.stacks) for s in SITES}
 
     def loss(ks):
         delta = {s: P.Dense(ks[s] - kernels[s]) for s in SITES}
@@ -127,7 +130,7 @@ def test_ke_save_load_round_trip(world, tmp_path):
     tr = ke_trainable(world)
     params, _ = tr.init(jax.random.key(3))
     tr.save(str(tmp_path), params, {})
-    spec, loaded = KE.load_ke(str(tmp_path))
+    spec, loaded = io.load_ke(str(tmp_path))
     assert spec == tr.spec
     jax.tree.map(np.testing.assert_array_equal, params, loaded)
 
@@ -162,7 +165,7 @@ def test_train_step_decreases_the_loss(world, kind):
         T.TrainConfig.from_hparams({"alg": "MEND", "lr": 1e-3, "lr_lr": 1e-2, "batch_size": 3, "accumulate_bs": 1})
     tx = T.make_optimizer(cfg, tr.labels(tr.init(jax.random.key(0))[0]))
     ts = T.init_train_state(tr, tx, 0)
-    step = T.make_train_step(tr, fns, cfg, tx)
+    step = T.make_train_step(tr, cfg, tx)
     batch = jax.tree.map(lambda a: jnp.asarray(a[:3]), cases)
     w = jnp.ones(3, bool)
     losses = []
@@ -183,7 +186,7 @@ def test_mend_statistics_after_a_step_equal_a_sequential_welford_pass(world, men
 
     model, fns, cases, _ = world
     tr, cfg = mend_tr, MEND_CFG
-    tx, step = T.step_program(tr, fns, cfg)
+    tx, step = T.step_program(tr, cfg)
     batch = jax.tree.map(lambda a: jnp.asarray(a[:3]), cases)
     ts, _ = step(T.init_train_state(tr, tx, 0, cfg), model.params, batch, jnp.ones(3, bool))
     spec = tr.spec
@@ -215,7 +218,7 @@ def test_mend_statistics_after_a_step_equal_a_sequential_welford_pass(world, men
 def test_non_finite_step_is_skipped_and_counted(world, mend_tr):
     model, fns, cases, _ = world
     tr, cfg = mend_tr, MEND_CFG
-    tx, step = T.step_program(tr, fns, cfg)
+    tx, step = T.step_program(tr, cfg)
     ts0 = T.init_train_state(tr, tx, 0, cfg)
     batch = jax.tree.map(lambda a: jnp.asarray(a[:3]), cases)
     bad = batch.replace(images={**batch.images, "image_rephrase": batch.images["image_rephrase"].at[1].set(jnp.nan)})
@@ -237,7 +240,7 @@ def dataclasses_replace(cfg, **kw):
 
 def test_accumulation_updates_every_k_steps(world, ke_tr):
     model, fns, cases, _ = world
-    tx, step = T.step_program(ke_tr, fns, CFG)
+    tx, step = T.step_program(ke_tr, CFG)
     ts0 = T.init_train_state(ke_tr, tx, 0)
     w = jnp.ones(3, bool)
     ts1, _ = step(ts0, model.params, jax.tree.map(lambda a: jnp.asarray(a[:3]), cases), w)
@@ -246,10 +249,30 @@ def test_accumulation_updates_every_k_steps(world, ke_tr):
     assert not np.array_equal(ts2["params"]["cond"]["kernel"], ts1["params"]["cond"]["kernel"])
 
 
+def test_objective_on_answer_rows_equals_the_full_sequence(world):
+    """The NLL and accuracy terms score the rephrase inputs at their answer rows only (`forward.teacher_forced`,
+    as evaluation); with the full logits instead (no `answer_rows`) every term is the same."""
+    model, fns, cases, _ = world
+    tr = ke_trainable(world, max_scale=30.0)
+    params, _ = tr.init(jax.random.key(4))
+    case = one(cases, 0)
+    assert case.rephrase.answer_rows is not None and case.image_rephrase.answer_rows is not None
+    full = case.replace(rephrase=case.rephrase.replace(answer_rows=None),
+                        image_rephrase=case.image_rephrase.replace(answer_rows=None))
+    cfg = dataclasses_replace(CFG, crank=1.0, rank_k=4)
+    patch = jax.jit(tr.editor(params, {}).edit)(params, model.params, case, {})
+    losses = jax.jit(lambda base, c: T.case_losses(fns, base, patch, c, cfg))
+    rows, whole = losses(model.params, case), losses(model.params, full)
+    assert set(rows) == set(whole)
+    for k in rows:
+        np.testing.assert_allclose(rows[k], whole[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert float(rows["loss/edit"]) > 0 and float(rows["loss/loc"]) > 0
+
+
 def test_lagrangian_objective_ascends_the_multiplier(world, ke_tr):
     model, fns, cases, _ = world
     cfg = dataclasses_replace(CFG, objective="lagrangian", accumulate_bs=1, margin_kl=1e-3)
-    tx, step = T.step_program(ke_tr, fns, cfg)
+    tx, step = T.step_program(ke_tr, cfg)
     ts0 = T.init_train_state(ke_tr, tx, 0, cfg)
     assert float(ts0["alpha"]) == 1.0 and float(ts0["margin"]) == pytest.approx(1e-3)
     ts1, m = step(ts0, model.params, jax.tree.map(lambda a: jnp.asarray(a[:3]), cases), jnp.ones(3, bool))
@@ -269,15 +292,15 @@ class Killed(Exception):
 def test_killed_run_resumes_to_the_same_result(world, ke_tr, tmp_path):
     model, fns, cases, meta = world
     tr = ke_tr
-    straight = T.train(tr, fns, CFG, model.params, cases, N_TRAIN, str(tmp_path / "a"), progress=False)
+    straight = T.train(tr, CFG, model.params, cases, str(tmp_path / "a"), progress=False)
 
     def kill(step, row):
         if step == 4:  # after the checkpoint at step 3 (mid-accumulation: accumulate_bs 2), before the end
             raise Killed
 
     with pytest.raises(Killed):
-        T.train(tr, fns, CFG, model.params, cases, N_TRAIN, str(tmp_path / "b"), progress=False, on_step=kill)
-    resumed = T.train(tr, fns, CFG, model.params, cases, N_TRAIN, str(tmp_path / "b"), progress=False)
+        T.train(tr, CFG, model.params, cases, str(tmp_path / "b"), progress=False, on_step=kill)
+    resumed = T.train(tr, CFG, model.params, cases, str(tmp_path / "b"), progress=False)
     assert resumed.resumed_from == 3
     for key in ("params", "opt_state", "rng", "step", "skipped"):
         jax.tree.map(np.testing.assert_array_equal, straight.state[key], resumed.state[key])
@@ -287,32 +310,30 @@ def test_killed_run_resumes_to_the_same_result(world, ke_tr, tmp_path):
     want = [__import__("json").loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
     assert [r["loss/total_edit"] for r in rows] == [r["loss/total_edit"] for r in want]
     assert os.path.exists(tmp_path / "a" / "editor" / "params.npz")
+    # All three runs (and the resumed one's restored state) ran one compiled step program.
+    assert T.step_program(tr, CFG)[1]._cache_size() == 1
 
 
 def test_warm_start_continues_from_a_saved_editor(world, mend_tr, tmp_path):
     """`--init-editor`: training starts from a saved editor's weights and statistics, with the rank loss on."""
-    from mmedit_jax.convert.mend_easyedit import load_mend
-    from mmedit_jax.train import load_editor_state
-
     model, fns, cases, _ = world
     cfg = T.TrainConfig.from_hparams({"alg": "MEND", "lr": 1e-3, "batch_size": 3, "accumulate_bs": 1,
                                       "max_iters": 2, "crank": 1.0, "rank_k": 4})
-    first = T.train(mend_tr, fns, cfg, model.params, cases, N_TRAIN, str(tmp_path / "a"), progress=False,
-                    tensorboard=False)
+    first = T.train(mend_tr, cfg, model.params, cases, str(tmp_path / "a"), progress=False, tensorboard=False)
     assert all(np.isfinite(r["loss/rank_loc"]) for r in first.history)
-    _, params, stats = load_mend(str(tmp_path / "a" / "editor"))
+    _, params, stats = io.load_mend(str(tmp_path / "a" / "editor"))
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(first.state["params"]))
-    init = load_editor_state("mend", str(tmp_path / "a" / "editor"))
+    init = T.load_editor_state(str(tmp_path / "a" / "editor"))
     tx = T.make_optimizer(cfg, mend_tr.labels(init[0]))
     fresh = T.init_train_state(mend_tr, tx, 0, cfg)
     warm = T.warm_start(fresh, tx, *init)
     jax.tree.map(np.testing.assert_array_equal, warm["params"], params)
     jax.tree.map(np.testing.assert_array_equal, warm["editor_state"], stats)
     # It continues: the first warm step's loss is the trained editor's, not a fresh one's.
-    again = T.train(mend_tr, fns, dataclasses_replace(cfg, max_iters=1), model.params, cases, N_TRAIN,
-                    str(tmp_path / "b"), progress=False, tensorboard=False, init=init)
-    scratch = T.train(mend_tr, fns, dataclasses_replace(cfg, max_iters=1), model.params, cases, N_TRAIN,
-                      str(tmp_path / "c"), progress=False, tensorboard=False)
+    again = T.train(mend_tr, dataclasses_replace(cfg, max_iters=1), model.params, cases, str(tmp_path / "b"),
+                    progress=False, tensorboard=False, init=init)
+    scratch = T.train(mend_tr, dataclasses_replace(cfg, max_iters=1), model.params, cases, str(tmp_path / "c"),
+                      progress=False, tensorboard=False)
     assert again.history[0]["loss/total_edit"] != scratch.history[0]["loss/total_edit"]
     # An editor of another shape is refused by name.
     bad = jax.tree.map(lambda a: np.zeros(np.shape(a)[:-1] + (np.shape(a)[-1] + 1,)) if np.ndim(a) else a, params)
@@ -325,7 +346,7 @@ def test_validation_reports_the_five_metrics_and_early_stops(world, tmp_path):
     tr = ke_trainable(world)
     cfg = dataclasses_replace(CFG, lr=0.0, lr_lr=0.0, val_interval=1, val_steps=4, val_batch_size=2,
                               early_stop_patience=2, max_iters=10)
-    res = T.train(tr, fns, cfg, model.params, cases, N_TRAIN, str(tmp_path), val_cases=cases, val_meta=meta,
+    res = T.train(tr, cfg, model.params, cases, str(tmp_path), val_cases=cases, val_meta=meta,
                   progress=False)
     vals = [r for r in res.history if r.get("split") == "val"]
     # lr 0 (KE has no running statistics): the validation loss never improves after the first step, so
@@ -334,9 +355,9 @@ def test_validation_reports_the_five_metrics_and_early_stops(world, tmp_path):
     for k in ("val/reliability", "val/t_generality", "val/m_generality", "val/t_locality", "val/m_locality",
               "loss/total_edit_val"):
         assert np.isfinite(vals[-1][k]), k
-    assert KE.load_ke(str(tmp_path / "editor"))[0] == tr.spec
+    assert io.load_ke(str(tmp_path / "editor"))[0] == tr.spec
     # The same scalars as TensorBoard events, read back from the event files.
-    from mmedit_jax.metric_writer import read_scalars
+    from mmedit_jax.training.metric_writer import read_scalars
 
     tb = read_scalars(str(tmp_path / "tensorboard"))
     train_rows = [r for r in res.history if r.get("split") != "val"]
@@ -367,7 +388,7 @@ def test_early_stopping_on_a_validation_metric_keeps_the_highest(world, mend_tr,
     tr = __import__("dataclasses").replace(mend_tr, save=save)
     cfg = T.TrainConfig.from_hparams({"alg": "MEND", "lr": 1e-3, "batch_size": 3, "accumulate_bs": 1,
                                       "max_iters": 3, "val_interval": 1, "early_stop_key": "val/mean"})
-    res = T.train(tr, fns, cfg, model.params, cases, N_TRAIN, str(tmp_path), val_cases=cases, val_meta=meta,
+    res = T.train(tr, cfg, model.params, cases, str(tmp_path), val_cases=cases, val_meta=meta,
                   progress=False, tensorboard=False)
     assert int(res.state["best_step"]) == 2 and float(res.state["best_val"]) == -80.0 and len(saved) == 2
 
@@ -420,10 +441,10 @@ results_dir: ./results
 
 def test_resolve_sites_names_the_bad_parameter(world):
     model = world[0]
-    assert T.resolve_sites(["opt_model.model.decoder.layers.1.fc2.weight"], model.params, model.stacks) == \
+    assert resolve_sites(["opt_model.model.decoder.layers.1.fc2.weight"], model.params, model.stacks) == \
         ("language_model/layers/1/fc2",)
     with pytest.raises(KeyError, match="layers/7"):
-        T.resolve_sites(["opt_model.model.decoder.layers.7.fc1.weight"], model.params, model.stacks)
+        resolve_sites(["opt_model.model.decoder.layers.7.fc1.weight"], model.params, model.stacks)
 
 
 def test_data_order_is_a_permutation_per_epoch_and_deterministic():
@@ -450,12 +471,12 @@ def test_meta_training_raises_edit_success_above_the_untrained_editor(world, kin
         tr = ke_trainable(world, max_scale=30.0)
         cfg = dataclasses_replace(CFG, lr=1e-2, accumulate_bs=1, max_iters=40, cedit=1.0, iedit=1.0, cloc=0.1,
                                   val_steps=N_TRAIN, val_batch_size=N_TRAIN)
-    tx, _ = T.step_program(tr, fns, cfg)
+    tx, _ = T.step_program(tr, cfg)
     untrained = T.init_train_state(tr, tx, cfg.seed, cfg)
-    trained = T.train(tr, fns, cfg, model.params, cases, N_TRAIN, None, progress=False).state
+    trained = T.train(tr, cfg, model.params, cases, None, progress=False).state
     assert int(trained["skipped"]) == 0
 
-    validator = T.Validator(tr, fns, cfg, model.params, cases, meta, untrained)  # one compile for both states
+    validator = T.Validator(tr, cfg, model.params, cases, meta, untrained)  # one compile for both states
 
     def success(ts):
         v = validator(ts)

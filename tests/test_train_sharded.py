@@ -15,20 +15,20 @@ SCRIPT = textwrap.dedent(
     import json, tempfile
     import jax, numpy as np
     from mmedit_jax import sharding
-    from mmedit_jax.editors import train as T
-    from test_train import CFG, SITES, N_TRAIN, dataclasses_replace, ke_trainable, mend_trainable, tiny_world
+    from mmedit_jax import training as T
+    from test_train import CFG, dataclasses_replace, ke_trainable, mend_trainable, tiny_world
 
     assert len(jax.devices()) == 8
     out = {}
     with tempfile.TemporaryDirectory() as d:
         world = tiny_world(d)
-    model, fns, cases, _ = world
+    model, _, cases, _ = world
     for kind in ("mend", "ke"):
         tr = mend_trainable(world) if kind == "mend" else ke_trainable(world)
         cfg = dataclasses_replace(CFG, alg=kind.upper(), batch_size=4, accumulate_bs=1, max_iters=3, lr=1e-3)
         runs = {}
         for name, mesh in (("single", None), ("4x2", sharding.make_mesh(data=4, model=2))):
-            res = T.train(tr, fns, cfg, model.params, cases, N_TRAIN, None, progress=False, mesh=mesh)
+            res = T.train(tr, cfg, model.params, cases, None, progress=False, mesh=mesh)
             runs[name] = (jax.device_get(res.state), [r["loss/total_edit"] for r in res.history])
             if mesh is not None:
                 out[kind + "_param_sharding"] = str(jax.tree.leaves(res.state["params"])[0].sharding)

@@ -44,6 +44,7 @@ def convert_main(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint")
     args = parser.parse_args(argv)
 
+    # Imported after parsing, so `--help` and usage errors answer without loading JAX.
     import jax.numpy as jnp
 
     from mmedit_jax import checkpoint

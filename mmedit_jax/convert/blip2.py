@@ -1,16 +1,12 @@
-"""The whole BLIP-2 mapping (transformers' `Blip2ForConditionalGeneration` keys -> our tree), and site names.
+"""The whole BLIP-2 mapping (transformers' `Blip2ForConditionalGeneration` keys -> our tree).
 
 Vision and Q-Former rules live in `blip2_vision.py`; this file adds the query tokens, the language projection and
 the OPT decoder. The tied `language_model.lm_head.weight` is absent from safetensors files and present in
 `.bin` ones; it is ignored either way (our head reads `embed_tokens`), unless the config unties it.
-
-`easyedit_site` turns an EasyEdit `inner_params` name (LAVIS module names, e.g.
-`opt_model.model.decoder.layers.31.fc1.weight`) or a transformers name into our site (`language_model/layers/31/fc1`).
+EasyEdit's `inner_params` names translate to our sites in `sites.easyedit_site`.
 """
 
 from __future__ import annotations
-
-import re
 
 from mmedit_jax.convert.blip2_vision import qformer_rules, vision_rules
 from mmedit_jax.convert.rules import Rule, plain, stacked
@@ -62,43 +58,3 @@ def blip2_rules(config: Blip2Config) -> tuple[list[Rule], dict[str, str]]:
     ]
     text_rules, ignored = opt_rules(config.text)
     return rules + text_rules, ignored
-
-
-# --------------------------------------------------------------------------------------------------
-# Site names.
-
-_SITE_PATTERNS: tuple[tuple[str, str], ...] = (
-    # LAVIS / EasyEdit module names.
-    (r"^opt_model\.model\.decoder\.layers\.(\d+)\.(.+)$", "language_model/layers/{0}/{1}"),
-    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(.+)$", "qformer/layers/{0}/{1}"),
-    (r"^visual_encoder\.blocks\.(\d+)\.(.+)$", "vision_model/layers/{0}/{1}"),
-    (r"^opt_proj$", "language_projection"),
-    # transformers names.
-    (r"^language_model\.model\.decoder\.layers\.(\d+)\.(.+)$", "language_model/layers/{0}/{1}"),
-    (r"^qformer\.encoder\.layer\.(\d+)\.(.+)$", "qformer/layers/{0}/{1}"),
-    (r"^vision_model\.encoder\.layers\.(\d+)\.(.+)$", "vision_model/layers/{0}/{1}"),
-    (r"^language_projection$", "language_projection"),
-)
-# LAVIS's EVA ViT names its attention/MLP modules differently from transformers'.
-_LAVIS_VISION = {"attn/qkv": "self_attn/qkv", "attn/proj": "self_attn/projection"}
-
-
-def easyedit_site(name: str) -> str:
-    """`opt_model.model.decoder.layers.31.fc1.weight` -> `language_model/layers/31/fc1` (also transformers names).
-
-    Raises a ValueError naming the parameter when it is not a linear layer of BLIP-2 we can edit.
-    """
-    base = name[: -len(".weight")] if name.endswith(".weight") else name
-    for pattern, template in _SITE_PATTERNS:
-        m = re.match(pattern, base)
-        if m:
-            groups = [g.replace(".", "/") for g in m.groups()]
-            site = template.format(*groups)
-            if site.startswith("vision_model/layers/"):
-                _, _, idx, rest = site.split("/", 3)
-                site = f"vision_model/layers/{idx}/{_LAVIS_VISION.get(rest, rest)}"
-            return site
-    raise ValueError(
-        f"inner_params entry {name!r} is not a BLIP-2 linear layer we know (expected e.g. "
-        "'opt_model.model.decoder.layers.31.fc1.weight' or 'language_model.model.decoder.layers.31.fc1.weight')"
-    )

@@ -4,7 +4,7 @@
 Every rule is run backwards: a stacked leaf `[n, ...]` is split into its n per-layer tensors, linear kernels
 `[in, out]` are transposed back to `nn.Linear.weight [out, in]`, the patch-embedding conv goes HWIO -> OIHW,
 and the tied `language_model.lm_head.weight` is filled from `embed_tokens` (untied configs have their own rule).
-The result is the model the PyTorch peer (`benchmarks/peer_torch.py`) runs, on exactly our weights.
+The result is the model the PyTorch peer (`benchmarks/peer_easyedit.py`) runs, on exactly our weights.
 
     model = to_hf(config, params)                 # in memory, eval mode, float32
     export_hf(config, params, "out/hf", tok)      # save_pretrained directory (+ tokenizer), loadable by

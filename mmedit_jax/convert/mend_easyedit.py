@@ -16,15 +16,13 @@ CLI (`python -m mmedit_jax.convert mend-easyedit ...`, `main(argv)` gets the arg
     --ckpt FILE --out DIR [--hparams YAML] [--inner-param NAME ...] [--shape NAME=IN,OUT ...]
     [--init id|xavier] [--no-norm] [--trust-pickle]
 The checkpoint is read without importing or running any pickled class (see `load_checkpoint`).
-Output directory (`save_mend` / `load_mend`): `spec.json` (config, sites, shapes, source names), `params.npz`,
+Output directory (`editors.io.save_mend`): `spec.json` (config, sites, shapes, source names), `params.npz`,
 `stats.npz`; npz keys are tree paths joined by `::`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import pickle
 import re
@@ -36,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmedit_jax.editors import mend_net as mn
+from mmedit_jax.editors.io import save_mend
+from mmedit_jax.sites import easyedit_site
 
 _SHARED_GROUP = re.compile(r"^\((\d+), (\d+)\)$")
 _NETS = {"mlp": "mlp", "mlp1": "mlp_u", "mlp2": "mlp_delta"}
@@ -47,22 +47,6 @@ _BUFFERS = ("u_mean", "v_mean", "u_std", "v_std", "u_s", "v_s", "k")
 _EXPANDING = ("fc1", "fc_in", "c_fc", "up_proj", "gate_proj", "intermediate.dense", "intermediate_query.dense")
 _CONTRACTING = ("fc2", "fc_out", "c_proj", "down_proj", "output.dense", "output_query.dense")
 
-_SITE_RULES = (
-    (re.compile(r"^opt_model\.model\.decoder\.layers\.(\d+)\.(.+)\.weight$"), "language_model/layers/{0}/{1}"),
-    (re.compile(r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(.+)\.weight$"), "qformer/layers/{0}/{1}"),
-)
-
-
-def site_name(torch_name: str) -> str:
-    """Our patch site for an EasyEdit inner-param name, e.g.
-    `opt_model.model.decoder.layers.31.fc1.weight` -> `language_model/layers/31/fc1`,
-    `Qformer.bert.encoder.layer.10.output_query.dense.weight` -> `qformer/layers/10/output_query/dense`;
-    anything else: drop `.weight` and use `/` for `.`."""
-    for pattern, fmt in _SITE_RULES:
-        m = pattern.match(torch_name)
-        if m:
-            return fmt.format(m.group(1), m.group(2).replace(".", "/"))
-    return torch_name.removesuffix(".weight").replace(".", "/")
 
 
 class _Stub:
@@ -181,7 +165,7 @@ def convert_state_dict(
       sd: the state dict (`load_checkpoint`), torch layout, NumPy arrays.
       inner_params: EasyEdit's `inner_params` in hparams order (fixes `edit_lrs` order and modes).
       shapes: `{inner param: (in, out)}` where `infer_shapes` cannot tell (shared mode only).
-      sites: `{inner param: our site name}` overrides (default `site_name`).
+      sites: `{inner param: our site name}` overrides (default `sites.easyedit_site(name, strict=False)`).
       init, norm: not recoverable from weights (forward-relevant): take them from the hparams.
       edit_lr: the config's initial edit lr (informational; the learned values come from `edit_lrs`).
     """
@@ -231,7 +215,7 @@ def convert_state_dict(
             if g is None:
                 raise ValueError(f"inner param {n!r} has no group 'mend.{n.replace('.', '#')}' in the state dict")
             by_name[n] = (g["u_mean"].shape[0], g["v_mean"].shape[0])
-    site_of = {n: (sites or {}).get(n, site_name(n)) for n in inner_params}
+    site_of = {n: (sites or {}).get(n, easyedit_site(n, strict=False)) for n in inner_params}
     spec = mn.mend_spec(cfg, {site_of[n]: by_name[n] for n in inner_params})
 
     src_group = {}
@@ -282,57 +266,6 @@ def convert_state_dict(
         }
     params = {"nets": params["nets"]}
     params["edit_lrs"] = {site_of[n]: jnp.asarray(edit_lrs[i], jnp.float32) for i, n in enumerate(inner_params)}
-    return spec, params, stats
-
-
-# --------------------------------------------------------------------------------------------------
-# Saving our editor (a plain directory; the trainer's own checkpoints use orbax).
-
-_SEP = "::"
-
-
-def _flatten(tree) -> dict[str, np.ndarray]:
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(p.key) for p in path]
-        if any(_SEP in k for k in keys):
-            raise ValueError(f"tree key {keys} contains {_SEP!r}")
-        out[_SEP.join(keys)] = np.asarray(leaf)
-    return out
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, last = key.split(_SEP)
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = jnp.asarray(value)
-    return tree
-
-
-def save_mend(out_dir: str, spec: mn.MendSpec, params: dict, stats: dict, source: Mapping | None = None) -> None:
-    """Writes `spec.json`, `params.npz`, `stats.npz` under `out_dir`."""
-    os.makedirs(out_dir, exist_ok=True)
-    meta = {"format": "mmedit_jax.mend/1", "config": dataclasses.asdict(spec.cfg), "sites": list(spec.sites),
-            "shapes": [list(s) for s in spec.shapes], "source": dict(source or {})}
-    with open(os.path.join(out_dir, "spec.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    np.savez(os.path.join(out_dir, "params.npz"), **_flatten(params))
-    np.savez(os.path.join(out_dir, "stats.npz"), **_flatten(stats))
-
-
-def load_mend(out_dir: str) -> tuple[mn.MendSpec, dict, dict]:
-    """Reads what `save_mend` wrote."""
-    with open(os.path.join(out_dir, "spec.json")) as f:
-        meta = json.load(f)
-    spec = mn.mend_spec(mn.MendConfig(**meta["config"]),
-                        {s: tuple(sh) for s, sh in zip(meta["sites"], meta["shapes"])})
-    with np.load(os.path.join(out_dir, "params.npz")) as z:
-        params = _unflatten(dict(z))
-    with np.load(os.path.join(out_dir, "stats.npz")) as z:
-        stats = _unflatten(dict(z))
     return spec, params, stats
 
 

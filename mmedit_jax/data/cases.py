@@ -5,9 +5,9 @@ the BLIP-2 wrapper's forward (`easyeditor/trainer/blip2_models/blip2_opt.py`):
 
 | sub-input          | image          | text                                                   |
 |--------------------|----------------|--------------------------------------------------------|
-| `edit_inner`       | image          | prompt(src) + " " + alt                                |
-| `edit_outer`       | image          | prompt(rephrase) + " " + alt                           |
-| `edit_outer_image` | image_rephrase | prompt(src) + " " + alt                                |
+| `edit`             | image          | prompt(src) + " " + alt                                |
+| `rephrase`         | image          | prompt(rephrase) + " " + alt                           |
+| `image_rephrase`   | image_rephrase | prompt(src) + " " + alt                                |
 | `loc`              | none           | loc + " " + loc_ans                                    |
 | `loc_image`        | m_loc          | "Question: {m_loc_q} Short answer:" + " " + m_loc_a    |
 
@@ -36,12 +36,11 @@ import jax
 import numpy as np
 from flax import struct
 
+from mmedit_jax.case import ACCURACY_INPUTS, IGNORE_INDEX, INPUT_NAMES
 from mmedit_jax.data.mmedit import TASKS, DataError, MMEditRecord
 
-SUB_INPUTS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
 VQA_TEMPLATE = "Question: {} Short answer:"
 PAPER_ERA_VQA_TEMPLATE = "Question: {} Short answer: "
-IGNORE_INDEX = -100
 DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -90,7 +89,7 @@ class TextInput:
 
 
 def case_inputs(record: MMEditRecord, task: str, paper_era_template: bool = False) -> dict[str, TextInput]:
-    """The five inputs of one record as strings (reference `collate_fn`), keyed by `SUB_INPUTS`."""
+    """The five inputs of one record as strings (reference `collate_fn`), keyed by `case.INPUT_NAMES`."""
     template = PAPER_ERA_VQA_TEMPLATE if paper_era_template else VQA_TEMPLATE
     # 2024 code: every target gets a leading space. Paper era: templated inputs appended the bare target,
     # untemplated ones joined prompt and target with " " (the same string as prompt + " " + target).
@@ -103,9 +102,9 @@ def case_inputs(record: MMEditRecord, task: str, paper_era_template: bool = Fals
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     alt = edit_sep + record.alt
     return {
-        "edit_inner": TextInput(src, alt, record.image),
-        "edit_outer": TextInput(rephrase, alt, record.image),
-        "edit_outer_image": TextInput(src, alt, record.image_rephrase),
+        "edit": TextInput(src, alt, record.image),
+        "rephrase": TextInput(rephrase, alt, record.image),
+        "image_rephrase": TextInput(src, alt, record.image_rephrase),
         "loc": TextInput(record.loc, " " + record.loc_ans, None),
         "loc_image": TextInput(template.format(record.m_loc_q), templated_sep + record.m_loc_a, record.m_loc),
     }
@@ -189,9 +188,9 @@ class EditBatch:
     `jax.vmap(f)(batch.per_edit())` hands `f` one case as a batch of 1 (the reference's protocol).
     """
 
-    edit_inner: TokenBatch
-    edit_outer: TokenBatch
-    edit_outer_image: TokenBatch
+    edit: TokenBatch
+    rephrase: TokenBatch
+    image_rephrase: TokenBatch
     loc: TokenBatch
     loc_image: TokenBatch
     cond_ids: np.ndarray
@@ -209,24 +208,6 @@ class EditBatch:
     def per_edit(self) -> EditBatch:
         return jax.tree.map(lambda x: x[:, None], self)
 
-
-def answer_rows(labels: np.ndarray, width: int | None = None) -> np.ndarray:
-    """`labels [..., L]` -> `[..., R]` int32: the positions t whose logits predict an answer token
-    (`labels[..., t + 1] != -100`), ascending, then -1. R = `width`, or the most any input has (at least 1).
-
-    Accuracies and edit losses need the logits at these rows only (`editors.base.teacher_forced`).
-    """
-    labels = np.asarray(labels)
-    hits = labels[..., 1:] != IGNORE_INDEX
-    need = int(hits.sum(-1).max(initial=0))
-    width = max(need, 1) if width is None else width
-    if need > width:
-        raise ValueError(f"answer_rows: an input has {need} answer tokens, more than width {width}")
-    if width > hits.shape[-1]:  # more rows than positions: the extra ones stay unused
-        hits = np.pad(hits, [(0, 0)] * (hits.ndim - 1) + [(0, width - hits.shape[-1])])
-    order = np.argsort(~hits, axis=-1, kind="stable")[..., :width]  # answer positions first, ascending
-    taken = np.take_along_axis(hits, order, axis=-1)
-    return np.where(taken, order, -1).astype(np.int32)
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
@@ -274,7 +255,7 @@ def encode_inputs(
         labels = np.where(labels == pad_id, IGNORE_INDEX, labels)
         labels[: len(bos) + prompt_lens[i]] = IGNORE_INDEX
         # Edit inputs without answer tokens would score 0/0; locality inputs do not use their labels.
-        if name.startswith("edit") and not (labels != IGNORE_INDEX).any():
+        if name in ACCURACY_INPUTS and not (labels != IGNORE_INDEX).any():
             raise ValueError(f"case {case_index[i]}, {name}: no answer tokens left after masking the prompt "
                              f"(text {x.text!r})")
         rows.append([config.image_token_id] * n_img + ids)
@@ -344,7 +325,7 @@ def build_edit_batch(
     subs = {
         name: encode_inputs([c[name] for c in per_case], tok, images, config,
                             length=None if lengths is None else lengths.get(name), case_index=idx, name=name)
-        for name in SUB_INPUTS
+        for name in INPUT_NAMES
     }
     cond_ids, cond_mask = encode_cond(records, tok, config.cond_max_length)
     valid = np.arange(len(records)) < n_real
@@ -367,7 +348,7 @@ def max_lengths(records: Sequence[MMEditRecord], tok, config: CaseConfig, multip
     per_case = [case_inputs(r, config.task, config.paper_era_template) for r in records]
     extra = 1 if config.prepend_bos else 0
     out = {}
-    for name in SUB_INPUTS:
+    for name in INPUT_NAMES:
         texts = [c[name] for c in per_case]
         n_img = config.num_query_tokens if texts and texts[0].image is not None else 0
         longest = max((len(ids) for ids in _encode(tok, [t.text for t in texts])), default=0)

@@ -19,7 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from mmedit_jax import patch as P
-from mmedit_jax.editors.base import Case, Editor, ModelFns, answer_nll, teacher_forced, touches_vision
+from mmedit_jax.case import Case
+from mmedit_jax.editors.base import Editor
+from mmedit_jax.forward import ModelFns, teacher_forced
+from mmedit_jax.losses import answer_nll
+from mmedit_jax.sites import kernel_of, kernel_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,30 +53,21 @@ def ft_v_sites(params, stacks) -> tuple[str, ...]:
     sites = []
     for i in range(num_units * per_unit):
         sub = layers if per_unit == 1 else layers[str(i % per_unit)]
-        for path in _kernel_paths(sub):
+        for path in kernel_paths(sub):
             sites.append(f"qformer/layers/{i}/{path}")
     return tuple(sites)
 
-
-def _kernel_paths(tree, prefix=""):
-    for k, v in tree.items():
-        p = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            if "kernel" in v and not isinstance(v["kernel"], dict):
-                yield p
-            else:
-                yield from _kernel_paths(v, p)
 
 
 def make_ft(name: str, model: ModelFns, cfg: FTConfig, base_params, stacks) -> Editor:
     """Builds an FT editor; `edit` runs `num_steps` AdamW steps on the edit example inside one traced loop."""
     for s in cfg.inner_params:  # fail now, with the site's name, rather than inside a trace
-        P.kernel_of(base_params, s, stacks)
+        kernel_of(base_params, s, stacks)
 
     def edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dict:
         del editor_params
         # The weights the optimiser sees are W + prior + delta; decay acts on all of it (decoupled AdamW).
-        base_w = {s: P.kernel_of(params, s, stacks) for s in cfg.inner_params}
+        base_w = {s: kernel_of(params, s, stacks) for s in cfg.inner_params}
         if prior:
             base_w = {s: w + prior[s].dense() if s in prior else w for s, w in base_w.items()}
 
@@ -100,4 +95,4 @@ def make_ft(name: str, model: ModelFns, cfg: FTConfig, base_params, stacks) -> E
         (delta, _, _), _ = jax.lax.scan(step, (zeros, zeros, zeros), jnp.arange(cfg.num_steps))
         return {s: P.Dense(d) for s, d in delta.items()}
 
-    return Editor(name=name, edit=edit, vision_side=touches_vision(cfg.inner_params), hparams=cfg, resumes=True)
+    return Editor(name=name, edit=edit, fns=model, hparams=cfg, resumes=True)

@@ -25,11 +25,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-import numpy as np
 
+from mmedit_jax.case import Case
 from mmedit_jax.editors import ke_net as KN
-from mmedit_jax.editors.base import Case, Editor, ModelFns, touches_vision
+from mmedit_jax.editors.base import Editor
 from mmedit_jax.editors.mend import capture_factors
+from mmedit_jax.forward import ModelFns
+from mmedit_jax.patch import as_low_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,7 @@ def ke_case_patch(spec: KESpec, model: ModelFns, ke_params, params, case: Case, 
     """The `{site: LowRank}` patch of one edit (rank `T + 1` per site, T as in `capture_factors`)."""
     factors, masks = capture(spec, model, params, case, prior, prefix)
     patches = KN.ke_patches(spec.cfg, ke_params, case.cond_ids, case.cond_mask, factors, masks)
-    return KN.as_low_rank(patches)
+    return as_low_rank(patches)
 
 
 def make_ke(spec: KESpec, model: ModelFns, ke_params) -> Editor:
@@ -82,37 +84,5 @@ def make_ke(spec: KESpec, model: ModelFns, ke_params) -> Editor:
     def edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dict:
         return ke_case_patch(spec, model, editor_params, params, case, prior, prefix)
 
-    return Editor(name="ke", edit=edit, editor_params=ke_params, vision_side=touches_vision(spec.sites),
-                  hparams=spec, resumes=True)
+    return Editor(name="ke", edit=edit, editor_params=ke_params, fns=model, hparams=spec, resumes=True)
 
-
-def save_ke(out_dir: str, spec: KESpec, params) -> None:
-    """Writes `spec.json` and `params.npz` (flattened with `::`) under `out_dir`."""
-    import json
-    import os
-
-    from mmedit_jax.convert.mend_easyedit import _flatten
-
-    os.makedirs(out_dir, exist_ok=True)
-    meta = {"format": "mmedit_jax.ke/1", "config": dataclasses.asdict(spec.cfg), "sites": list(spec.sites),
-            "shapes": [list(s) for s in spec.shapes]}
-    with open(os.path.join(out_dir, "spec.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    np.savez(os.path.join(out_dir, "params.npz"), **_flatten(params))
-
-
-def load_ke(out_dir: str) -> tuple[KESpec, dict]:
-    """Reads what `save_ke` wrote."""
-    import json
-    import os
-
-    from mmedit_jax.convert.mend_easyedit import _unflatten
-
-    with open(os.path.join(out_dir, "spec.json")) as f:
-        meta = json.load(f)
-    if meta.get("format") != "mmedit_jax.ke/1":
-        raise ValueError(f"{out_dir}/spec.json is not a KE editor (format {meta.get('format')!r})")
-    spec = ke_spec(KN.KEConfig(**meta["config"]), {s: tuple(sh) for s, sh in zip(meta["sites"], meta["shapes"])})
-    with np.load(os.path.join(out_dir, "params.npz")) as z:
-        params = _unflatten(dict(z))
-    return spec, params

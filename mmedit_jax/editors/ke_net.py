@@ -227,12 +227,6 @@ def ke_patches(cfg: KEConfig, params: dict, cond_ids: jax.Array, cond_mask: jax.
     return {site: ke_patch(cfg, params, site, c, u, d, masks[site]) for site, (u, d) in inputs.items()}
 
 
-def as_low_rank(patches: Mapping[str, tuple[jax.Array, jax.Array, jax.Array]]) -> dict:
-    """Wraps `{site: (a, b, scale)}` as `{site: mmedit_jax.patch.LowRank}`."""
-    from mmedit_jax.patch import LowRank
-
-    return {site: LowRank(a, b, scale) for site, (a, b, scale) in patches.items()}
-
 
 # --------------------------------------------------------------------------------------------------
 # The original constrained objective (De Cao et al.): CR + sum_k alpha_k (D_k - margin_k), alpha_k >= 0 ascended.
@@ -279,6 +273,6 @@ def lp_distance(patches: Mapping[str, tuple[jax.Array, jax.Array, jax.Array]]) -
 
 __all__ = [
     "KEConfig", "init_ke", "head_width", "bilstm_final", "encode_condition", "weight_norm_kernel",
-    "head_outputs", "ke_patch", "ke_patches", "as_low_rank", "init_multipliers", "lagrangian",
+    "head_outputs", "ke_patch", "ke_patches", "init_multipliers", "lagrangian",
     "multiplier_optimizer", "clamp_multipliers", "shrink_margins", "lp_distance",
 ]

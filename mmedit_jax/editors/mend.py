@@ -13,8 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mmedit_jax.case import Case, answer_rows_of
 from mmedit_jax.editors import mend_net as MN
-from mmedit_jax.editors.base import Case, Editor, ModelFns, answer_nll, answer_rows_of, teacher_forced, touches_vision
+from mmedit_jax.editors.base import Editor
+from mmedit_jax.forward import ModelFns, teacher_forced
+from mmedit_jax.losses import answer_nll
+from mmedit_jax.patch import as_low_rank
 
 
 def capture_factors(model: ModelFns, params, prior: dict, case: Case, sites, out_dims: dict, prefix=None):
@@ -50,16 +54,20 @@ def mend_case_patch(spec: MN.MendSpec, model: ModelFns, mend_params, site_stats,
     out_dims = {s: spec.shape(s)[1] for s in spec.sites}
     factors = capture_factors(model, params, prior, case, spec.sites, out_dims, prefix)
     masks = {s: MN.nonzero_mask(u, d) for s, (u, d) in factors.items()}
-    return MN.as_low_rank(MN.mend_patches(spec, mend_params, site_stats, factors, masks))
+    return as_low_rank(MN.mend_patches(spec, mend_params, site_stats, factors, masks))
 
 
-def make_mend(spec: MN.MendSpec, model: ModelFns, mend_params, stats) -> Editor:
-    """A trained (or freshly initialised) MEND as an `Editor`; `editor_params = (mend_params, stats)`."""
-    MN.check_stats(spec, stats)
+def make_mend(spec: MN.MendSpec, model: ModelFns, mend_params, stats, check: bool = True) -> Editor:
+    """A trained (or freshly initialised) MEND as an `Editor`; `editor_params = (mend_params, stats)`.
+
+    `check`: verify on the host that the statistics hold data (off for an editor still being trained, whose
+    statistics are traced values or still empty)."""
+    if check:
+        MN.check_stats(spec, stats)
 
     def edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dict:
         net, st = editor_params
         return mend_case_patch(spec, model, net, MN.frozen_site_stats(spec, st), params, case, prior, prefix)
 
-    return Editor(name="mend", edit=edit, editor_params=(mend_params, stats), vision_side=touches_vision(spec.sites),
-                  hparams=spec, resumes=True)
+    return Editor(name="mend", edit=edit, editor_params=(mend_params, stats), fns=model, hparams=spec,
+                  resumes=True)

@@ -458,12 +458,6 @@ def mend_edit(spec: MendSpec, params: dict, stats: dict, inputs: Mapping[str, tu
     return patches, stats
 
 
-def as_low_rank(patches: Mapping[str, tuple[jax.Array, jax.Array, jax.Array]]) -> dict:
-    """Wraps `{site: (a, b, scale)}` as the project's patch dict `{site: mmedit_jax.patch.LowRank}`."""
-    from mmedit_jax.patch import LowRank
-
-    return {site: LowRank(a, b, scale) for site, (a, b, scale) in patches.items()}
-
 
 def param_count(params: dict) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
@@ -473,5 +467,5 @@ __all__ = [
     "MendConfig", "MendSpec", "mend_spec", "shape_key", "init_mend", "init_stats", "nonzero_mask",
     "merge_moments", "moments_std", "update_stats", "frozen_site_stats", "check_stats", "lrlinear", "idmlp",
     "transform", "edit_scale", "mend_patch", "transform_group", "stack_site_stats", "mend_patches", "mend_edit",
-    "as_low_rank", "param_count",
+    "param_count",
 ]

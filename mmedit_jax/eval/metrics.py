@@ -7,9 +7,9 @@ value per example, `[B]` float32, and is a pure jnp function (jit/vmap friendly,
 
 | paper metric | EasyEdit log name   | input             | function here               |
 |--------------|---------------------|-------------------|-----------------------------|
-| Reliability  | `inner/acc`         | `edit_inner`      | `edit_accuracy`             |
-| T-Generality | `edit/acc`          | `edit_outer`      | `edit_accuracy`             |
-| M-Generality | `image_rephrase/acc`| `edit_outer_image`| `edit_accuracy`             |
+| Reliability  | `inner/acc`         | `edit`            | `edit_accuracy`             |
+| T-Generality | `edit/acc`          | `rephrase`        | `edit_accuracy`             |
+| M-Generality | `image_rephrase/acc`| `image_rephrase`  | `edit_accuracy`             |
 | T-Locality   | `loc/acc`           | `loc`             | `text_locality` (top-1)     |
 | M-Locality   | `image_loc/acc`     | `loc_image`       | `image_locality` (top-10)   |
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from mmedit_jax.case import IGNORE_INDEX
 
 
 def shifted_answer_predictions(
@@ -165,8 +165,7 @@ def mmedit_metrics(
     """All five metrics of a batch of cases, each [B].
 
     Args:
-      post: post-edit logits per sub-input name (`edit_inner`, `edit_outer`, `edit_outer_image`, `loc`,
-        `loc_image`), each [B, L_name, V].
+      post: post-edit logits per input name (`case.INPUT_NAMES`), each [B, L_name, V].
       pre_loc_logits, pre_loc_image_logits: pre-edit logits on `loc` / `loc_image` (computed once per case).
       batch: an `EditBatch` (or anything with those five `TokenBatch`-like attributes).
       use_exact_match: EM instead of token accuracy for the three edit metrics.
@@ -179,9 +178,9 @@ def mmedit_metrics(
         return edit_accuracy(post[name], getattr(batch, name).labels, use_exact_match)
 
     return {
-        "reliability": acc("edit_inner"),
-        "t_generality": acc("edit_outer"),
-        "m_generality": acc("edit_outer_image"),
+        "reliability": acc("edit"),
+        "t_generality": acc("rephrase"),
+        "m_generality": acc("image_rephrase"),
         "t_locality": locality(pre_loc_logits, post["loc"], batch.loc.attention_mask, batch.loc.labels,
                                text_k, locality_positions),
         "m_locality": locality(pre_loc_image_logits, post["loc_image"], batch.loc_image.attention_mask,

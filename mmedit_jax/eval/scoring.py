@@ -2,46 +2,35 @@
 
 `pre_outputs` runs the unedited model once per case: its top-1 (text locality) and top-10 (multimodal locality)
 tokens are what the post-edit model is compared against, and its accuracies are the pre-edit base figures.
-`post_scores` runs the edited model. Both work on ONE case; the harness vmaps them over a batch of edits,
-with the base parameters shared (`in_axes=None`) and only patches and inputs batched.
+`post_scores` runs the edited model. Both work on ONE case (`case.py`); the harness vmaps them over a batch of
+edits, with the base parameters shared (`in_axes=None`) and only patches and inputs batched.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from mmedit_jax.editors.base import IMAGE_OF, Case, ModelFns, answer_rows_of, teacher_forced
+from mmedit_jax.case import ACCURACY_INPUTS, LOCALITY_INPUTS, SPEC, Case, answer_rows_of
 from mmedit_jax.eval import metrics as M
-
-# metric name -> the case input it is computed on
-GENERALITY = {"reliability": "edit", "t_generality": "rephrase", "m_generality": "image_rephrase"}
-METRICS = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")
+from mmedit_jax.forward import ModelFns, teacher_forced
 
 
-def _logits(model: ModelFns, params, patch, case: Case, kind: str) -> jax.Array:
-    image_key = IMAGE_OF[kind]
-    image = None if image_key is None else case.images[image_key]
-    return model.logits(params, patch, getattr(case, kind), image)
-
-
-def _accuracies(model, params, patch, case, exact_match: bool, prefixes: dict | None = None):
+def _accuracies(model: ModelFns, params, patch, case: Case, exact_match: bool, prefixes: dict | None = None):
     """Reliability / T- / M-Generality, and the predicted tokens `[L]` (at the answer positions only where the
-    inputs carry `answer_rows`, 0 elsewhere: what the rows' text needs). `prefixes`: `{kind: (h, k)}` inputs
+    inputs carry `answer_rows`, 0 elsewhere: what the rows' text needs). `prefixes`: `{input: (h, k)}` inputs
     whose forwards start from their hidden states entering layer k."""
     out, preds = {}, {}
-    for name, kind in GENERALITY.items():
-        seq = getattr(case, kind)
-        image_key = IMAGE_OF[kind]
-        logits, labels, _ = teacher_forced(model, params, patch, seq, case.images[image_key] if image_key else None,
-                                           prefix=(prefixes or {}).get(kind))
-        out[name] = M.edit_accuracy(logits[None], labels[None], exact_match)[0]
+    for name in ACCURACY_INPUTS:
+        seq = case.seq(name)
+        logits, labels, _ = teacher_forced(model, params, patch, seq, case.image(name),
+                                           prefix=(prefixes or {}).get(name))
+        out[SPEC[name].metric] = M.edit_accuracy(logits[None], labels[None], exact_match)[0]
         pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # the token predicted at each step
         if seq.answer_rows is not None:  # R rows (+ the appended zero row) back to their positions
             rows, valid = answer_rows_of(seq)
             at = jnp.where(valid, rows, seq.labels.shape[0])
             pred = jnp.zeros(seq.labels.shape, jnp.int32).at[at].set(pred[:-1], mode="drop")
-        preds[kind] = pred
+        preds[name] = pred
     return out, preds
 
 
@@ -52,13 +41,13 @@ def _prefixes(pre: dict, prefix_layer: int | None) -> dict:
     return {"edit": (pre["hidden_edit"], prefix_layer)}
 
 
-def _locality_logits(model, params, patch, case: Case, pre: dict, prefix_layer: int | None):
+def _locality_logits(model: ModelFns, params, patch, case: Case, pre: dict, prefix_layer: int | None):
     """Logits `[L, V]` on `loc` and `loc_image`. With `prefix_layer` k, from the hidden states entering layer k
     that `pre` holds (`hidden_loc`, `hidden_loc_image` `[L, D]`), which no patch of layers >= k changes."""
     if prefix_layer is None:
-        return tuple(_logits(model, params, patch, case, kind) for kind in ("loc", "loc_image"))
-    return tuple(model.resume_logits(params, patch, getattr(case, kind), pre[f"hidden_{kind}"], prefix_layer)
-                 for kind in ("loc", "loc_image"))
+        return tuple(model.logits(params, patch, case.seq(name), case.image(name)) for name in LOCALITY_INPUTS)
+    return tuple(model.resume_logits(params, patch, case.seq(name), pre[f"hidden_{name}"], prefix_layer)
+                 for name in LOCALITY_INPUTS)
 
 
 def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True, base_accuracy: bool = True,
@@ -74,10 +63,8 @@ def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True, b
     """
     out = {}
     if prefix_layer is not None:
-        for kind in ("edit", "loc", "loc_image"):
-            image_key = IMAGE_OF[kind]
-            image = None if image_key is None else case.images[image_key]
-            out[f"hidden_{kind}"] = model.prefix(params, getattr(case, kind), image, prefix_layer)
+        for name in ("edit", *LOCALITY_INPUTS):
+            out[f"hidden_{name}"] = model.prefix(params, case.seq(name), case.image(name), prefix_layer)
     loc, loc_image = _locality_logits(model, params, {}, case, out, prefix_layer)
     out.update(loc_top1=M.topk_indices(loc, 1), loc_image_top10=M.topk_indices(loc_image, 10))
     if base_accuracy:

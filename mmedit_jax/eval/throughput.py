@@ -1,6 +1,6 @@
 """Timing the harness's compiled edit step: throughput by batch size, latency percentiles, memory, FLOPs.
 
-Everything here times the same two programs the harness runs (`harness.make_step_fns`): the unedited model's
+Everything here times the same two programs the harness runs (`steps.make_step_fns`): the unedited model's
 outputs the five metrics compare against (its locality predictions; its base accuracies are left out, as the
 reference's per-record step computes none) and edit + five metrics, over a batch of E independent cases.
 Compile time is the first call minus a steady call; steady times are taken after `jax.block_until_ready`.
@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmedit_jax.eval import harness
+from mmedit_jax.case import num_cases, pad_batch, take
+from mmedit_jax.eval.steps import make_step_fns
 
 
 @dataclasses.dataclass
@@ -50,7 +51,8 @@ class StepTiming:
                     patch_kib_per_edit=self.patch_bytes / 2**10)
 
 
-def _cost(compiled) -> tuple[float, float]:
+def xla_cost(compiled) -> tuple[float, float]:
+    """`(FLOPs, temporary bytes)` of a compiled program by XLA's analyses; NaN where the backend has none."""
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
@@ -64,15 +66,14 @@ def _cost(compiled) -> tuple[float, float]:
     return flops, temp
 
 
-def time_edit_step(editor, fns, params, cases, batch_size: int, repeats: int, exact_match: bool = True,
+def time_edit_step(editor, params, cases, batch_size: int, repeats: int, exact_match: bool = True,
                    step_fns=None) -> StepTiming:
     """Times pre-edit outputs + edit + scoring of `batch_size` cases (the first ones of `cases`, padded).
 
-    `step_fns`: `harness.make_step_fns(..., base_accuracy=False)`, built once and reused across calls.
+    `step_fns`: `steps.make_step_fns(..., base_accuracy=False)`, built once and reused across calls.
     """
-    pre_fn, edit_fn = step_fns or harness.make_step_fns(editor, fns, exact_match, base_accuracy=False)
-    n = jax.tree.leaves(cases)[0].shape[0]
-    batch = harness._pad_batch(harness._take(cases, np.arange(min(batch_size, n))), batch_size)
+    pre_fn, edit_fn = step_fns or make_step_fns(editor, exact_match, base_accuracy=False)
+    batch = pad_batch(take(cases, np.arange(min(batch_size, num_cases(cases)))), batch_size)
     batch = jax.device_put(batch)
 
     def call():
@@ -88,8 +89,8 @@ def time_edit_step(editor, fns, params, cases, batch_size: int, repeats: int, ex
         call()
         times.append(time.perf_counter() - t0)
     pre = pre_fn(params, batch)
-    flops_edit, temp = _cost(edit_fn.lower(editor.editor_params, params, batch, pre).compile())
-    flops_pre, _ = _cost(pre_fn.lower(params, batch).compile())
+    flops_edit, temp = xla_cost(edit_fn.lower(editor.editor_params, params, batch, pre).compile())
+    flops_pre, _ = xla_cost(pre_fn.lower(params, batch).compile())
     flops = (matmul_flops(jax.make_jaxpr(edit_fn)(editor.editor_params, params, batch, pre))
              + matmul_flops(jax.make_jaxpr(pre_fn)(params, batch)))
     one = jax.tree.map(lambda a: a[0], batch)

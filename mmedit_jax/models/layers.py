@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mmedit_jax.patch import Dense, LowRank
+from mmedit_jax.sites import unit_entries
 
 # --------------------------------------------------------------------------------------------------
 # EditView: how patches and taps reach one module.
@@ -114,22 +115,6 @@ class PatchableDense(nn.Module):
 # The scanned layer-stack runner.
 
 
-def _unit_entries(table: Mapping[str, Any], prefix: str, num_units: int, per_unit: int):
-    """Splits a `{site: value}` table into per-unit `{relative path: value}` dicts for one stack."""
-    units: list[dict[str, Any]] = [{} for _ in range(num_units)]
-    for site, value in table.items():
-        if not site.startswith(prefix + "/"):
-            continue
-        idx, _, rest = site[len(prefix) + 1 :].partition("/")
-        if not idx.isdigit() or not rest:
-            raise KeyError(f"site {site!r}: expected '{prefix}/<layer index>/<module path>'")
-        i = int(idx)
-        if i >= num_units * per_unit:
-            raise KeyError(f"site {site!r}: layer {i} out of range (the stack has {num_units * per_unit})")
-        rel = rest if per_unit == 1 else f"{i % per_unit}/{rest}"
-        units[i // per_unit][rel] = value
-    return units
-
 
 def _signature(deltas: Mapping[str, Any], taps: Mapping[str, Any]):
     def sig(v):
@@ -187,8 +172,8 @@ def run_stack(
     stop = num_units if stop is None else stop
     if not 0 <= start <= stop <= num_units:
         raise ValueError(f"units [{start}, {stop}) out of range for a stack of {num_units}")
-    unit_deltas = _unit_entries(patch or {}, prefix, num_units, per_unit)
-    unit_taps = _unit_entries(taps or {}, prefix, num_units, per_unit)
+    unit_deltas = unit_entries(patch or {}, prefix, num_units, per_unit)
+    unit_taps = unit_entries(taps or {}, prefix, num_units, per_unit)
     skipped = [u for u in (*range(start), *range(stop, num_units)) if unit_deltas[u] or unit_taps[u]]
     if skipped:
         raise ValueError(f"{prefix}: units {skipped} carry edits or taps but only [{start}, {stop}) run")

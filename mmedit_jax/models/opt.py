@@ -20,8 +20,10 @@ import jax.numpy as jnp
 from mmedit_jax.models.config import OPTConfig
 from mmedit_jax.models.layers import EditView, PatchableDense, child, init_stack, run_stack
 from mmedit_jax.models.vit import activation
+from mmedit_jax.sites import LM_STACK, layer_of
 
-STACK_PREFIX = "language_model/layers"
+STACK_PREFIX = LM_STACK
+
 # The linears of a layer that see each position on its own (not keys/values): with `rows`, they run on those rows.
 ROW_SITES = ("self_attn/q_proj", "self_attn/out_proj", "fc1", "fc2")
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2 (a fairseq legacy)
@@ -269,12 +271,6 @@ class OPTDecoder(nn.Module):
             return logits, captured
         return logits, captured, new_cache
 
-
-def layer_of(site: str) -> int | None:
-    """The language-model layer of a site `language_model/layers/<i>/...`, None for a site outside the stack."""
-    if not site.startswith(STACK_PREFIX + "/"):
-        return None
-    return int(site[len(STACK_PREFIX) + 1 :].partition("/")[0])
 
 
 def _below(table: dict | None, layer: int) -> dict | None:

@@ -18,7 +18,6 @@ from mmedit_jax.world.dataset import FILE_NAMES, write_world
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "world")
 WORLD = dict(seed=0, n_train=512, n_eval=128, image_size=32)  # the shipped editors were trained on this
-EDITORS = ("mend", "ke", "ft-l", "ft-v")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +74,7 @@ def ensure(task: str = "vqa", cache_dir: str | None = None, assets: str = ASSETS
         raise FileNotFoundError(f"the built-in world model is missing ({model_dir}); rebuild it with "
                                 "`python -m mmedit_jax.world.build`")
     data_dir = ensure_data(cache_dir)
-    ckpts = {e: os.path.join(assets, f"{e}_{task}") for e in EDITORS
-             if os.path.isdir(os.path.join(assets, f"{e}_{task}"))}
+    ckpts = {name.removesuffix(f"_{task}"): os.path.join(assets, name) for name in sorted(os.listdir(assets))
+             if name.endswith(f"_{task}") and os.path.isdir(os.path.join(assets, name))}
     return World(data_dir, model_dir, model_dir, os.path.join(data_dir, FILE_NAMES[(task, "train")]),
                  os.path.join(data_dir, FILE_NAMES[(task, "eval")]), data_dir, ckpts)

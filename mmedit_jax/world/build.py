@@ -22,6 +22,7 @@ import sys
 
 from mmedit_jax.editors.hparams import load_hparams
 from mmedit_jax.world import assets
+from mmedit_jax.world.pretrain import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,8 +59,6 @@ def main(argv=None):
     data = assets.ensure_data()
     model_dir = os.path.join(args.work, "pretrain", "model")
     if not os.path.isdir(model_dir):
-        from mmedit_jax.world.pretrain import pretrain
-
         evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
         pretrain(os.path.join(args.work, "pretrain"), args.seed, args.steps, eval_files=evals, image_root=data)
     editor_dirs = {}

@@ -26,7 +26,7 @@ from mmedit_jax import checkpoint
 from mmedit_jax.data.cases import CaseConfig, ImageTable, TextInput, encode_inputs
 from mmedit_jax.data.image import load_image, preprocess_image
 from mmedit_jax.data.tokenizer import train_bpe_tokenizer
-from mmedit_jax.eval.losses import masked_nll
+from mmedit_jax.losses import masked_nll
 from mmedit_jax.models.blip2 import Blip2Model
 from mmedit_jax.models.config import Blip2Config, OPTConfig, QFormerConfig, VisionConfig
 from mmedit_jax.world.dataset import VQA_TEMPLATE, pretraining_stream, world_texts

@@ -1,4 +1,5 @@
-"""Per-step training metrics to JSONL (the record a resumed run trims and appends to) and TensorBoard events.
+"""Per-step training metrics: JSON lines (`eval.records.JsonlWriter`: the record a resumed run trims with
+`records.read_rows` and appends to) and the same scalars as TensorBoard events.
 
 TensorBoard event files are written with `tensorboardX` (protobuf only: no TensorFlow, no torch). Scalars go to
 `out_dir/tensorboard` under their JSONL names (`loss/edit`, `val/reliability`, ...), step on the x axis; rows
@@ -7,18 +8,22 @@ marked `"split": "val"` are logged under the same names, which already carry `_v
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import struct
+
+from mmedit_jax.eval.records import JsonlWriter
 
 
 class MetricWriter:
-    """Appends rows `{"step": int, name: float, ...}` to `jsonl_path` and, with `tb_dir`, to TensorBoard."""
+    """Appends rows `{"step": int, name: float, ...}` to `jsonl_path` and, with `tb_dir`, to TensorBoard;
+    `flush()` makes the JSONL rows durable."""
 
     def __init__(self, jsonl_path: str | None, tb_dir: str | None = None):
-        self._out = open(jsonl_path, "a") if jsonl_path else None
+        self._out = JsonlWriter(jsonl_path) if jsonl_path else None
         self._tb = None
         if tb_dir:
+            # Imported here: tensorboardX (protobuf) is only loaded by runs that write events.
             from tensorboardX import SummaryWriter
 
             # A resumed run appends a new events file; TensorBoard merges files of one directory by step.
@@ -26,7 +31,7 @@ class MetricWriter:
 
     def write(self, row: dict) -> None:
         if self._out:
-            self._out.write(json.dumps(row) + "\n")
+            self._out.write(row)
         if self._tb is not None:
             step = int(row["step"])
             for k, v in row.items():
@@ -51,9 +56,7 @@ class MetricWriter:
 
 def read_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
     """`{tag: [(step, value), ...]}` from every events file in `tb_dir` (TFRecord framing, `Event` protos)."""
-    import struct
-
-    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto import event_pb2  # as above: only readers of event files load it
 
     out: dict[str, list[tuple[int, float]]] = {}
     for name in sorted(os.listdir(tb_dir)):

@@ -1,8 +1,10 @@
-"""The reference procedure in PyTorch, EasyEdit's way: transformers' BLIP-2, one edit at a time.
+"""The peer: EasyEdit's editing procedure in PyTorch on transformers' BLIP-2, one edit at a time.
 
 Runs on the SAME weights as ours (a `save_pretrained` directory written by `mmedit_jax.convert.export_hf`) and
-the SAME cases (our prepared `EditBatch` token arrays and preprocessed pixels, saved by `save_cases`), so neither
-tokenisation nor image preprocessing can differ. Per case, as `MultimodalTrainer.edit_step` in eval mode:
+the SAME cases (our prepared token arrays and preprocessed pixels, saved by `compare_peer.save_cases` under
+EasyEdit's input names: `edit_inner`, `edit_outer`, `edit_outer_image`, `loc`, `loc_image`), so neither
+tokenisation nor image preprocessing can differ. `compare_peer.py` prepares those files, runs this file as its own
+process and compares the two sides. Per case, as `MultimodalTrainer.edit_step` in eval mode:
 
   1. no grad: base logits on `loc` and `loc_image` (what locality compares against);
   2. the edit, on a copy of each edited child module (EasyEdit `_make_child_functional_model` copies the edited
@@ -25,11 +27,11 @@ tokenisation nor image preprocessing can differ. Per case, as `MultimodalTrainer
      k=10 image, over every position).
 Each case runs unpadded (batch size 1, as the reference): the arrays' right padding is cut off.
 
-This file imports no JAX (its memory figure is PyTorch's alone).
+This file imports neither JAX nor mmedit_jax (its memory figure is PyTorch's alone).
 
-    python benchmarks/peer_torch.py --hf DIR --cases cases.npz --editor ft-l --ft-json ft.json --out peer.json
-    python benchmarks/peer_torch.py --hf DIR --cases cases.npz --editor mend --mend mend_easyedit.pt --out peer.json
-    python benchmarks/peer_torch.py --hf DIR --cases cases.npz --editor ke --ke ke_torch.pt --out peer.json
+    python benchmarks/peer_easyedit.py --hf DIR --cases cases.npz --editor ft-l --ft-json ft.json --out peer.json
+    python benchmarks/peer_easyedit.py --hf DIR --cases cases.npz --editor mend --mend mend_easyedit.pt --out peer.json
+    python benchmarks/peer_easyedit.py --hf DIR --cases cases.npz --editor ke --ke ke_torch.pt --out peer.json
 """
 
 from __future__ import annotations
@@ -44,29 +46,19 @@ import time
 import numpy as np
 import torch
 
-SUB_INPUTS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
+SUB_INPUTS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")  # EasyEdit's names
 METRICS = ("reliability", "t_generality", "m_generality", "t_locality", "m_locality")
 ACC_INPUT = {"reliability": "edit_inner", "t_generality": "edit_outer", "m_generality": "edit_outer_image"}
 IGNORE = -100
 
 
 # --------------------------------------------------------------------------------------------------
-# Cases: our prepared arrays, one npz file.
-
-
-def save_cases(path: str, batch, pixels: np.ndarray) -> None:
-    """Writes an `EditBatch` (`mmedit_jax.data.cases`) and its image table `[N, 3, H, W]` to one npz."""
-    arrays = {"pixels": np.asarray(pixels, np.float32), "case_index": np.asarray(batch.case_index),
-              "cond_ids": np.asarray(batch.cond_ids), "cond_mask": np.asarray(batch.cond_mask),
-              "valid": np.asarray(batch.valid)}
-    for name in SUB_INPUTS:
-        tb = getattr(batch, name)
-        for field in ("input_ids", "attention_mask", "labels", "image_ids"):
-            arrays[f"{name}/{field}"] = np.asarray(getattr(tb, field))
-    np.savez(path, **arrays)
+# Cases: our prepared arrays, one npz file (`compare_peer.save_cases`).
 
 
 def load_cases(path: str) -> dict[str, np.ndarray]:
+    """`{"<input>/<field>": [N, ...], "pixels", "case_index", "cond_ids", "cond_mask", "valid"}`, inputs under
+    EasyEdit's names (`SUB_INPUTS`); fields `input_ids`, `attention_mask`, `labels`, `image_ids` (-1: no image)."""
     with np.load(path) as z:
         return dict(z)
 
@@ -424,6 +416,8 @@ def load_model(hf_dir: str):
 
 
 def make_editor(name: str, model, ft: dict | None = None, mend_path: str | None = None, ke_path: str | None = None):
+    """The peer's editor: FT-L from its hparams (`inner_params` as module weight names), MEND from an EasyEdit
+    state dict file, KE from a `KENet` state dict file (each a torch file `{'state_dict', 'meta'}`)."""
     if name == "ft-l":
         ft = dict(ft or {})
         return FTEditor(model, ft.pop("inner_params"), **ft)
@@ -434,6 +428,18 @@ def make_editor(name: str, model, ft: dict | None = None, mend_path: str | None 
         blob = torch.load(ke_path, map_location="cpu", weights_only=False)
         return KEEditor(model, blob["state_dict"], blob["meta"])
     raise ValueError(f"peer editor {name!r}: choose ft-l, mend or ke")
+
+
+def run_files(hf: str, cases: str, editor: str, ft: dict | None = None, mend: str | None = None,
+              ke: str | None = None, exact_match: bool = True, limit: int | None = None, threads: int | None = None,
+              model=None) -> dict:
+    """The whole peer run on files: the exported model `hf`, the cases npz, the editor's file; `run_peer`'s result
+    with `editor` added. `model`: `load_model(hf)` already loaded."""
+    model = load_model(hf) if model is None else model
+    result = run_peer(model, make_editor(editor, model, ft, mend, ke), load_cases(cases), exact_match, limit,
+                      threads=threads)
+    result["editor"] = editor
+    return result
 
 
 def main(argv=None):
@@ -460,10 +466,8 @@ def main(argv=None):
         ap.error("--editor mend needs --mend")
     elif args.editor == "ke" and not args.ke:
         ap.error("--editor ke needs --ke")
-    editor = make_editor(args.editor, model, ft, args.mend, args.ke)
-    result = run_peer(model, editor, load_cases(args.cases), not args.token_accuracy, args.limit,
-                      threads=args.threads)
-    result["editor"] = args.editor
+    result = run_files(args.hf, args.cases, args.editor, ft, args.mend, args.ke, not args.token_accuracy,
+                       args.limit, threads=args.threads, model=model)
     print(f"peer {args.editor}: {result['edits_per_s']:.2f} edits/s over {result['num_cases']} cases, "
           f"peak RSS {result['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     if args.out:

@@ -1,4 +1,5 @@
-"""Training losses of EasyEdit's multimodal trainer (`easyeditor/trainer/losses.py`, commit `fb2ba6a`).
+"""The losses editors and meta-training optimise: EasyEdit's multimodal trainer (`easyeditor/trainer/losses.py`,
+commit `fb2ba6a`), plus one edit's answer NLL and our optional rank-order locality term.
 
 Shapes: `logits [B, L, V]`, `labels [B, L]` (answer ids at input positions, -100 elsewhere, not shifted),
 `mask [B, L]`. Computations run in float32 whatever the logits dtype, as the reference casts to float32.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from mmedit_jax.case import IGNORE_INDEX
 
 
 def answer_log_probs(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -41,6 +42,11 @@ def masked_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """
     token_lp, mask = answer_log_probs(logits, labels)
     return -jnp.sum(token_lp) / jnp.sum(mask).astype(jnp.float32)
+
+
+def answer_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The edit loss of one example: `logits [L, V]`, `labels [L]` -> [] (`masked_nll` of a batch of one)."""
+    return masked_nll(logits[None], labels[None])
 
 
 def kl_per_position(pre_logits: jax.Array, post_logits: jax.Array) -> jax.Array:

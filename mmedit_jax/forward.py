@@ -1,0 +1,173 @@
+"""The forward of one example, as editors, scoring and training see every model: `ModelFns`, and BLIP-2's.
+
+A `ModelFns` runs ONE example (no batch axis; callers vmap), with an optional patch (`patch.py`) and taps
+(`models/layers.py`). It takes its images as it says (`uses_pixels`): cached image embeddings `[nq, E]`, or
+pixels `[3, H, W]` for a model whose vision side may be edited (FT-V), and builds the matching per-run table
+once (`image_table`), so the pixels-or-embeddings choice is made in one place. `prefix` / `resume` split the
+language model at a layer, for the frozen-prefix cache (only with cached embeddings: `supports_prefix`).
+`teacher_forced` is the one path from an input to the logits and labels that losses and accuracies take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmedit_jax.case import Seq, answer_rows_of
+from mmedit_jax.sites import touches_vision
+
+
+class ModelFns(Protocol):
+    """Single-example forward functions of one model family (shapes without the batch axis)."""
+
+    @property
+    def uses_pixels(self) -> bool:
+        """Images enter as pixels `[3, H, W]` (True) or cached embeddings `[nq, E]` (False)."""
+        ...
+
+    @property
+    def supports_prefix(self) -> bool:
+        """Whether `prefix` / `resume` are available (they need cached embeddings)."""
+        ...
+
+    def image_table(self, params, pixels: np.ndarray) -> np.ndarray:
+        """`[N, 3, H, W]` pixels of every distinct image -> what `forward` takes per image, `[N, ...]`."""
+        ...
+
+    def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):
+        """-> `(logits [L, V] (or [R, V] at `rows`), captured {site: layer input})`."""
+        ...
+
+    def logits(self, params, patch, seq: Seq, image) -> jax.Array:
+        """`forward`'s logits `[L, V]`."""
+        ...
+
+    def prefix(self, params, seq: Seq, image, stop: int) -> jax.Array:
+        """The unedited language model's hidden states entering layer `stop`, `[L, D]`."""
+        ...
+
+    def resume(self, params, patch, seq: Seq, h: jax.Array, start: int, taps=None, rows=None):
+        """`forward` from `prefix(..., stop=start)`'s hidden states `h`."""
+        ...
+
+    def resume_logits(self, params, patch, seq: Seq, h: jax.Array, start: int) -> jax.Array:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip2Fns:
+    module: nn.Module
+    pixels: bool = False
+
+    @property
+    def uses_pixels(self) -> bool:
+        return self.pixels
+
+    @property
+    def supports_prefix(self) -> bool:
+        return not self.pixels
+
+    def encode(self, params, patch, pixel_values: jax.Array) -> jax.Array:
+        """`[B, 3, H, W]` -> projected query outputs `[B, nq, E]`."""
+        nhwc = jnp.transpose(pixel_values, (0, 2, 3, 1))
+        embeds, _ = self.module.apply({"params": params}, nhwc, patch=patch, method="encode_image")
+        return embeds
+
+    def image_table(self, params, pixels: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """`pixels` as they are when this model runs pixels, else every image's projected query outputs
+        `[N, nq, E]`, computed once (the feature cache), `batch_size` images per call (the last batch padded, so
+        it compiles once)."""
+        if self.pixels:
+            return pixels
+        encode = jax.jit(lambda p, x: self.encode(p, {}, x))
+        out = []
+        for start in range(0, len(pixels), batch_size):
+            chunk = pixels[start : start + batch_size]
+            n = len(chunk)
+            if n < batch_size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+            out.append(np.asarray(encode(params, chunk))[:n])
+        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+    def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):
+        """One example: `seq` fields `[L]`, `image` `[nq, E]` / `[3, H, W]` / None -> (logits `[L, V]`, captured).
+
+        `captured` maps each tapped site to its layer input without the batch axis. `rows` `[R]`: logits at those
+        positions only, `[R, V]` (the last language-model layer and the head run R rows).
+        """
+        kw = {} if rows is None else {"rows": rows[None]}
+        if image is not None and self.pixels:
+            kw["pixel_values"] = jnp.transpose(image[None], (0, 2, 3, 1))  # the table holds [3, H, W]
+        elif image is not None:
+            kw["image_embeds"] = image[None]
+        logits, captured = self.module.apply(
+            {"params": params}, seq.input_ids[None], seq.attention_mask[None], patch=patch, taps=taps, **kw
+        )
+        return logits[0], {k: v[0] for k, v in captured.items()}
+
+    def logits(self, params, patch, seq: Seq, image) -> jax.Array:
+        return self.forward(params, patch, seq, image)[0]
+
+    def prefix(self, params, seq: Seq, image, stop: int) -> jax.Array:
+        """The unedited language model up to layer `stop` (excluded): -> hidden states `[L, D]`.
+
+        Only with cached image embeddings `[nq, E]` (or None): a model that runs pixels may have the vision side
+        edited, which the language-model prefix cannot see.
+        """
+        if self.pixels:
+            raise ValueError("prefix() takes cached image embeddings; this Blip2Fns runs pixels")
+        image = None if image is None else image[None]
+        h = self.module.apply({"params": params}, seq.input_ids[None], seq.attention_mask[None], image, stop,
+                              method="text_prefix")
+        return h[0]
+
+    def resume(self, params, patch, seq: Seq, h: jax.Array, start: int, taps=None, rows=None):
+        """Continues `prefix(..., stop=start)`'s hidden states `h [L, D]` through layers `start ..` (patched) and
+        the head: -> `(logits [L, V] (or [R, V] at `rows`), captured)`, as `forward` when `patch` and `taps`
+        leave the layers below `start` alone."""
+        logits, captured = self.module.apply({"params": params}, h[None], seq.attention_mask[None], start, patch,
+                                             taps, None if rows is None else rows[None], method="text_resume")
+        return logits[0], {k: v[0] for k, v in captured.items()}
+
+    def resume_logits(self, params, patch, seq: Seq, h: jax.Array, start: int) -> jax.Array:
+        """`resume`'s logits `[L, V]`."""
+        return self.resume(params, patch, seq, h, start)[0]
+
+
+def fns_for(model, sites, feature_cache: bool = True) -> Blip2Fns:
+    """The single-example forward an editor (or trainer) of `sites` runs on `model` (a `Blip2Model`): pixels when
+    it edits the vision side or the feature cache is off, cached image embeddings otherwise. The one place that
+    choice is made; the editor carries the result (`Editor.fns`) and everything downstream asks it."""
+    return Blip2Fns(model.module, pixels=touches_vision(sites) or not feature_cache)
+
+
+def teacher_forced(model: ModelFns, params, patch, seq: Seq, image, taps=None, prefix=None):
+    """`(logits, labels, captured)` of one input, in the shifted layout `losses.answer_nll` and the accuracies
+    take (`logits[t]` scored against `labels[t + 1]`).
+
+    `prefix` `(h [L, D], k)`: the unedited hidden states of this input entering language-model layer k
+    (`model.prefix`); the forward then runs layers k.. only (`patch` and `taps` must leave layers < k alone).
+
+    Without `seq.answer_rows`: the whole forward, `logits [L, V]` and `seq.labels`. With it: the logits at the R
+    answer rows only (the last layer and the head run R rows), laid out as `logits [R + 1, V]` (a zero row
+    appended) and `labels [R + 1]` = (-100, the R targets, -100 at unused rows): the same loss and accuracies.
+    A tapped linear of the last layer then records its input at the R rows (`captured[site]` `[R, in]`).
+    """
+    def run(rows=None):
+        if prefix is None:
+            return model.forward(params, patch, seq, image, taps=taps, rows=rows)
+        return model.resume(params, patch, seq, prefix[0], prefix[1], taps=taps, rows=rows)
+
+    if seq.answer_rows is None:
+        logits, captured = run()
+        return logits, seq.labels, captured
+    rows, valid = answer_rows_of(seq)
+    logits, captured = run(rows)
+    targets = jnp.where(valid, seq.labels[jnp.minimum(rows + 1, seq.labels.shape[0] - 1)], -100)
+    logits = jnp.concatenate([logits, jnp.zeros_like(logits[:1])])
+    return logits, jnp.concatenate([jnp.full((1,), -100, targets.dtype), targets]), captured
