@@ -19,7 +19,9 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file as st_save
 
+from mmedit_jax.convert import engine
 from mmedit_jax.convert import mend_easyedit as me
 
 # --------------------------------------------------------------------------------------------------
@@ -148,3 +150,56 @@ def test_torchscript_archive_is_refused_without_trust(tmp_path):
     torch.jit.save(torch.jit.script(M()), tmp_path / "scripted.pt")
     with pytest.raises(ValueError, match=r"scripted\.pt is a TorchScript archive.*--trust-pickle"):
         me.load_checkpoint(str(tmp_path / "scripted.pt"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. pytorch_model.bin refused by the weights-only reader: code/objects versus damage.
+
+
+def _bin_dir(tmp_path, obj, legacy=False):
+    d = tmp_path / "hf"
+    d.mkdir(exist_ok=True)
+    torch.save(obj, d / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    return d
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_bin_holding_code_is_refused_as_such(tmp_path, legacy):
+    d = _bin_dir(tmp_path, {"w": torch.ones(2), "x": Payload(tmp_path / "ran")}, legacy)
+    with pytest.raises(engine.ConversionError) as e:
+        engine.open_checkpoint(d)
+    msg = str(e.value)
+    assert "pytorch_model.bin was refused" in msg and "holds code or objects" in msg and "posix.mkdir" in msg
+    assert "save_file" in msg and "safe_serialization=True" in msg and "corrupt" not in msg
+    assert len(msg.splitlines()) == 1
+    assert not (tmp_path / "ran").exists()
+
+
+def test_legacy_bin_of_tensors_loads(tmp_path):
+    d = _bin_dir(tmp_path, {"w": torch.arange(3.0)}, legacy=True)
+    np.testing.assert_array_equal(engine.open_checkpoint(d).read("w"), [0, 1, 2])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_header", "truncate_legacy"])
+def test_damaged_bin_is_one_line_naming_the_file(tmp_path, damage):
+    d = _bin_dir(tmp_path, {"w": torch.ones(4000)}, legacy=damage.endswith("legacy"))
+    f = d / "pytorch_model.bin"
+    data = bytearray(f.read_bytes())
+    if damage.startswith("truncate"):
+        data = data[: len(data) // 2 if damage == "truncate" else len(data) - 5]
+    elif damage == "garbage":
+        data = bytearray(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    else:
+        data[100:500] = bytes(400)
+    f.write_bytes(bytes(data))
+    with pytest.raises(engine.ConversionError) as e:
+        engine.open_checkpoint(d).read("w")
+    msg = str(e.value)
+    assert msg.startswith(f"corrupt or truncated PyTorch checkpoint {f}") and len(msg.splitlines()) == 1, msg
+    assert "refused" not in msg
+
+
+def test_safetensors_is_untouched(tmp_path):
+    """Sanity: a safetensors file next to the faults above still converts (the fixes do not reach it)."""
+    st_save({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    np.testing.assert_array_equal(engine.open_checkpoint(tmp_path).read("w"), [1, 1])
