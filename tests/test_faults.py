@@ -11,18 +11,24 @@
 """
 
 import io
+import json
 import os
 import pickle
 import pickletools
 import tarfile
+import warnings
 
+import jax
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file as st_save
 
+from mmedit_jax import checkpoint, integrity
+from mmedit_jax.checkpoint import CheckpointError
 from mmedit_jax.convert import engine
 from mmedit_jax.convert import mend_easyedit as me
+from mmedit_jax.models.config import Blip2Config, OPTConfig
 
 # --------------------------------------------------------------------------------------------------
 # 1. Pickle payloads.
@@ -203,3 +209,165 @@ def test_safetensors_is_untouched(tmp_path):
     """Sanity: a safetensors file next to the faults above still converts (the fixes do not reach it)."""
     st_save({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
     np.testing.assert_array_equal(engine.open_checkpoint(tmp_path).read("w"), [1, 1])
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. Converted checkpoints.
+
+CONFIG = Blip2Config(text=OPTConfig(vocab_size=50, hidden_size=8), num_query_tokens=2, image_token_index=49)
+
+
+def _tree(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"query_tokens": rng.standard_normal((1, 2, 4)).astype(np.float32),
+            "language_model": {"fc1": {"kernel": rng.standard_normal((64, 256)).astype(np.float32)}}}
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    checkpoint.save_model(tmp_path / "m", CONFIG, _tree())
+    return tmp_path / "m"
+
+
+def _largest_data_file(path):
+    files = [os.path.join(path, f) for f in integrity.list_files(path, checkpoint.PARAMS_DIR)]
+    return max(files, key=os.path.getsize)
+
+
+def _flip(file, n=400):
+    data = bytearray(open(file, "rb").read())
+    start = len(data) // 3
+    data[start:start + n] = bytes(b ^ 0xFF for b in data[start:start + n])
+    open(file, "wb").write(bytes(data))
+
+
+def _truncate(file):
+    data = open(file, "rb").read()
+    open(file, "wb").write(data[: len(data) // 2])
+
+
+def _delete(file):
+    os.remove(file)
+
+
+# (fault, what is done to the largest data file under params/, expected message)
+CHECKPOINT_FAULTS = [
+    ("flip 400 bytes", _flip, r"is corrupt \(sha256 differs.*re-convert"),
+    ("truncate", _truncate, r"is truncated \(\d+ bytes, \d+ when saved\).*re-convert"),
+    ("delete", _delete, r"is missing \(listed in checksums.json\).*re-convert"),
+]
+
+
+@pytest.mark.parametrize("fault,damage,message", CHECKPOINT_FAULTS, ids=[f[0] for f in CHECKPOINT_FAULTS])
+def test_damaged_converted_checkpoint_names_the_file(saved, fault, damage, message):
+    target = _largest_data_file(saved)
+    damage(target)
+    with pytest.raises(CheckpointError, match=message) as e:
+        checkpoint.restore_params(saved, _abstract(_tree()))
+    msg = str(e.value)
+    assert target in msg and len(msg.splitlines()) == 1, msg
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_checksums_written_at_save_cover_every_params_file(saved):
+    table = json.loads((saved / integrity.CHECKSUMS_FILE).read_text())
+    assert table["algorithm"] == "sha256"
+    assert sorted(table["files"]) == integrity.list_files(saved, checkpoint.PARAMS_DIR) != []
+    assert checkpoint.verify_params(saved) == len(table["files"])
+
+
+def test_truncated_file_without_verification_is_one_line(saved, monkeypatch):
+    """Verification skipped (or an old checkpoint): the restore error itself is one line naming the part."""
+    _truncate(_largest_data_file(saved))
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.restore_params(saved, _abstract(_tree()), verify=False)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and os.path.join(str(saved), "params", "part_00000") in msg, msg
+    assert "truncated or corrupt" in msg and "re-convert" in msg
+
+
+def test_checkpoint_without_checksums_loads_with_one_warning(saved):
+    os.remove(saved / integrity.CHECKSUMS_FILE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = checkpoint.restore_params(saved, _abstract(_tree()))
+    unverified = [w for w in caught if issubclass(w.category, integrity.UnverifiedWarning)]
+    assert len(unverified) == 1 and len(str(unverified[0].message).splitlines()) == 1
+    assert str(saved) in str(unverified[0].message)
+    np.testing.assert_array_equal(np.asarray(got["query_tokens"]), _tree()["query_tokens"])
+
+
+@pytest.mark.parametrize("how", ["keyword", "env"])
+def test_skip_switch_does_no_verification(saved, monkeypatch, how):
+    _flip(saved / integrity.CHECKSUMS_FILE, 1)  # would fail verification at once
+
+    def no_hashing(*a, **k):
+        raise AssertionError("verified although asked not to")
+
+    monkeypatch.setattr(integrity, "verify_checksums", no_hashing)
+    monkeypatch.setattr(integrity, "file_digest", no_hashing)
+    if how == "env":
+        monkeypatch.setenv(integrity.SKIP_ENV, "1")
+        got = checkpoint.restore_params(saved, _abstract(_tree()))
+    else:
+        got = checkpoint.restore_params(saved, _abstract(_tree()), verify=False)
+    np.testing.assert_array_equal(np.asarray(got["query_tokens"]), _tree()["query_tokens"])
+
+
+def test_verify_true_overrides_the_env_switch(saved, monkeypatch):
+    monkeypatch.setenv(integrity.SKIP_ENV, "1")
+    _flip(_largest_data_file(saved))
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        checkpoint.restore_params(saved, _abstract(_tree()), verify=True)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"format": 99, "files": {}}',
+                                     b'{"format": 1, "algorithm": "sha256", "files": {"../../x": {}}}'],
+                         ids=["bad-json", "unknown-format", "path-escape"])
+def test_damaged_checksums_file_is_an_error(saved, content):
+    (saved / integrity.CHECKSUMS_FILE).write_bytes(content)
+    with pytest.raises(CheckpointError, match="checksums.json") as e:
+        checkpoint.restore_params(saved, _abstract(_tree()))
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_overwrite_rewrites_checksums(saved):
+    checkpoint.save_model(saved, CONFIG, _tree(1), overwrite=True)
+    got = checkpoint.restore_params(saved, _abstract(_tree()), verify=True)
+    np.testing.assert_array_equal(np.asarray(got["query_tokens"]), _tree(1)["query_tokens"])
+
+
+def test_world_model_is_verified_and_a_flip_is_caught(tmp_path):
+    """The shipped world model carries checksums; a flipped byte in a copy fails from_pretrained naming it."""
+    import shutil
+
+    from mmedit_jax.loading import from_pretrained
+    from mmedit_jax.world.assets import ASSETS
+
+    src = os.path.join(ASSETS, "model")
+    assert checkpoint.verify_params(src) == len(integrity.list_files(src, checkpoint.PARAMS_DIR))
+    shutil.copytree(src, tmp_path / "model")
+    target = _largest_data_file(tmp_path / "model")
+    _flip(target)
+    with pytest.raises(CheckpointError, match="is corrupt") as e:
+        from_pretrained(tmp_path / "model")
+    assert target in str(e.value)
+
+
+def test_integrity_helpers_round_trip(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(os.urandom(3 << 20))
+    (tmp_path / "b.txt").write_text("hello")
+    out = integrity.write_checksums(tmp_path)
+    assert out == str(tmp_path / integrity.CHECKSUMS_FILE)
+    assert integrity.verify_checksums(tmp_path) == 2
+    assert integrity.file_digest(tmp_path / "b.txt") == (
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824")
+    _flip(tmp_path / "a" / "x.bin", 1)
+    with pytest.raises(integrity.IntegrityError, match=r"x\.bin is corrupt.*rebuild it") as e:
+        integrity.verify_checksums(tmp_path, remedy="rebuild it")
+    assert e.value.path == str(tmp_path / "a" / "x.bin")
