@@ -4,6 +4,10 @@ A converted model is a directory:
   OUT/mmedit_config.json   {"format_version": 1, "model_type": "blip-2", "param_dtype": ..., "config": {...},
                             "params_parts": ["part_00000", ...]}
   OUT/params/part_NNNNN/   Orbax (StandardCheckpointer) checkpoints, each of a subtree of the parameters
+  OUT/checksums.json       size + sha256 of every file under params/ (see `mmedit_jax.integrity`), written once
+                           the parameters are saved; `restore_params` verifies them before reading any data
+                           (`verify=False` or `$MMEDIT_JAX_SKIP_VERIFY=1` skips that; a checkpoint written before
+                           checksums existed loads with a one-line warning)
 The parameters are split into parts of about `part_bytes` and saved part by part: Orbax holds a second copy
 of whatever one save call writes, so one call for a whole 2.7B model would need twice its size in memory.
 Restoring reads the on-disk metadata first and checks it against the template (the `jax.eval_shape` of the
@@ -26,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmedit_jax import integrity
 from mmedit_jax.models.config import Blip2Config
 
 FORMAT_VERSION = 1
@@ -34,7 +39,10 @@ PARAMS_DIR = "params"
 
 
 class CheckpointError(ValueError):
-    """A converted checkpoint that is missing, malformed or does not fit the model."""
+    """A converted checkpoint that is missing, malformed, corrupt or does not fit the model."""
+
+
+REMEDY = "re-convert the model (python -m mmedit_jax.convert --hf-dir ... --out ... --overwrite)"
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -83,8 +91,9 @@ def save_model(
             raise FileExistsError(f"{params_dir} exists; pass overwrite=True to replace it")
         shutil.rmtree(params_dir)
     config_file = os.path.join(path, CONFIG_FILE)
-    if os.path.exists(config_file):
-        os.remove(config_file)
+    for stale in (config_file, os.path.join(path, integrity.CHECKSUMS_FILE)):
+        if os.path.exists(stale):
+            os.remove(stale)
     os.makedirs(params_dir)
     pairs = _flatten(params).items() if isinstance(params, Mapping) else params
     parts, dtypes, num_params = [], set(), 0
@@ -109,6 +118,7 @@ def save_model(
         if group or not parts:
             flush(group)
         del group
+    integrity.write_checksums(path, integrity.list_files(path, PARAMS_DIR))
     meta = {
         "format_version": FORMAT_VERSION,
         "model_type": "blip-2",
@@ -117,7 +127,7 @@ def save_model(
         "params_parts": parts,
         "config": config.to_dict(),
     }
-    # The config is written last: its presence marks a complete checkpoint.
+    # The config is written last (after the checksums): its presence marks a complete checkpoint.
     tmp = config_file + ".tmp"
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
@@ -165,7 +175,8 @@ def _part_metadata(part_dir: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]
         with ocp.StandardCheckpointer() as ckptr:
             tree = ckptr.metadata(part_dir).item_metadata.tree
     except Exception as e:
-        raise CheckpointError(f"cannot read the Orbax checkpoint {part_dir}: {e}") from e
+        raise CheckpointError(f"cannot read the Orbax checkpoint {part_dir} ({_first_line(e)}): its metadata is "
+                              f"missing or corrupt; {REMEDY}") from None
     return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flatten(tree or {}).items()}
 
 
@@ -194,14 +205,37 @@ def check_against_template(saved: Mapping[str, tuple], template: Mapping[str, An
         raise CheckpointError(f"checkpoint {where} does not fit the model: " + "; ".join(problems))
 
 
-def restore_params(path: str | os.PathLike, template: Mapping[str, Any], shardings: Any = None) -> dict[str, Any]:
+def _first_line(e: BaseException) -> str:
+    """The innermost cause of `e`, on one line (TensorStore errors span dozens of lines, the cause last)."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:400]
+
+
+def verify_params(path: str | os.PathLike, verify: bool | None = None) -> int | None:
+    """Check the files under `path/params` against `path/checksums.json`: raises `CheckpointError` naming a
+    truncated, missing or corrupt file; returns the number verified (None when skipped or when the checkpoint
+    predates checksums, which warns once). `verify=None`: verify unless `$MMEDIT_JAX_SKIP_VERIFY` is set."""
+    if verify is False or (verify is None and integrity.skip_requested()):
+        return None
+    try:
+        return integrity.verify_checksums(os.fspath(path), remedy=REMEDY)
+    except integrity.IntegrityError as e:
+        raise CheckpointError(f"checkpoint {os.fspath(path)}: {e}") from None
+
+
+def restore_params(path: str | os.PathLike, template: Mapping[str, Any], shardings: Any = None,
+                   verify: bool | None = None) -> dict[str, Any]:
     """Restore the parameters under `path` as jax arrays with `template`'s shapes and dtypes.
 
     `template`: tree of `jax.ShapeDtypeStruct` (the dtype there is the restored dtype: a float32 checkpoint
     restores as bfloat16 if asked). `shardings`: optional tree (same structure) of `jax.sharding.Sharding`;
-    by default every array goes to the default device.
+    by default every array goes to the default device. `verify`: check the files' checksums first (True), skip
+    that (False), or verify unless `$MMEDIT_JAX_SKIP_VERIFY=1` (None, the default); see `verify_params`.
     """
     path = os.path.abspath(os.fspath(path))
+    verify_params(path, verify)
     check_against_template(params_metadata(path), template, path)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -215,7 +249,12 @@ def restore_params(path: str | os.PathLike, template: Mapping[str, Any], shardin
                 n: jax.ShapeDtypeStruct(flat_template[n].shape, flat_template[n].dtype, sharding=flat_shardings[n])
                 for n in names
             }
-            restored.update(_flatten(ckptr.restore(part, _unflatten(target))))
+            try:
+                restored.update(_flatten(ckptr.restore(part, _unflatten(target))))
+            except Exception as e:  # noqa: BLE001 - one clear line instead of a TensorStore spec dump
+                raise CheckpointError(
+                    f"cannot read the parameters in {part} ({_first_line(e)}): a data file under it is truncated "
+                    f"or corrupt; {REMEDY}") from None
     return _unflatten(restored)
 
 

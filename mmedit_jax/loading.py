@@ -102,17 +102,20 @@ def _resize_images(config: Blip2Config, params, image_size: int | None):
     return dataclasses.replace(config, vision=vision_config), {**params, "vision_model": vision}
 
 
-def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_size: int | None = None):
+def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_size: int | None = None,
+                    verify: bool | None = None):
     """Load a BLIP-2 model from a Hugging Face directory or a converted one (`python -m mmedit_jax.convert`).
 
     `dtype`: parameter and compute dtype (float32 or bfloat16). `image_size`: run at this image size,
     interpolating the vision position embeddings (EasyEdit feeds 364 px images to 224 px checkpoints).
+    `verify` (converted checkpoints): check the parameter files against their checksums before reading them
+    (True), skip that for speed (False), or verify unless `$MMEDIT_JAX_SKIP_VERIFY=1` (None, the default).
     """
     dtype = jnp.dtype(dtype)  # accepts "bfloat16" as well as jnp.bfloat16
     kind = detect(path)
     if kind == "converted":
         config = checkpoint.read_config(path)
-        params = checkpoint.restore_params(path, param_template(config, dtype))
+        params = checkpoint.restore_params(path, param_template(config, dtype), verify=verify)
     else:
         config, params = convert_hf(path, dtype)
         params = to_device(params)

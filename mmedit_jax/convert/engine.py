@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -134,6 +135,41 @@ def _safetensors_dtype(name: str, path: str, key: str) -> np.dtype:
     return np.dtype(_ST_DTYPES[name])
 
 
+# What torch's weights-only unpickler says of a well-formed pickle that wants more than tensors (a global it
+# does not allow, a call, an object to build); anything else it refuses (a bad opcode, a runaway string) is
+# damage. Its own text for these starts "Weights only load failed", on several lines.
+_CODE_REFUSALS = ("GLOBAL", "global", "Trying to call", "Can only build", "Can only create", "Can only append",
+                  "Can only extend", "Can only SETITEM", "Can only SETITEMS", "must be imported",
+                  "Only persistent_load of storage")
+_TORCH_BOILERPLATE = ("Weights only load failed", "In PyTorch", "Re-running", "Please file an issue", "Check the "
+                      "documentation", "(1)", "(2)", "This file can still be loaded")
+
+
+def _detail(message: str) -> str:
+    """The informative line of a torch error (its weights-only messages wrap it in advice on several lines)."""
+    lines = [ln.strip() for ln in message.replace("\033[1m", "").replace("\033[0m", "").splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)]
+    line = (useful or lines or [""])[0].removeprefix("WeightsUnpickler error: ")
+    return line[:300]
+
+
+def _holds_code(message: str) -> bool:
+    return "Weights only load failed" in message and any(k in _detail(message) for k in _CODE_REFUSALS)
+
+
+# torch.load(weights_only=True) refuses two whole formats outright (RuntimeError "Cannot use
+# ``weights_only=True`` with ..."): TorchScript archives and the pre-1.6 .tar format; both need trusted code.
+
+
+def _refused_message(path: str, message: str) -> str:
+    return (
+        f"{path} was refused: it is a pickle that holds code or objects beyond tensors ({_detail(message)}), and "
+        "loading it would run that code. If you trust the file, convert it to safetensors in trusted Python, "
+        "e.g. `safetensors.torch.save_file(torch.load(PATH, weights_only=False), 'model.safetensors')` (or "
+        "`model.save_pretrained(DIR, safe_serialization=True)`), and point the converter at that"
+    )
+
+
 def _torch_load(path: str) -> Mapping[str, Any]:
     try:
         import torch
@@ -143,9 +179,19 @@ def _torch_load(path: str) -> Mapping[str, Any]:
             "or convert the checkpoint to safetensors"
         ) from e
     try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            # A legacy (non-zip) torch file cannot be memory-mapped; read it whole, still weights-only.
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        if _holds_code(str(e)) or "Cannot use ``weights_only=True``" in str(e):
+            raise ConversionError(_refused_message(path, str(e))) from None
+        raise ConversionError(f"corrupt or truncated PyTorch checkpoint {path}: {_detail(str(e))}") from None
     except Exception as e:
-        raise ConversionError(f"corrupt or truncated PyTorch checkpoint {path}: {e}") from e
+        raise ConversionError(f"corrupt or truncated PyTorch checkpoint {path}: {_detail(str(e))}") from None
     if not isinstance(sd, Mapping):
         raise ConversionError(f"{path} does not hold a state dict (got {type(sd).__name__})")
     return sd

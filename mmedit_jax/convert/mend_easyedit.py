@@ -88,22 +88,66 @@ class _TensorsOnlyUnpickler(pickle.Unpickler):
 _TORCH_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "bool"}
 
 
+def _restricted_load(file, **kwargs):
+    """`pickle.load` through `_TensorsOnlyUnpickler`: torch's legacy (non-zip) loader unpickles the magic
+    number, protocol version, system info and storage keys (and the old tar format's storage/tensor tables)
+    with `pickle_module.load`, so this must be as restricted as the main object's unpickler."""
+    return _TensorsOnlyUnpickler(file, **kwargs).load()
+
+
+def _restricted_loads(data, **kwargs):
+    import io
+
+    return _restricted_load(io.BytesIO(data), **kwargs)
+
+
+# The `pickle_module` handed to `torch.load`: torch uses `Unpickler` (subclassing it) and `load`; every other
+# name it could reach for is restricted too, so nothing in a checkpoint runs through the plain pickle module.
+_TENSORS_ONLY_PICKLE = types.SimpleNamespace(
+    __name__="mmedit_jax_tensors_only", Unpickler=_TensorsOnlyUnpickler, load=_restricted_load,
+    loads=_restricted_loads, UnpicklingError=pickle.UnpicklingError)
+
+
+def _torchscript_archive(path: str) -> bool:
+    """Whether `path` is a TorchScript zip (torch.load hands those to torch.jit.load, which runs their code),
+    asked the way torch.load asks (its zip reader), and of Python's zipfile as well."""
+    import zipfile
+
+    import torch.serialization as ts
+
+    try:
+        with open(path, "rb") as f:
+            if ts._is_zipfile(f):
+                with ts._open_zipfile_reader(f) as z:
+                    if ts._is_torchscript_zip(z):
+                        return True
+    except (AttributeError, OSError, RuntimeError):  # not a readable zip: torch.load reports it
+        pass
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_checkpoint(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """The MEND state dict of an EasyEdit checkpoint as float32 NumPy arrays (non-tensor entries dropped).
 
     EasyEdit pickles the base model's config into the checkpoint. By default the file is read with an
     unpickler that rebuilds tensors and replaces every other object by an inert stub (no foreign classes
-    are imported, no code is run); `trust_pickle=True` uses plain `torch.load` instead.
+    are imported, no code is run, in every pickle of both torch formats: zip and legacy); `trust_pickle=True`
+    uses plain `torch.load` instead. TorchScript archives are refused unless trusted (loading one runs its code).
     """
     import torch
 
     if trust_pickle:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     else:
-        module = types.SimpleNamespace(__name__="mmedit_jax_tensors_only", Unpickler=_TensorsOnlyUnpickler,
-                                       load=pickle.load)
+        if _torchscript_archive(path):
+            raise ValueError(f"{path} is a TorchScript archive: loading it runs the code it holds; if you trust "
+                             "this file, pass --trust-pickle")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TENSORS_ONLY_PICKLE)
         except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
             raise ValueError(f"{path}: could not read the checkpoint with the tensors-only unpickler "
                              f"({type(e).__name__}: {e}); if you trust this file, pass --trust-pickle") from e
