@@ -154,9 +154,10 @@ def engine_child(mode: str, ckpt: str, out: str):
     import jax
 
     from mmedit_jax import checkpoint
-    from mmedit_jax.convert.engine import apply_rules, iter_rules, open_checkpoint, unflatten
+    from mmedit_jax.convert.engine import apply_rules, iter_rules, open_checkpoint
     from mmedit_jax.convert.rules import plain
     from mmedit_jax.loading import read_hf_config, to_device
+    from mmedit_jax.tree import unflatten
 
     reader = open_checkpoint(ckpt)
     targets = {k: k.replace(".", "/") for k in reader.keys()}

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mmedit_jax import integrity
+from mmedit_jax import integrity, tree
 from mmedit_jax.models.config import Blip2Config
 
 FORMAT_VERSION = 1
@@ -45,31 +45,11 @@ class CheckpointError(ValueError):
 REMEDY = "re-convert the model (python -m mmedit_jax.convert --hf-dir ... --out ... --overwrite)"
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for name, value in tree.items():
-        path = f"{prefix}/{name}" if prefix else str(name)
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, path))
-        else:
-            flat[path] = value
-    return flat
-
 
 def is_converted(path: str | os.PathLike) -> bool:
     """Whether `path` is a directory written by `save_model`."""
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def save_model(
@@ -95,13 +75,13 @@ def save_model(
         if os.path.exists(stale):
             os.remove(stale)
     os.makedirs(params_dir)
-    pairs = _flatten(params).items() if isinstance(params, Mapping) else params
+    pairs = tree.flatten(params).items() if isinstance(params, Mapping) else params
     parts, dtypes, num_params = [], set(), 0
     with ocp.StandardCheckpointer() as ckptr:
 
         def flush(group):
             name = f"part_{len(parts):05d}"
-            ckptr.save(os.path.join(params_dir, name), _unflatten(group))
+            ckptr.save(os.path.join(params_dir, name), tree.unflatten(group))
             ckptr.wait_until_finished()
             parts.append(name)
 
@@ -173,11 +153,11 @@ def _part_dirs(path: str) -> list[str]:
 def _part_metadata(part_dir: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.metadata(part_dir).item_metadata.tree
+            saved = ckptr.metadata(part_dir).item_metadata.tree
     except Exception as e:
         raise CheckpointError(f"cannot read the Orbax checkpoint {part_dir} ({_first_line(e)}): its metadata is "
                               f"missing or corrupt; {REMEDY}") from None
-    return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flatten(tree or {}).items()}
+    return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in tree.flatten(saved or {}).items()}
 
 
 def params_metadata(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -190,7 +170,7 @@ def params_metadata(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...],
 
 def check_against_template(saved: Mapping[str, tuple], template: Mapping[str, Any], where: str):
     """Raise `CheckpointError` naming every missing/extra parameter and the first shape mismatches."""
-    want = {k: tuple(v.shape) for k, v in _flatten(template).items()}
+    want = {k: tuple(v.shape) for k, v in tree.flatten(template).items()}
     missing = sorted(set(want) - set(saved))
     extra = sorted(set(saved) - set(want))
     bad = [(k, saved[k][0], want[k]) for k in sorted(set(want) & set(saved)) if tuple(saved[k][0]) != want[k]]
@@ -240,7 +220,7 @@ def restore_params(path: str | os.PathLike, template: Mapping[str, Any], shardin
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, template)
-    flat_template, flat_shardings = _flatten(template), _flatten(shardings)
+    flat_template, flat_shardings = tree.flatten(template), tree.flatten(shardings)
     restored = {}
     with ocp.StandardCheckpointer() as ckptr:
         for part in _part_dirs(path):
@@ -250,12 +230,12 @@ def restore_params(path: str | os.PathLike, template: Mapping[str, Any], shardin
                 for n in names
             }
             try:
-                restored.update(_flatten(ckptr.restore(part, _unflatten(target))))
+                restored.update(tree.flatten(ckptr.restore(part, tree.unflatten(target))))
             except Exception as e:  # noqa: BLE001 - one clear line instead of a TensorStore spec dump
                 raise CheckpointError(
                     f"cannot read the parameters in {part} ({_first_line(e)}): a data file under it is truncated "
                     f"or corrupt; {REMEDY}") from None
-    return _unflatten(restored)
+    return tree.unflatten(restored)
 
 
 # --------------------------------------------------------------------------------------------------

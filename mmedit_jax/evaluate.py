@@ -75,6 +75,8 @@ def main(argv=None):
     loaded = pipeline.load_split(data, task, image_root, rephrase_root, limit=args.limit, strict=args.strict)
     editor = pipeline.build_editor(editor_name, model, hparams, editor_ckpt, feature_cache=not args.no_feature_cache)
     prepared = pipeline.prepare_data(loaded.records, tok, model, task, args.pad_multiple)
+    for d in prepared.dropped[:10]:
+        print(f"  record {d['index']} dropped: {d['reason']}")
     cases = pipeline.cases_for(editor.fns, model.params, prepared)
     kw = dict(exact_match=exact_match, batch_size=args.batch_size, progress=not args.no_progress)
     if args.sequential:
@@ -84,12 +86,15 @@ def main(argv=None):
                        "editor_ckpt": records.digest_path(editor_ckpt), "data": records.digest_path(data),
                        "image_root": os.path.abspath(image_root), "task": task, "limit": args.limit,
                        "image_size": args.image_size, "pad_multiple": args.pad_multiple, "config": hparams}
-        result = harness.run(editor, model.params, cases, prepared.meta, out, resume=not args.no_resume,
-                             decode=pipeline.decoder(tok), mesh=mesh, fingerprint=fingerprint, **kw)
+        try:
+            result = harness.run(editor, model.params, cases, prepared.meta, out, resume=not args.no_resume,
+                                 decode=pipeline.decoder(tok), mesh=mesh, fingerprint=fingerprint, **kw)
+        except records.RunMismatch as e:
+            raise SystemExit(f"error: {e}") from None
         if result.summary["resumed_cases"]:
             print(f"resumed: {result.summary['resumed_cases']} of {len(prepared.meta)} cases were already in "
                   f"{os.path.join(out, 'cases.jsonl')}")
-    result.summary["data"] = pipeline.load_report(loaded)
+    result.summary["data"] = pipeline.load_report(loaded, prepared)
     records.write_json(out, "sequential_summary.json" if args.sequential else "summary.json", result.summary)
     records.print_table(result.summary)
     if args.sequential:

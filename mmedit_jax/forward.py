@@ -82,6 +82,9 @@ class Blip2Fns:
         """`pixels` as they are when this model runs pixels, else every image's projected query outputs
         `[N, nq, E]`, computed once (the feature cache), `batch_size` images per call (the last batch padded, so
         it compiles once)."""
+        bad = ~np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
+        if bad.any():
+            raise ValueError(f"images {np.nonzero(bad)[0][:10].tolist()} of the table hold NaN or inf pixels")
         if self.pixels:
             return pixels
         encode = jax.jit(lambda p, x: self.encode(p, {}, x))
@@ -92,7 +95,12 @@ class Blip2Fns:
             if n < batch_size:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
             out.append(np.asarray(encode(params, chunk))[:n])
-        return np.concatenate(out) if out else np.zeros((0,), np.float32)
+        table = np.concatenate(out) if out else np.zeros((0,), np.float32)
+        bad = ~np.isfinite(table).reshape(len(table), -1).all(axis=1)
+        if bad.any():
+            raise ValueError(f"the image features of images {np.nonzero(bad)[0][:10].tolist()} are not finite: the "
+                             "model's vision weights may be damaged (verify the checkpoint)")
+        return table
 
     def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):
         """One example: `seq` fields `[L]`, `image` `[nq, E]` / `[3, H, W]` / None -> (logits `[L, V]`, captured).

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from mmedit_jax.case import Case, make_cases
-from mmedit_jax.data.cases import CaseConfig, ImageTable, build_edit_batch, max_lengths
+from mmedit_jax.data.cases import CaseConfig, ImageTable, build_edit_batch, input_lengths, max_lengths
 from mmedit_jax.data.image import load_image
 from mmedit_jax.data.mmedit import load_mmedit
 from mmedit_jax.editors import ft
@@ -64,12 +64,15 @@ def load_split(data: str, task: str, image_root: str, rephrase_root: str | None 
     return loaded
 
 
-def load_report(loaded) -> dict:
+def load_report(loaded, prepared: Prepared | None = None) -> dict:
     """What a run's summary records of its data file: how many records were read, kept, skipped (by which of the
-    reference's rules) and rejected (with the first problems)."""
-    return {"in_file": loaded.n_in_file, "read": loaded.n_read, "kept": len(loaded.records),
-            "skipped": {reason: len(ids) for reason, ids in loaded.skipped.items()},
-            "rejected": len(loaded.rejected), "problems": [str(p) for p in loaded.problems[:20]]}
+    reference's rules) and rejected (with the first problems), and those the model could not take."""
+    out = {"in_file": loaded.n_in_file, "read": loaded.n_read, "kept": len(loaded.records),
+           "skipped": {reason: len(ids) for reason, ids in loaded.skipped.items()},
+           "rejected": len(loaded.rejected), "problems": [str(p) for p in loaded.problems[:20]]}
+    if prepared is not None:
+        out.update(kept=len(prepared.meta), too_long=len(prepared.dropped), too_long_records=prepared.dropped[:20])
+    return out
 
 
 def read_hparams(path: str | None) -> dict:
@@ -120,24 +123,45 @@ def build_editor(name: str, model, hparams: dict | None = None, editor_ckpt: str
 
 @dataclasses.dataclass
 class Prepared:
-    """A split as token arrays and pixels: `batch` (`data.cases.EditBatch` over every record), `pixels`
-    `[N_images, 3, S, S]` (each distinct image once), `meta` (index, src, alt per record)."""
+    """A split as token arrays and pixels: `batch` (`data.cases.EditBatch` over every kept record), `pixels`
+    `[N_images, 3, S, S]` (each distinct image once), `meta` (index, src, alt per kept record), `dropped`
+    (`{"index", "reason"}` of records the model cannot take)."""
 
     batch: object
     pixels: np.ndarray
     meta: list[dict]
+    dropped: list[dict] = dataclasses.field(default_factory=list)
 
 
 def prepare_data(records, tok, model, task: str, pad_multiple: int | None = None) -> Prepared:
     """Token arrays for every record (one padded length per input: one compiled program) and the images at the
     model's image size. Lengths are the configured buckets, or with `pad_multiple` the longest input rounded up
-    to a multiple of it (`data.cases.max_lengths`)."""
-    images = ImageTable(lambda p: load_image(p, model.config.vision.image_size))
+    to a multiple of it (`data.cases.max_lengths`).
+
+    A record with an input longer than the language model's positions is dropped and reported in `dropped`
+    (never truncated or run past the position table, which would score it silently wrong); none left is an error.
+    """
     cfg = CaseConfig(task=task, num_query_tokens=model.config.num_query_tokens,
                      image_token_id=model.config.image_token_index)
-    batch = build_edit_batch(records, tok, images, cfg, lengths=max_lengths(records, tok, cfg, pad_multiple))
+    limit = model.config.text.max_position_embeddings
+    lengths = input_lengths(records, tok, cfg)
+    too_long = {}
+    for name, n in lengths.items():
+        for i in np.nonzero(n > limit)[0]:
+            too_long.setdefault(int(i), f"input {name!r} has {int(n[i])} tokens, more than the model's {limit} "
+                                        "positions")
+    dropped = [{"index": records[i].index, "reason": why} for i, why in sorted(too_long.items())]
+    if too_long:
+        keep = [i for i in range(len(records)) if i not in too_long]
+        if not keep:
+            raise SystemExit(f"no record fits the model's {limit} positions (first: {dropped[0]['reason']})")
+        records = [records[i] for i in keep]
+        lengths = {name: n[keep] for name, n in lengths.items()}
+    images = ImageTable(lambda p: load_image(p, model.config.vision.image_size))
+    batch = build_edit_batch(records, tok, images, cfg,
+                             lengths=max_lengths(records, tok, cfg, pad_multiple, lengths=lengths))
     meta = [{"index": r.index, "src": r.src, "alt": r.alt} for r in records]
-    return Prepared(batch, images.stack(), meta)
+    return Prepared(batch, images.stack(), meta, dropped)
 
 
 def cases_for(fns: Blip2Fns, params, prepared: Prepared) -> Case:

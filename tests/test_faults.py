@@ -8,6 +8,11 @@
    convert) versus damaged (one line naming the file).
 3. Converted checkpoints (`checksums.json` beside `params/`): flipped bytes, truncation, a missing file, a
    damaged checksums file, no checksums file (older saves: warning, loads), verification skipped.
+4. Saved editors: the same damage, a truncated `params.npz` read unverified, NaN in the weights.
+5. Runs: a resume into another run's directory, or into rows nothing proves are this run's; duplicated case ids.
+6. Inputs: NaN/inf pixels, an edit whose patch is not finite (flagged and counted, never a silent number), a
+   10,000-token question (dropped and reported, not run past the position table), `--plot` without matplotlib
+   (refused before the work starts).
 """
 
 import io
@@ -24,11 +29,16 @@ import pytest
 import torch
 from safetensors.torch import save_file as st_save
 
-from mmedit_jax import checkpoint, integrity
+from mmedit_jax import checkpoint, forward, integrity, pipeline
+from mmedit_jax.case import take
 from mmedit_jax.checkpoint import CheckpointError
 from mmedit_jax.convert import engine
 from mmedit_jax.convert import mend_easyedit as me
+from mmedit_jax.editors import ft
+from mmedit_jax.editors import io as editor_io
+from mmedit_jax.eval import harness, records
 from mmedit_jax.models.config import Blip2Config, OPTConfig
+from mmedit_jax.world import assets
 
 # --------------------------------------------------------------------------------------------------
 # 1. Pickle payloads.
@@ -371,3 +381,165 @@ def test_integrity_helpers_round_trip(tmp_path):
     with pytest.raises(integrity.IntegrityError, match=r"x\.bin is corrupt.*rebuild it") as e:
         integrity.verify_checksums(tmp_path, remedy="rebuild it")
     assert e.value.path == str(tmp_path / "a" / "x.bin")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Saved editors: checksums written with them, damaged files named, non-finite weights refused.
+
+@pytest.fixture
+def saved_ke(tmp_path):
+    import shutil
+
+    src = os.path.join(assets.ASSETS, "ke_vqa")
+    dst = tmp_path / "ke"
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_shipped_editors_carry_checksums_and_verify():
+    for name in ("mend_vqa", "ke_vqa"):
+        assert integrity.verify_checksums(os.path.join(assets.ASSETS, name)) >= 2
+
+
+def test_saved_editor_round_trip_writes_checksums(tmp_path, saved_ke):
+    spec, params = editor_io.load_ke(saved_ke)
+    editor_io.save_ke(str(tmp_path / "again"), spec, params)
+    assert integrity.verify_checksums(str(tmp_path / "again")) == 2  # spec.json and params.npz
+
+
+EDITOR_FAULTS = [  # (what, damage, expected message)
+    ("flipped bytes", lambda f: _flip(f), "is corrupt"),
+    ("truncated", lambda f: _truncate(f), "is truncated"),
+    ("deleted", lambda f: _delete(f), "is missing"),
+]
+
+
+@pytest.mark.parametrize("fault,damage,message", EDITOR_FAULTS, ids=[f[0] for f in EDITOR_FAULTS])
+def test_damaged_editor_file_is_named(saved_ke, fault, damage, message):
+    damage(os.path.join(saved_ke, "params.npz"))
+    with pytest.raises(integrity.IntegrityError, match=message) as e:
+        editor_io.load_ke(saved_ke)
+    assert "params.npz" in str(e.value) and "train the editor again" in str(e.value)
+
+
+def test_truncated_editor_without_verification_names_the_file(saved_ke):
+    _truncate(os.path.join(saved_ke, "params.npz"))
+    with pytest.raises(ValueError, match=r"params\.npz is truncated or corrupt"):
+        editor_io.load_ke(saved_ke, verify=False)
+
+
+def test_editor_without_checksums_loads_with_a_warning(saved_ke):
+    os.remove(os.path.join(saved_ke, integrity.CHECKSUMS_FILE))
+    with pytest.warns(integrity.UnverifiedWarning):
+        editor_io.load_ke(saved_ke)
+
+
+def test_non_finite_editor_weights_are_refused(tmp_path, saved_ke):
+    spec, params = editor_io.load_ke(saved_ke)
+    leaves, treedef = jax.tree.flatten(params)
+    leaves[0] = np.asarray(leaves[0]).copy()
+    leaves[0].flat[0] = np.nan
+    editor_io.save_ke(str(tmp_path / "nan"), spec, jax.tree.unflatten(treedef, leaves))
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        editor_io.load_ke(str(tmp_path / "nan"))
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Runs: a resume continues only the run that wrote the directory.
+
+
+def _ft(world, **kw):
+    sites = ft.ft_l_sites(world.model.config.text.num_hidden_layers)
+    fns = forward.fns_for(world.model, sites)
+    return ft.make_ft("ft-l", fns, ft.FTConfig(inner_params=sites, **kw), world.model.params, world.model.stacks)
+
+
+@pytest.fixture(scope="module")
+def small_run(demo_world):
+    editor = _ft(demo_world, num_steps=1)
+    cases = take(pipeline.cases_for(editor.fns, demo_world.model.params, demo_world.prepared), np.arange(2))
+    return editor, cases, demo_world.prepared.meta[:2]
+
+
+def test_resume_into_another_runs_directory_is_refused(tmp_path, demo_world, small_run):
+    editor, cases, meta = small_run
+    out = str(tmp_path / "run")
+    harness.run(editor, demo_world.model.params, cases, meta, out, batch_size=2, progress=False)
+    again = harness.run(editor, demo_world.model.params, cases, meta, out, batch_size=2, progress=False)
+    assert again.summary["resumed_cases"] == 2 and again.summary["batches"] == 0  # its own run: resumed
+    other = _ft(demo_world, num_steps=2)
+    with pytest.raises(records.RunMismatch, match="editor_hparams") as e:
+        harness.run(other, demo_world.model.params, cases, meta, out, batch_size=2, progress=False)
+    assert "--no-resume" in str(e.value)
+    with pytest.raises(records.RunMismatch, match="data"):  # what the caller adds is checked too
+        harness.run(editor, demo_world.model.params, cases, meta, out, batch_size=2, progress=False,
+                    fingerprint={"data": "another file"})
+    fresh = harness.run(other, demo_world.model.params, cases, meta, out, batch_size=2, progress=False,
+                        resume=False)
+    assert fresh.summary["resumed_cases"] == 0 and fresh.summary["batches"] == 1
+
+
+def test_rows_without_a_fingerprint_are_not_resumed_into(tmp_path, demo_world, small_run):
+    editor, cases, meta = small_run
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "cases.jsonl").write_text(json.dumps({"index": meta[0]["index"], "reliability": 0.9}) + "\n")
+    with pytest.raises(records.RunMismatch, match="run.json is missing"):
+        harness.run(editor, demo_world.model.params, cases, meta, str(out), batch_size=2, progress=False)
+
+
+def test_duplicated_case_ids_are_refused(demo_world, small_run):
+    editor, cases, meta = small_run
+    with pytest.raises(ValueError, match="duplicated case indices"):
+        harness.run(editor, demo_world.model.params, cases, [meta[0], meta[0]], None, batch_size=2, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Inputs: non-finite pixels and patches, over-long questions, a missing optional dependency.
+
+
+def test_nan_pixels_are_named(demo_world):
+    pixels = demo_world.prepared.pixels.copy()
+    pixels[1, 0, 0, 0] = np.inf
+    fns = pipeline.build_editor("ft-l", demo_world.model).fns
+    with pytest.raises(ValueError, match=r"images \[1\] .* NaN or inf"):
+        fns.image_table(demo_world.model.params, pixels)
+
+
+def test_non_finite_patch_is_flagged_and_counted(demo_world, small_run):
+    _, cases, meta = small_run
+    broken = _ft(demo_world, num_steps=1, edit_lr=float("inf"))
+    result = harness.run(broken, demo_world.model.params, cases, meta, None, batch_size=2, progress=False)
+    assert [r["finite"] for r in result.rows] == [False, False]
+    assert result.summary["nonfinite_edits"] == 2
+    out = io.StringIO()
+    records.print_table(dict(result.summary, editor="ft-l"), file=out)
+    assert "2 of 2 edits produced a non-finite patch" in out.getvalue()
+    fine = harness.run(_ft(demo_world, num_steps=1), demo_world.model.params, cases, meta, None, batch_size=2,
+                       progress=False)
+    assert fine.summary["nonfinite_edits"] == 0
+
+
+def test_a_10000_token_question_is_dropped_and_reported(demo_world):
+    import dataclasses
+
+    long = dataclasses.replace(demo_world.records[0], src=" ".join(["shape"] * 10000))
+    prepared = pipeline.prepare_data([long, *demo_world.records[1:3]], demo_world.tok, demo_world.model, "vqa")
+    assert [d["index"] for d in prepared.dropped] == [long.index]
+    assert "more than the model's 256 positions" in prepared.dropped[0]["reason"]
+    assert [m["index"] for m in prepared.meta] == [r.index for r in demo_world.records[1:3]]
+    with pytest.raises(SystemExit, match="no record fits"):
+        pipeline.prepare_data([long], demo_world.tok, demo_world.model, "vqa")
+
+
+def test_plot_without_matplotlib_fails_before_any_work(monkeypatch, capsys):
+    import importlib.util
+
+    from mmedit_jax import bench
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(pipeline, "world_inputs", lambda *a, **k: pytest.fail("work started before the check"))
+    with pytest.raises(SystemExit):
+        bench.main(["--plot", "x.png"])
+    assert "pip install -e '.[plot]'" in capsys.readouterr().err

@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "mmedit_jax"
 
 LAYERS = [
     # 0: values and names every layer shares
-    ["tree", "sites", "patch", "case", "sharding"],
+    ["tree", "sites", "patch", "case", "sharding", "integrity"],
     # 1: the networks, and their converted files on disk
     ["models", "checkpoint"],
     # 2: one example's forward, and the losses on its logits

@@ -26,6 +26,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from mmedit_jax import tree
 from mmedit_jax.convert.rules import TRANSFORMS, Rule
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -266,27 +267,6 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
 # Templates.
 
 
-def flatten_template(template: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {'a/b/c': leaf}. Leaves are anything with `.shape` and `.dtype` (ShapeDtypeStruct)."""
-    flat = {}
-    for name, value in template.items():
-        path = f"{prefix}/{name}" if prefix else str(name)
-        if isinstance(value, Mapping):
-            flat.update(flatten_template(value, path))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def _transformed_shape(transform: Callable, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -305,7 +285,7 @@ def check_rules(
     ignored: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every check that needs only headers; returns the flat template. Raises `ConversionError`."""
-    flat = flatten_template(template)
+    flat = tree.flatten(template)
     ignored = dict(ignored or {})
     rules = list(rules)
     target_of: dict[str, str] = {}
@@ -412,7 +392,7 @@ def apply_rules(
         out[target] = array
         if progress is not None:
             progress(target)
-    return unflatten(out)
+    return tree.unflatten(out)
 
 
 def convert(

@@ -340,18 +340,28 @@ def decode_answers(tok, pred_ids: np.ndarray, mask: np.ndarray) -> list[str]:
     return [tok.decode(p[m].tolist()) for p, m in zip(pred_ids, mask)]
 
 
-def max_lengths(records: Sequence[MMEditRecord], tok, config: CaseConfig, multiple: int | None = None
-                ) -> dict[str, int]:
-    """Padded length per sub-input that fits every record (pass as `lengths=` for one shape): the smallest
-    bucket, or with `multiple` the longest input rounded up to a multiple of it (1: no padding beyond the
-    longest; the peer runs each case unpadded, and every pad position costs a full row of compute)."""
+def input_lengths(records: Sequence[MMEditRecord], tok, config: CaseConfig) -> dict[str, np.ndarray]:
+    """Tokens of each record's five inputs as the model sees them (image slots and a prepended BOS included):
+    `{name: [len(records)] int}`."""
     per_case = [case_inputs(r, config.task, config.paper_era_template) for r in records]
     extra = 1 if config.prepend_bos else 0
     out = {}
     for name in INPUT_NAMES:
         texts = [c[name] for c in per_case]
         n_img = config.num_query_tokens if texts and texts[0].image is not None else 0
-        longest = max((len(ids) for ids in _encode(tok, [t.text for t in texts])), default=0)
-        n = longest + n_img + extra
+        out[name] = np.asarray([len(ids) + n_img + extra for ids in _encode(tok, [t.text for t in texts])], np.int64)
+    return out
+
+
+def max_lengths(records: Sequence[MMEditRecord], tok, config: CaseConfig, multiple: int | None = None,
+                lengths: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
+    """Padded length per sub-input that fits every record (pass as `lengths=` for one shape): the smallest
+    bucket, or with `multiple` the longest input rounded up to a multiple of it (1: no padding beyond the
+    longest; the peer runs each case unpadded, and every pad position costs a full row of compute).
+    `lengths`: `input_lengths(...)` if the caller has it already."""
+    lengths = input_lengths(records, tok, config) if lengths is None else lengths
+    out = {}
+    for name in INPUT_NAMES:
+        n = int(lengths[name].max(initial=0))
         out[name] = bucket_length(n, config.buckets) if multiple is None else -(-n // multiple) * multiple
     return out

@@ -1,8 +1,10 @@
 """Saving and loading trained editors: one directory each, `spec.json` (format, config, sites, shapes) + `.npz`.
 
 Formats: `mmedit_jax.mend/1` (`params.npz`, `stats.npz`) and `mmedit_jax.ke/1` (`params.npz`). Parameter trees
-are flattened with `::` between keys (`tree.flatten`). The trainer's own resumable checkpoints are Orbax
-(`checkpoint.py`); these files are what `evaluate --editor-ckpt` and `train --init-editor` read.
+are flattened with `::` between keys (`tree.flatten`). A save ends with `checksums.json` (`integrity.py`), verified
+before a load (`verify=False` or `MMEDIT_JAX_SKIP_VERIFY=1` skips it; an editor saved before checksums existed
+loads with a warning). The trainer's own resumable checkpoints are Orbax (`checkpoint.py`); these files are what
+`evaluate --editor-ckpt` and `train --init-editor` read.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from mmedit_jax import tree
+from mmedit_jax import integrity, tree
 from mmedit_jax.editors import ke_net as KN
 from mmedit_jax.editors import mend_net as MN
 from mmedit_jax.editors.ke import KESpec, ke_spec
@@ -32,6 +34,15 @@ def _write(out_dir: str, meta: dict, arrays: Mapping[str, dict]) -> None:
         json.dump(meta, f, indent=1)
     for name, params in arrays.items():
         np.savez(os.path.join(out_dir, name), **{k: np.asarray(v) for k, v in tree.flatten(params, SEP).items()})
+    integrity.write_checksums(out_dir, ["spec.json", *arrays])
+
+
+def verify_files(out_dir: str, verify: bool | None = None) -> None:
+    """Checks a saved editor's files against the checksums written with them (`verify=None`: unless
+    `MMEDIT_JAX_SKIP_VERIFY` is set)."""
+    if verify is False or (verify is None and integrity.skip_requested()):
+        return
+    integrity.verify_checksums(out_dir, remedy="save or train the editor again")
 
 
 def read_spec(out_dir: str) -> dict:
@@ -51,12 +62,17 @@ def _read_arrays(out_dir: str, name: str) -> dict:
     path = os.path.join(out_dir, name)
     try:
         with np.load(path) as z:
-            return tree.unflatten({k: jnp.asarray(v) for k, v in z.items()}, SEP)
+            arrays = dict(z.items())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: the editor directory is incomplete; save it again") from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); save or train the editor "
                          "again") from None
+    for key, a in arrays.items():
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise ValueError(f"{path}: {key.replace(SEP, '/')} holds NaN or inf ({int((~np.isfinite(a)).sum())} of "
+                             f"{a.size} entries): this editor cannot edit; train it again")
+    return tree.unflatten({k: jnp.asarray(v) for k, v in arrays.items()}, SEP)
 
 
 def _check_format(out_dir: str, meta: dict, want: str) -> None:
@@ -76,8 +92,9 @@ def save_mend(out_dir: str, spec: MN.MendSpec, params: dict, stats: dict, source
     _write(out_dir, meta, {"params.npz": params, "stats.npz": stats})
 
 
-def load_mend(out_dir: str) -> tuple[MN.MendSpec, dict, dict]:
-    """`(spec, params, stats)` of what `save_mend` wrote."""
+def load_mend(out_dir: str, verify: bool | None = None) -> tuple[MN.MendSpec, dict, dict]:
+    """`(spec, params, stats)` of what `save_mend` wrote (checksums checked first, see `verify_files`)."""
+    verify_files(out_dir, verify)
     meta = read_spec(out_dir)
     _check_format(out_dir, meta, MEND_FORMAT)
     spec = MN.mend_spec(MN.MendConfig(**meta["config"]), _shapes(meta))
@@ -91,20 +108,21 @@ def save_ke(out_dir: str, spec: KESpec, params) -> None:
     _write(out_dir, meta, {"params.npz": params})
 
 
-def load_ke(out_dir: str) -> tuple[KESpec, dict]:
-    """`(spec, params)` of what `save_ke` wrote."""
+def load_ke(out_dir: str, verify: bool | None = None) -> tuple[KESpec, dict]:
+    """`(spec, params)` of what `save_ke` wrote (checksums checked first, see `verify_files`)."""
+    verify_files(out_dir, verify)
     meta = read_spec(out_dir)
     _check_format(out_dir, meta, KE_FORMAT)
     return ke_spec(KN.KEConfig(**meta["config"]), _shapes(meta)), _read_arrays(out_dir, "params.npz")
 
 
-def load_state(out_dir: str) -> tuple[str, object, dict, dict]:
+def load_state(out_dir: str, verify: bool | None = None) -> tuple[str, object, dict, dict]:
     """`(kind, spec, params, editor_state)` of any saved editor (`editor_state`: MEND's statistics, `{}` for KE)."""
     fmt = read_spec(out_dir).get("format")
     if fmt == MEND_FORMAT:
-        spec, params, stats = load_mend(out_dir)
+        spec, params, stats = load_mend(out_dir, verify)
         return "mend", spec, params, stats
     if fmt == KE_FORMAT:
-        spec, params = load_ke(out_dir)
+        spec, params = load_ke(out_dir, verify)
         return "ke", spec, params, {}
     raise ValueError(f"{out_dir}/spec.json: unknown editor format {fmt!r} (expected {MEND_FORMAT} or {KE_FORMAT})")

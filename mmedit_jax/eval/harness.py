@@ -86,6 +86,10 @@ def run(
     data file, options); a resume into a directory another run wrote is refused, naming what differs.
     """
     n = len(meta)
+    indices = [int(m["index"]) for m in meta]
+    if len(set(indices)) != n:  # rows on disk are keyed by index: a duplicate would be skipped as done on resume
+        dup = sorted({i for i in indices if indices.count(i) > 1})
+        raise ValueError(f"meta holds duplicated case indices {dup[:10]}: each case needs its own index")
     place = sharding.place_batch(mesh, batch_size)
     if mesh is not None:
         params = sharding.shard_params(params, mesh)
@@ -167,6 +171,8 @@ def case_row(meta: dict, pre: dict, post: dict, edit_seq, decode, seconds: float
     for m in METRICS:
         row[m] = float(post[m])
     row["pre"] = {m: float(pre[m]) for m in records.PRE_METRICS}
+    if "finite" in post:
+        row["finite"] = bool(post["finite"])
     if decode is not None:
         pre_text, target = _answer_text(pre["pred_edit"], edit_seq, decode)
         post_text, _ = _answer_text(post["pred_edit"], edit_seq, decode)

@@ -152,6 +152,7 @@ def summarize(rows: Sequence[dict]) -> dict:
     for m in PRE_METRICS:
         vals = [r["pre"][m] for r in rows if "pre" in r]
         out[f"pre_{m}"] = 100.0 * float(np.mean(vals)) if vals else float("nan")
+    out["nonfinite_edits"] = sum(1 for r in rows if r.get("finite") is False)
     return out
 
 
@@ -177,3 +178,6 @@ def print_table(summary: dict, file=sys.stdout) -> None:
     pre = [f"{k[4:]}={summary[k]:.2f}" for k in summary if k.startswith("pre_")]
     if pre:
         print("pre-edit base accuracy: " + ", ".join(pre), file=file)
+    if summary.get("nonfinite_edits"):
+        print(f"WARNING: {summary['nonfinite_edits']} of {summary['num_cases']} edits produced a non-finite patch "
+              "(NaN or inf); their rows say \"finite\": false and their scores mean nothing", file=file)

@@ -9,6 +9,7 @@ Reliability and the post-edit locality passes start there (the frozen-prefix cac
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from mmedit_jax.case import Case
 from mmedit_jax.editors.base import Editor
@@ -47,7 +48,8 @@ def make_step_fns(editor: Editor, exact_match: bool, base_accuracy: bool = True,
     `prefix_layer` k (from `prefix_layer()`; every patch must leave the layers below k alone) turns on the
     frozen-prefix cache: the pre-edit program also returns the edit and locality inputs' hidden states entering
     layer k (`hidden_edit`, `hidden_loc`, `hidden_loc_image` `[E, L, D]`); the post-edit locality and Reliability
-    passes, and the editor's own forwards where it `resumes`, run layers k.. only.
+    passes, and the editor's own forwards where it `resumes`, run layers k.. only. `edit_fn`'s scores carry
+    `finite`: whether every entry of the edit's patch is finite.
     """
     model, k = editor.fns, prefix_layer
 
@@ -62,7 +64,10 @@ def make_step_fns(editor: Editor, exact_match: bool, base_accuracy: bool = True,
         def one(case, pre_c):
             kw = {"prefix": (pre_c["hidden_edit"], k)} if resume else {}
             patch = editor.edit(editor_params, params, case, {}, **kw)
-            return post_scores(model, params, patch, case, pre_c, exact_match, k)
+            scores = post_scores(model, params, patch, case, pre_c, exact_match, k)
+            # A NaN or inf in the patch would still give numbers (argmax of NaN logits): flag it, never hide it.
+            leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(patch)]
+            return dict(scores, finite=jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True))
 
         return jax.vmap(one)(cases, pre)
 

@@ -83,6 +83,8 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
+    """`fc2(act(fc1(x)))`, `[B, L, D] -> [B, L, D]`."""
+
     config: VisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32

@@ -189,13 +189,13 @@ def train(trainable: Trainable, cfg: TrainConfig, base_params, train_cases: Case
     if progress:
         from tqdm import tqdm  # imported here: only runs with a progress bar need it
 
-        bar = tqdm(total=cfg.max_iters, initial=start_step, unit="step", desc=f"train {trainable.name}",
-                   dynamic_ncols=True)
+        print(f"train {trainable.name}: compiling the train step (the first step includes it)", flush=True)
     out = None
     if metrics_path:
         out = MetricWriter(metrics_path, os.path.join(out_dir, "tensorboard") if tensorboard else None)
     stopped_early = False
-    t_last, steps_last = time.perf_counter(), start_step
+    t_start = t_last = time.perf_counter()
+    steps_last = start_step
 
     def flush():
         nonlocal t_last, steps_last
@@ -203,7 +203,8 @@ def train(trainable: Trainable, cfg: TrainConfig, base_params, train_cases: Case
             return
         fetched = jax.device_get([m for _, m in pending])
         now = time.perf_counter()
-        rate = (pending[-1][0] - steps_last) / max(now - t_last, 1e-9)
+        ran = pending[-1][0] - steps_last  # steps since the last flush, the compiling first step not counted
+        rate = ran / max(now - t_last, 1e-9) if ran > 0 else float("nan")
         t_last, steps_last = now, pending[-1][0]
         for (s, _), m in zip(pending, fetched):
             row = {"step": s, **{k: (bool(v) if k == "finite" else float(v)) for k, v in m.items()},
@@ -228,7 +229,14 @@ def train(trainable: Trainable, cfg: TrainConfig, base_params, train_cases: Case
             ts, m = step_fn(ts, base_params, place(take(train_cases, idx)), place(weights))
             step += 1
             pending.append((step, m))
-            if bar:
+            if step == start_step + 1:  # the first step compiled: step rates and the bar's ETA count from here
+                jax.block_until_ready(ts["step"])
+                t_last, steps_last = time.perf_counter(), step
+                if progress:
+                    print(f"train {trainable.name}: first step (compile included) {t_last - t_start:.1f}s", flush=True)
+                    bar = tqdm(total=cfg.max_iters, initial=step, unit="step", desc=f"train {trainable.name}",
+                               dynamic_ncols=True)
+            elif bar:
                 bar.update(1)
             if step % cfg.log_interval == 0 or on_step is not None or step == cfg.max_iters:
                 flush()
