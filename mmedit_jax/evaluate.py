@@ -84,7 +84,7 @@ def main(argv=None):
     else:
         fingerprint = {"model": f"demo seed {args.seed}" if args.demo else records.digest_path(model_dir),
                        "editor_ckpt": records.digest_path(editor_ckpt), "data": records.digest_path(data),
-                       "image_root": os.path.abspath(image_root), "task": task, "limit": args.limit,
+                       "image_root": os.path.abspath(image_root), "task": task,
                        "image_size": args.image_size, "pad_multiple": args.pad_multiple, "config": hparams}
         try:
             result = harness.run(editor, model.params, cases, prepared.meta, out, resume=not args.no_resume,

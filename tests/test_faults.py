@@ -479,6 +479,17 @@ def test_resume_into_another_runs_directory_is_refused(tmp_path, demo_world, sma
     assert fresh.summary["resumed_cases"] == 0 and fresh.summary["batches"] == 1
 
 
+def test_a_row_written_for_other_inputs_is_not_resumed(tmp_path, demo_world, small_run):
+    editor, cases, meta = small_run
+    out = str(tmp_path / "run")
+    harness.run(editor, demo_world.model.params, cases, meta, out, batch_size=2, progress=False)
+    ids = np.asarray(cases.edit.input_ids).copy()
+    ids[0, np.nonzero(np.asarray(cases.edit.attention_mask)[0])[0][-1]] += 1  # another answer token in case 0
+    changed = cases.replace(edit=cases.edit.replace(input_ids=ids))
+    with pytest.raises(records.RunMismatch, match=f"record {meta[0]['index']} was written for other inputs"):
+        harness.run(editor, demo_world.model.params, changed, meta, out, batch_size=2, progress=False)
+
+
 def test_rows_without_a_fingerprint_are_not_resumed_into(tmp_path, demo_world, small_run):
     editor, cases, meta = small_run
     out = tmp_path / "old"

@@ -9,6 +9,7 @@ so an interrupted run loses at most one batch. `run_sequential` applies the edit
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,7 +20,7 @@ import numpy as np
 
 from mmedit_jax import patch as P
 from mmedit_jax import sharding
-from mmedit_jax.case import METRICS, Case, pad_batch, take
+from mmedit_jax.case import INPUT_NAMES, METRICS, Case, num_cases, pad_batch, take
 from mmedit_jax.editors.base import Editor
 from mmedit_jax.eval import records
 from mmedit_jax.eval.scoring import post_scores
@@ -95,12 +96,18 @@ def run(
         params = sharding.shard_params(params, mesh)
     jsonl = os.path.join(out_dir, "cases.jsonl") if out_dir else None
     if jsonl:
-        claimed = records.claim_run(out_dir, {**run_fingerprint(editor, cases, meta, exact_match),
+        claimed = records.claim_run(out_dir, {**run_fingerprint(editor, exact_match),
                                               **(fingerprint or {})}, resume)
         if not claimed and os.path.exists(jsonl):
             os.remove(jsonl)
     done = {int(r["index"]): r for r in records.read_rows(jsonl)} if jsonl else {}
-    todo = [i for i in range(n) if int(meta[i]["index"]) not in done]
+    digests = dict(zip(indices, case_digests(cases)))
+    for i in range(n):
+        row = done.get(indices[i])
+        if row is not None and row.get("case_digest") != digests[indices[i]]:
+            raise records.RunMismatch(f"{jsonl}: the row of record {indices[i]} was written for other inputs (the "
+                                      "data, prompts or tokenizer changed); use another --out, or --no-resume")
+    todo = [i for i in range(n) if indices[i] not in done]
     if step_fns is None:
         k = prefix_layer(editor, params, take(cases, 0)) if prefix_cache and n else None
         step_fns = make_step_fns(editor, exact_match, prefix_layer=k)
@@ -122,6 +129,8 @@ def run(
                 timing["steady_s"] += dt
                 timing["steady_cases"] += len(batch_rows)
             timing["batches"] += 1
+            for row in batch_rows:
+                row["case_digest"] = digests[int(row["index"])]
             rows.extend(batch_rows)
             if out:
                 for row in batch_rows:
@@ -147,14 +156,29 @@ def run(
     return RunResult(summary, rows)
 
 
-def run_fingerprint(editor: Editor, cases: Case, meta: Sequence[dict], exact_match: bool) -> dict:
-    """What the harness itself knows changes a row: the editor and its weights, the scoring mode, which records,
-    and the cases' token arrays (data, prompts, tokenizer and padding; images are left to the caller's data and
-    model entries: hashing every image's features would cost more than the check)."""
+def run_fingerprint(editor: Editor, exact_match: bool) -> dict:
+    """What the harness itself knows changes every row: the editor and its weights and the scoring mode. Each
+    row also carries its case's digest (`case_digests`): which records a run holds may grow between resumes."""
     return {"editor": editor.name, "editor_hparams": repr(editor.hparams),
             "editor_params": records.digest_tree(editor.editor_params), "exact_match": bool(exact_match),
-            "pixels": editor.uses_pixels, "records": records.digest_tree([int(m["index"]) for m in meta]),
-            "cases": records.digest_tree(cases.replace(images={}))}
+            "pixels": editor.uses_pixels}
+
+
+def case_digests(cases: Case) -> list[str]:
+    """Per host case, a digest of what its rows depend on in the inputs: each input's real tokens and labels and
+    the KE condition, padding left out (a run extended by more records pads to another length, and its cases
+    are still the same). A resumed row is kept only where its digest matches the case's now."""
+    arrays = [np.asarray(x) for x in (cases.cond_ids, cases.cond_mask)]
+    seqs = [[np.asarray(x) for x in (q.input_ids, q.attention_mask, q.labels)] for q in map(cases.seq, INPUT_NAMES)]
+    out = []
+    for i in range(num_cases(cases)):
+        h = hashlib.sha256()
+        for ids, mask, labels in seqs:
+            keep = mask[i] > 0
+            h.update(ids[i][keep].astype(np.int64).tobytes() + b"|" + labels[i][keep].astype(np.int64).tobytes() + b"|")
+        h.update(arrays[0][i][arrays[1][i] > 0].astype(np.int64).tobytes())
+        out.append(h.hexdigest())
+    return out
 
 
 def _answer_text(pred: np.ndarray, seq, decode) -> tuple[str | None, str | None]:
