@@ -33,7 +33,7 @@ import jax
 
 from mmedit_jax import flags, pipeline
 from mmedit_jax.case import METRICS, take
-from mmedit_jax.eval import harness, steps, throughput
+from mmedit_jax.eval import harness, records, steps, throughput
 from mmedit_jax.eval.records import HEADERS
 
 COLUMNS = {  # name in the JSON -> header, format
@@ -101,7 +101,8 @@ def main(argv=None):
     ap.add_argument("--profile", help="write a jax.profiler trace of one steady call here")
     ap.add_argument("--device", choices=("cpu", "gpu", "tpu"), help="JAX platform (default: JAX's choice)")
     ap.add_argument("--cache-dir", help="where the built-in world's files are generated")
-    ap.add_argument("--out", help="also write the per-case JSONL of the quality run here")
+    ap.add_argument("--out", help="also write the quality run's per-case rows, summary and bench.json here (a run "
+                    "directory for `python -m mmedit_jax.report`)")
     ap.add_argument("--no-prefix-cache", action="store_true",
                     help="run the post-edit locality passes from the embeddings, not from the pre-edit hidden "
                          "states below the first edited layer")
@@ -195,6 +196,12 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=float)
         print(f"wrote {args.json}")
+    if args.out:  # the run directory holds everything `python -m mmedit_jax.report` shows
+        records.write_json(args.out, "bench.json", result)
+        records.write_json(args.out, "summary.json", dict(
+            quality, edits_per_s=max(r["edits_per_s"] for r in rows), model_path=os.path.abspath(model_dir),
+            data_path=os.path.abspath(data), data=pipeline.load_report(loaded, prepared)))
+        print(f"wrote {args.out}/bench.json and the per-case rows (python -m mmedit_jax.report {args.out})")
     if args.plot:
         plot(result, args.plot)
         print(f"wrote {args.plot}")

@@ -94,7 +94,8 @@ def main(argv=None):
         if result.summary["resumed_cases"]:
             print(f"resumed: {result.summary['resumed_cases']} of {len(prepared.meta)} cases were already in "
                   f"{os.path.join(out, 'cases.jsonl')}")
-    result.summary["data"] = pipeline.load_report(loaded, prepared)
+    result.summary.update(data=pipeline.load_report(loaded, prepared), data_path=os.path.abspath(data),
+                          model_path=f"demo seed {args.seed}" if args.demo else os.path.abspath(model_dir))
     records.write_json(out, "sequential_summary.json" if args.sequential else "summary.json", result.summary)
     records.print_table(result.summary)
     if args.sequential:

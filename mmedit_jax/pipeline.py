@@ -160,8 +160,15 @@ def prepare_data(records, tok, model, task: str, pad_multiple: int | None = None
     images = ImageTable(lambda p: load_image(p, model.config.vision.image_size))
     batch = build_edit_batch(records, tok, images, cfg,
                              lengths=max_lengths(records, tok, cfg, pad_multiple, lengths=lengths))
-    meta = [{"index": r.index, "src": r.src, "alt": r.alt} for r in records]
-    return Prepared(batch, images.stack(), meta, dropped)
+    return Prepared(batch, images.stack(), [record_meta(r) for r in records], dropped)
+
+
+def record_meta(record) -> dict:
+    """What a run's per-case row says of its record: index, the texts, and the three images' paths (absolute)."""
+    out = {k: getattr(record, k) for k in ("index", "src", "pred", "alt", "rephrase", "loc", "loc_ans", "m_loc_q",
+                                           "m_loc_a")}
+    out.update({k: os.path.abspath(getattr(record, k)) for k in ("image", "image_rephrase", "m_loc")})
+    return out
 
 
 def cases_for(fns: Blip2Fns, params, prepared: Prepared) -> Case:

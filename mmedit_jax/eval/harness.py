@@ -53,7 +53,7 @@ def iter_batches(editor: Editor, params, cases: Case, meta: Sequence[dict], todo
         pre = {key: v for key, v in pre.items() if not key.startswith("hidden_")}  # device-side only
         pre, post = jax.device_get(jax.block_until_ready((pre, post)))
         dt = time.perf_counter() - t0
-        yield [case_row(meta[i], take(pre, j), take(post, j), take(batch.edit, j), decode, dt / len(idx))
+        yield [case_row(meta[i], take(pre, j), take(post, j), labels_of(cases, i), decode, dt / len(idx))
                for j, i in enumerate(idx)], dt
 
 
@@ -181,26 +181,38 @@ def case_digests(cases: Case) -> list[str]:
     return out
 
 
-def _answer_text(pred: np.ndarray, seq, decode) -> tuple[str | None, str | None]:
+def labels_of(cases: Case, i: int) -> dict[str, np.ndarray]:
+    """`{input: labels [L]}` of host case `i` (what the rows' answer texts are read at)."""
+    return {name: np.asarray(cases.seq(name).labels[i]) for name in INPUT_NAMES}
+
+
+def _answer_text(pred, labels: np.ndarray, decode) -> tuple[str, str]:
     """The teacher-forced prediction at the answer positions (shifted) and the target, as text."""
-    labels = np.asarray(seq.labels)
     pos = np.nonzero(labels[1:] != -100)[0]
     return decode(np.asarray(pred)[pos]), decode(labels[1:][pos])
 
 
-def case_row(meta: dict, pre: dict, post: dict, edit_seq, decode, seconds: float) -> dict:
-    """One case's JSON row: its metadata, the five metrics, pre-edit accuracies, and (with `decode`) the
-    target and the pre-/post-edit predictions as text."""
+def case_row(meta: dict, pre: dict, post: dict, labels: dict | None, decode, seconds: float) -> dict:
+    """One case's JSON row: its metadata, the five metrics, pre-edit accuracies, and (with `decode` and `labels`,
+    `labels_of`'s) each input's target and the unedited and edited model's teacher-forced answers as text
+    (`answers`; the edit input's also as `target`, `pre_prediction`, `post_prediction`)."""
     row = dict(meta)
     for m in METRICS:
         row[m] = float(post[m])
     row["pre"] = {m: float(pre[m]) for m in records.PRE_METRICS}
     if "finite" in post:
         row["finite"] = bool(post["finite"])
-    if decode is not None:
-        pre_text, target = _answer_text(pre["pred_edit"], edit_seq, decode)
-        post_text, _ = _answer_text(post["pred_edit"], edit_seq, decode)
-        row.update(target=target, pre_prediction=pre_text, post_prediction=post_text)
+    if decode is not None and labels is not None:
+        answers = {}
+        for name in INPUT_NAMES:
+            key = f"pred_{name}"
+            if key in post:
+                post_text, target = _answer_text(post[key], labels[name], decode)
+                pre_text = _answer_text(pre[key], labels[name], decode)[0] if key in pre else None
+                answers[name] = {"target": target, "pre": pre_text, "post": post_text}
+        row["answers"] = answers
+        edit = answers.get("edit", {})
+        row.update(target=edit.get("target"), pre_prediction=edit.get("pre"), post_prediction=edit.get("post"))
     row["seconds"] = seconds
     return row
 

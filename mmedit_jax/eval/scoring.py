@@ -54,7 +54,9 @@ def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True, b
                 prefix_layer: int | None = None) -> dict:
     """The unedited model's outputs one case needs: `loc_top1 [L]` and `loc_image_top10 [L, 10]` (two forward
     passes: all the five metrics need, as the reference's per-record step), and with `base_accuracy` the
-    pre-edit accuracies (`reliability`, ...) and predictions (`pred_edit [L]`) (three more).
+    pre-edit accuracies (`reliability`, ...) and predictions of the three accuracy inputs (`pred_edit`,
+    `pred_rephrase`, `pred_image_rephrase` `[L]`) (three more). The locality inputs' top-1 tokens are always there
+    (`pred_loc`, `pred_loc_image` `[L]`). Predictions are in the shifted layout (`pred[t]` predicts `t + 1`).
 
     With `prefix_layer` k (the first edited language-model layer), the two locality passes run in two parts and
     also return the hidden states entering layer k, `hidden_loc` / `hidden_loc_image` `[L, D]`, for
@@ -67,15 +69,17 @@ def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True, b
             out[f"hidden_{name}"] = model.prefix(params, case.seq(name), case.image(name), prefix_layer)
     loc, loc_image = _locality_logits(model, params, {}, case, out, prefix_layer)
     out.update(loc_top1=M.topk_indices(loc, 1), loc_image_top10=M.topk_indices(loc_image, 10))
+    out.update(pred_loc=out["loc_top1"][:, 0], pred_loc_image=out["loc_image_top10"][:, 0])
     if base_accuracy:
         acc, preds = _accuracies(model, params, {}, case, exact_match, _prefixes(out, prefix_layer))
-        out.update(acc, pred_edit=preds["edit"])
+        out.update(acc, **{f"pred_{name}": p for name, p in preds.items()})
     return out
 
 
 def post_scores(model: ModelFns, params, patch, case: Case, pre: dict, exact_match: bool = True,
                 prefix_layer: int | None = None) -> dict:
-    """The five metrics of the edited model on one case (scalars in [0, 1]) and its `pred_edit [L]`.
+    """The five metrics of the edited model on one case (scalars in [0, 1]) and its predictions on the five inputs
+    (`pred_<input> [L]`, as `pre_outputs`'s).
 
     With `prefix_layer` k, `patch` must leave layers `< k` alone and `pre` come from `pre_outputs(...,
     prefix_layer=k)`: the locality and Reliability passes then run layers `k ..` only.
@@ -83,9 +87,9 @@ def post_scores(model: ModelFns, params, patch, case: Case, pre: dict, exact_mat
     out, preds = _accuracies(model, params, patch, case, exact_match, _prefixes(pre, prefix_layer))
     loc, loc_image = _locality_logits(model, params, patch, case, pre, prefix_layer)
     # = metrics.text_locality / image_locality, with the pre-edit top-k cached instead of its logits.
-    out["t_locality"] = M.index_agreement(
-        pre["loc_top1"][None], M.topk_indices(loc, 1)[None], case.loc.attention_mask[None])[0]
+    top1, top10 = M.topk_indices(loc, 1), M.topk_indices(loc_image, 10)
+    out["t_locality"] = M.index_agreement(pre["loc_top1"][None], top1[None], case.loc.attention_mask[None])[0]
     out["m_locality"] = M.index_agreement(
-        pre["loc_image_top10"][None], M.topk_indices(loc_image, 10)[None], case.loc_image.attention_mask[None])[0]
-    out["pred_edit"] = preds["edit"]
+        pre["loc_image_top10"][None], top10[None], case.loc_image.attention_mask[None])[0]
+    out.update({f"pred_{name}": p for name, p in preds.items()}, pred_loc=top1[:, 0], pred_loc_image=top10[:, 0])
     return out

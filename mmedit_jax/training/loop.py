@@ -94,7 +94,7 @@ class Validator:
             pre_all.append(pre)
             post = self.edit_fn(editor_params, self.base, batch, pre)
             pre_h, post_h = jax.device_get((pre, post))
-            rows += [harness.case_row(self.meta[i], take(pre_h, j), take(post_h, j), take(batch.edit, j), None, 0.0)
+            rows += [harness.case_row(self.meta[i], take(pre_h, j), take(post_h, j), None, None, 0.0)
                      for j, i in enumerate(idx)]
         self._pre = pre_all
         out = {f"{k}_val": v / self.n for k, v in sums.items()}
