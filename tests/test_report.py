@@ -64,6 +64,7 @@ def edge_run(world_run, tmp_path_factory):
     rows[0]["image"] = os.path.join(d, "nowhere", "gone.png")
     rows[1].update(finite=False, reliability=0.0, t_generality=0.0, m_loc=bad)
     rows[2].update(t_locality=0.85, m_locality=0.95, m_generality=0.0)
+    rows[4].update(t_locality=0.95)  # fails below 1, not below 0.9
     del rows[3]["answers"]
     write_rows(d, rows)
     with open(os.path.join(d, "bench.json"), "w") as f:
@@ -263,6 +264,8 @@ def test_browser_filters_by_failing_metric(browser, edge_run, tmp_path, hash_, l
     else:
         want = {r["index"] for r in rows if fails(r, what, loc)}
     assert want and len(want) < len(rows) or what == "m_locality", (what, want)  # the filter has work to do
+    if loc != 1.0 and what != "nonfinite":  # and the threshold changes what it shows
+        assert want != {r["index"] for r in rows if any(fails(r, m) for m in ([what] if what in METRICS else METRICS))}
     shown = {int(c["data-index"]) for c in dom.cases if "hidden" not in c}
     assert shown == want
     assert len(dom.cases) == len(rows) and f"showing {len(want)} of {len(rows)} cases" in text
