@@ -30,8 +30,8 @@ LAYERS = [
     ["convert", "loading"],
     # 8: the built-in world and the user-facing assembly
     ["world", "pipeline", "demo"],
-    # 9: command-line shells
-    ["flags", "bench", "evaluate", "train", "__init__"],
+    # 9: command-line shells (report: reads a run's files and writes a page)
+    ["flags", "bench", "evaluate", "train", "report", "__init__"],
 ]
 # Command-line entry points inside lower packages: shells, allowed to reach up.
 SHELLS = {"convert/__main__", "world/build", "world/generate"}
