@@ -187,8 +187,9 @@ def summary_section(run: dict) -> str:
 
     scoring = {True: "exact match", False: "token accuracy"}.get(s.get("exact_match", fp.get("exact_match")), "–")
     facts = [("editor", esc(s.get("editor") or fp.get("editor") or "–")),
-             ("model", short(fp.get("model"))),
-             ("data", esc(bench["data"]) if bench.get("data") else short(fp.get("data"))),
+             ("model", esc(s["model_path"]) if s.get("model_path") else short(fp.get("model"))),
+             ("data", esc(s.get("data_path") or bench.get("data")) if (s.get("data_path") or bench.get("data"))
+              else short(fp.get("data"))),
              ("image root", esc(fp.get("image_root") or "–")),
              ("task", esc(fp.get("task") or bench.get("task") or "–")),
              ("scoring", scoring), ("cases", esc(s.get("num_cases", len(run["rows"])))),
