@@ -55,6 +55,7 @@ WORLD = "world"  # `from_pretrained("world")`: the shipped world model (a direct
 WORLD_ANSWER_WORDS = {"vqa": 1, "caption": 3}
 DEFAULT_NEW_TOKENS = {"vqa": 10, "caption": 20}
 PROMPT_MULTIPLE = 8  # `answer` left-pads prompts to a multiple of this (one compiled program per bucket)
+_COMPILED: dict = {}  # (config, dtype, remat) -> the jitted model functions every `Model` of that kind shares
 
 
 def _pow2(n: int) -> int:
@@ -159,7 +160,24 @@ class Model(Blip2Model):
         self._tokenizer = tokenizer
         self.answer_words = dict(answer_words or {})
         self._fingerprint = (None, None)
-        self._generate_each = {}
+        self._share_compiled(remat)
+
+    def _share_compiled(self, remat: bool) -> None:
+        """Use the compiled programs of any earlier `Model` of the same config, dtype and remat (they are pure
+        in the parameters), so loading a model again (a notebook cell rerun, a second checkpoint of the same
+        architecture) does not compile again. The shared functions are bound to a parameterless shell of the
+        model, so they keep no model's weights alive."""
+        key = (self.config, str(self.dtype), bool(remat))
+        if key not in _COMPILED:
+            shell = object.__new__(Blip2Model)
+            shell.config, shell.dtype, shell.module, shell.stacks = self.config, self.dtype, self.module, self.stacks
+            _COMPILED[key] = dict(
+                shell=shell, forward=jax.jit(shell._forward_impl), encode=jax.jit(shell._encode_impl),
+                generate=jax.jit(shell._generate_impl, static_argnames=("max_new_tokens", "eos_token_id",
+                                                                         "pad_token_id")), each={})
+        shared = _COMPILED[key]
+        self._forward, self._encode, self._generate = shared["forward"], shared["encode"], shared["generate"]
+        self._shell, self._generate_each = shared["shell"], shared["each"]
 
     @classmethod
     def wrap(cls, model: Blip2Model, **kw) -> Model:
@@ -366,10 +384,11 @@ class Model(Blip2Model):
             text = self.config.text
             eos = None if text.eos_token_id is None else int(text.eos_token_id)
             pad = int(text.pad_token_id or 0)
+            shell = self._shell
 
             def one(params, px, ids, mask, patch):
                 px = None if px is None else px[None]
-                return self._generate_impl(params, px, ids[None], mask[None], patch, max_new, eos, pad)[0]
+                return shell._generate_impl(params, px, ids[None], mask[None], patch, max_new, eos, pad)[0]
 
             axes = (None, 0 if has_pixels else None, 0, 0, 0)
             self._generate_each[key] = jax.jit(jax.vmap(one, in_axes=axes))
