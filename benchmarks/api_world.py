@@ -117,6 +117,10 @@ def main(argv=None):
     result = dict(
         editor=args.editor, num_edits=n,
         generated_exact_match=100.0 * hits / n, teacher_forced_exact_match=100.0 * tf / n,
+        # without the world's one-word cut: the world model never emits an end-of-sequence token
+        uncut_generated_exact_match=100.0 * sum(x["generated"] == x["alt"] for x in rows) / n,
+        single_token_targets=sum(len(model.tokenizer(" " + x["alt"], add_special_tokens=False)["input_ids"]) == 1
+                                 for x in rows),
         benchmark_reliability=reference, unedited_answer_equals_target=100.0 * before_hits / n,
         both=sum(x["hit"] and x["teacher_forced"] for x in rows),
         generated_only=sum(x["hit"] and not x["teacher_forced"] for x in rows),

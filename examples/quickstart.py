@@ -1,6 +1,6 @@
 """Edit facts of the built-in world model in a few lines, and print the answers before and after.
 
-    python examples/quickstart.py            # about 20 s on 2 CPU cores, compiles included
+    python examples/quickstart.py            # about 35 s on 2 CPU cores, mostly compiling
 
 The world model (shipped with the package) answers questions about rendered scenes of coloured shapes; the
 shipped MEND editor turns one (image, question, new answer) into a patch, which `model.answer(..., patch=...)`

@@ -80,6 +80,30 @@ def test_from_pretrained_keeps_the_model_interface(world):
     assert model.tokenizer.decode(new[0, :1]).strip() == model.answer(records[0]["image"], records[0]["src"])
 
 
+def test_a_hugging_face_directory_of_the_same_weights_takes_the_same_patches(world, tmp_path):
+    """The world model written as a Hugging Face directory (no torch: its state dict as safetensors) loads through
+    the same `from_pretrained`; same config and weights, so the same fingerprint, and a patch made on the shipped
+    model applies to it. It is not the shipped world by path: its answers are not cut to one word by default."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from mmedit_jax.convert.export_hf import hf_config_dict, state_dict
+
+    model, editor, records = world
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict(model.config, model.params).items()},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config_dict(model.config), "model_type": "blip-2"}))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(assets.ASSETS, "model", f), tmp_path)
+    hf = mj.from_pretrained(str(tmp_path))
+    assert hf.name == str(tmp_path) and not hf.is_world and hf.fingerprint == model.fingerprint
+    r = records[1]
+    patch = editor.edit(r["image"], r["src"], r["alt"])
+    assert hf.answer(r["image"], r["src"], patch=patch, max_words=1) == r["alt"]
+    assert hf.answer(r["image"], r["src"]).split()[0] == model.answer(r["image"], r["src"])
+
+
 def test_answer_uses_the_benchmarks_prompt_and_pixels(world):
     """The prompt ids are the benchmark's edit input up to its answer; the pixels are `load_image`'s."""
     model, _, records = world
