@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "mmedit_jax"
 
 LAYERS = [
     # 0: values and names every layer shares
-    ["tree", "sites", "patch", "case", "sharding", "integrity"],
+    ["tree", "sites", "patch", "edit_patch", "case", "sharding", "integrity"],
     # 1: the networks, and their converted files on disk
     ["models", "checkpoint"],
     # 2: one example's forward, and the losses on its logits
@@ -29,7 +29,7 @@ LAYERS = [
     # 7: weights from elsewhere
     ["convert", "loading"],
     # 8: the built-in world and the user-facing assembly
-    ["world", "pipeline", "demo"],
+    ["world", "pipeline", "demo", "api"],
     # 9: command-line shells (report: reads a run's files and writes a page)
     ["flags", "bench", "evaluate", "train", "report", "__init__"],
 ]

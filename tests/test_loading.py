@@ -16,7 +16,9 @@ def test_import_is_lazy():
     code = "import sys, mmedit_jax; print('orbax.checkpoint' in sys.modules, 'jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
-    assert mmedit_jax.from_pretrained is loading.from_pretrained
+    from mmedit_jax import api
+
+    assert mmedit_jax.from_pretrained is api.from_pretrained  # loading.from_pretrained + tokenizer, answer()
     with pytest.raises(AttributeError, match="no_such_thing"):
         mmedit_jax.no_such_thing  # noqa: B018
 

@@ -1,0 +1,591 @@
+"""Edit a fact in three lines: the surface a researcher reaches for first.
+
+    import mmedit_jax as mj
+    model = mj.from_pretrained("world")                      # or a converted / Hugging Face directory
+    editor = mj.load_editor("mend", model)                   # the shipped editor; or path=DIR, hparams=...
+    patch = editor.edit(image, "What color are the shapes?", "purple")
+    model.answer(image, "What color are the shapes?")                  # the unedited answer
+    model.answer(image, "What color are the shapes?", patch=patch)     # "purple"
+
+`Model` is a `Blip2Model` (everything it does, unchanged: `model(pixel_values, input_ids, attention_mask)`,
+`model.generate(...)`) that also knows its tokenizer, its name and a fingerprint of its config and weights, and
+answers questions the way the benchmark asks them (`answer`). `BoundEditor` is one of the project's editors
+(`pipeline.build_editor`) bound to one model: `edit` / `edit_batch` build the benchmark's `Case` for each edit
+(`data/cases.py`, `case.make_cases`) and run the editor's pure per-case edit, vmapped over the edits, in one
+compiled program per shape (token lengths padded to `data.cases.DEFAULT_BUCKETS`, the number of edits to a power
+of two, so a loop over many edits compiles a handful of times). Patches are values (`edit_patch.EditPatch`) that
+carry which editor made them for which model; applying one to another model is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from mmedit_jax import loading, pipeline
+from mmedit_jax.case import answer_rows, make_cases, pad_batch, take
+from mmedit_jax.data.cases import DEFAULT_BUCKETS, VQA_TEMPLATE, CaseConfig, ImageTable, build_edit_batch
+from mmedit_jax.data.image import load_image, preprocess_image
+from mmedit_jax.data.mmedit import TASKS, MMEditRecord
+from mmedit_jax.edit_patch import EditPatch, PatchBatch, PatchMismatch, compose, save_patch
+from mmedit_jax.edit_patch import load_patch as _load_patch_file
+from mmedit_jax.editors.io import read_spec
+from mmedit_jax.models.blip2 import Blip2Model
+from mmedit_jax.sites import get_path, resolve_site
+from mmedit_jax.tree import flatten
+from mmedit_jax.world import assets
+
+__all__ = ["Model", "BoundEditor", "from_pretrained", "load_editor", "save_patch", "load_patch", "compose",
+           "EditPatch", "PatchBatch", "PatchMismatch", "model_fingerprint"]
+
+WORLD = "world"  # `from_pretrained("world")`: the shipped world model (a directory named so: pass "./world")
+# The world model was pretrained on answer tokens only (no end-of-sequence token after them), so it never learns
+# to stop; its answers are one word for E-VQA and three for E-IC by construction (`world/dataset.py`), and
+# `answer` keeps that many words of what it generates.
+WORLD_ANSWER_WORDS = {"vqa": 1, "caption": 3}
+DEFAULT_NEW_TOKENS = {"vqa": 10, "caption": 20}
+PROMPT_MULTIPLE = 8  # `answer` left-pads prompts to a multiple of this (one compiled program per bucket)
+_COMPILED: dict = {}  # (config, dtype, remat) -> the jitted model functions every `Model` of that kind shares
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------------
+# Images.
+
+
+def to_pixels(image, image_size: int) -> np.ndarray:
+    """An image as the benchmark feeds it: float32 `[3, S, S]` (`data.image.preprocess_image`, S = `image_size`).
+
+    `image`: a file path, a PIL image, or an `[H, W, 3]` (or `[H, W]`, `[H, W, 4]`) array, uint8 or float in
+    [0, 1] (rounded to uint8 first, so it goes through the same PIL path as a file). An array already shaped
+    `[3, S, S]` float is taken as preprocessed pixels and returned as is.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, image_size)
+    if isinstance(image, Image.Image):
+        return preprocess_image(image, image_size)
+    arr = np.asarray(image)
+    if arr.shape == (3, image_size, image_size) and np.issubdtype(arr.dtype, np.floating) and image_size != 3:
+        return arr.astype(np.float32)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"an image array must be [H, W], [H, W, 3] or [H, W, 4] (or preprocessed [3, {image_size}, "
+                         f"{image_size}]), got shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ValueError("the image array holds NaN or inf")
+        if arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"a float image array must hold values in [0, 1] (got {arr.min():.3g}..{arr.max():.3g});"
+                             " pass uint8 for 0..255")
+        arr = np.round(arr * 255)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return preprocess_image(Image.fromarray(arr.astype(np.uint8)), image_size)
+
+
+def _as_list(x, n: int, what: str) -> list:
+    """`x` for each of n rows: a list/tuple of n, a 4-D array of n images, or one value for every row."""
+    if isinstance(x, (list, tuple)):
+        if len(x) != n:
+            raise ValueError(f"{len(x)} {what} for {n} questions")
+        return list(x)
+    if isinstance(x, np.ndarray) and x.ndim == 4 and what == "images":
+        if len(x) != n:
+            raise ValueError(f"{len(x)} {what} for {n} questions")
+        return list(x)
+    return [x] * n
+
+
+# --------------------------------------------------------------------------------------------------
+# The model.
+
+
+def model_fingerprint(config, params, full_below: int = 1 << 20, samples: int = 4096) -> str:
+    """sha256 over the config and the weights: every parameter's name, shape and dtype; the values of every
+    leaf of at most `full_below` entries; `samples` entries at fixed positions of each larger leaf.
+
+    So a different config, a different checkpoint, or any change to a small leaf (the world model: every leaf)
+    gives another fingerprint; a change confined to a few entries of a large matrix may go unnoticed. Cost: one
+    device-to-host copy of the small leaves and the samples (a 2.7B model: well under a second on a CPU)."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
+    flat = flatten(params)
+    for name in sorted(flat):
+        x = flat[name]
+        h.update(f"{name}|{tuple(x.shape)}|{x.dtype}|".encode())
+        if x.size <= full_below:
+            h.update(np.ascontiguousarray(np.asarray(x)).tobytes())
+        else:
+            idx = np.sort(np.random.default_rng(x.size).choice(x.size, samples, replace=False))
+            h.update(np.asarray(_gather(x, jnp.asarray(idx))).tobytes())
+    return h.hexdigest()
+
+
+@jax.jit
+def _gather(x, idx):
+    return x.reshape(-1)[idx]
+
+
+def _delta_shape(d) -> tuple[int, int]:
+    if hasattr(d, "a"):
+        return int(d.a.shape[-1]), int(d.b.shape[-1])
+    return tuple(int(s) for s in d.delta.shape[-2:])
+
+
+class Model(Blip2Model):
+    """A `Blip2Model` that knows its tokenizer, its name and its fingerprint, and answers questions.
+
+    Everything of `Blip2Model` works unchanged (`model(pixel_values, input_ids, attention_mask, patch=...)`,
+    `model.generate(...)`, `.config`, `.params`); a patch passed to them is checked first (`check_patch`).
+    """
+
+    def __init__(self, config, params, dtype: Any = jnp.float32, remat: bool = False, *, name: str | None = None,
+                 source_dir: str | None = None, tokenizer=None, tokenizer_dir: str | None = None,
+                 answer_words: dict | None = None):
+        super().__init__(config, params, dtype=dtype, remat=remat)
+        self.name = name or "unnamed model"
+        self.source_dir = None if source_dir is None else os.path.abspath(source_dir)
+        self.tokenizer_dir = tokenizer_dir
+        self._tokenizer = tokenizer
+        self.answer_words = dict(answer_words or {})
+        self._fingerprint = (None, None)
+        self._share_compiled(remat)
+
+    def _share_compiled(self, remat: bool) -> None:
+        """Use the compiled programs of any earlier `Model` of the same config, dtype and remat (they are pure
+        in the parameters), so loading a model again (a notebook cell rerun, a second checkpoint of the same
+        architecture) does not compile again. The shared functions are bound to a parameterless shell of the
+        model, so they keep no model's weights alive."""
+        key = (self.config, str(self.dtype), bool(remat))
+        if key not in _COMPILED:
+            shell = object.__new__(Blip2Model)
+            shell.config, shell.dtype, shell.module, shell.stacks = self.config, self.dtype, self.module, self.stacks
+            _COMPILED[key] = dict(
+                shell=shell, forward=jax.jit(shell._forward_impl), encode=jax.jit(shell._encode_impl),
+                generate=jax.jit(shell._generate_impl, static_argnames=("max_new_tokens", "eos_token_id",
+                                                                         "pad_token_id")), each={})
+        shared = _COMPILED[key]
+        self._forward, self._encode, self._generate = shared["forward"], shared["encode"], shared["generate"]
+        self._shell, self._generate_each = shared["shell"], shared["each"]
+
+    @classmethod
+    def wrap(cls, model: Blip2Model, **kw) -> Model:
+        """A `Model` over an existing `Blip2Model`'s config and parameters (shared, not copied)."""
+        return cls(model.config, model.params, model.dtype, model.module.remat, **kw)
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, {self.config.text.num_hidden_layers} text layers, {self.dtype})"
+
+    # ---- identity -----------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The tokenizer beside the model (loaded on first use: importing transformers costs seconds)."""
+        if self._tokenizer is None:
+            where = self.tokenizer_dir
+            if where is None:
+                raise ValueError(f"model {self.name!r} has no tokenizer: pass tokenizer= (a directory or a "
+                                 "tokenizer object) to mmedit_jax.from_pretrained, or set model.tokenizer")
+            if importlib.util.find_spec("torch") is None:  # transformers' "PyTorch was not found" advice
+                os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+            from transformers import AutoTokenizer  # here: importing transformers costs seconds
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(where)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"model {self.name!r}: no usable tokenizer in {where} ({type(e).__name__}: {e}); "
+                                 "pass tokenizer= to mmedit_jax.from_pretrained") from None
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok):
+        self._tokenizer = tok
+
+    @property
+    def fingerprint(self) -> str:
+        """`model_fingerprint` of this model's config and current parameters (computed once per params)."""
+        params, fp = self._fingerprint
+        if params is not self.params:
+            fp = model_fingerprint(self.config, self.params)
+            self._fingerprint = (self.params, fp)
+        return fp
+
+    @property
+    def is_world(self) -> bool:
+        """Whether this is the shipped world model (loaded from its directory)."""
+        return self.source_dir is not None and os.path.realpath(self.source_dir) == os.path.realpath(
+            os.path.join(assets.ASSETS, "model"))
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    def pixels(self, image) -> np.ndarray:
+        """`image` preprocessed as the benchmark does at this model's image size: float32 `[3, S, S]`."""
+        return to_pixels(image, self.image_size)
+
+    # ---- patches ------------------------------------------------------------------------------------
+
+    def check_patch(self, patch):
+        """The plain patch dict jax takes (`PatchBatch`: its stacked dict), after checking that it fits.
+
+        Refused (`PatchMismatch`): a patch made for another model (its fingerprint differs from this model's;
+        the message names both), or one whose sites this model lacks or whose shapes differ."""
+        if patch is None:
+            return None
+        if isinstance(patch, PatchBatch):
+            deltas, made_for, name, editor = patch.stacked, patch.model, patch.model_name, patch.editor
+        elif isinstance(patch, dict):
+            deltas = patch
+            made_for, name, editor = (patch.model, patch.model_name, patch.editor) if isinstance(patch, EditPatch) \
+                else (None, None, None)
+        else:
+            raise TypeError(f"patch must be a dict of deltas, an EditPatch or a PatchBatch, not {type(patch).__name__}")
+        if made_for is not None and made_for != self.fingerprint:
+            raise PatchMismatch(
+                f"this patch was made by {editor or 'an editor'} for model {name!r} (fingerprint {made_for[:16]}), "
+                f"not for model {self.name!r} (fingerprint {self.fingerprint[:16]}): its deltas were computed "
+                "against the other model's weights. Load the model it was made for, or edit this one again.")
+        for site, d in deltas.items():
+            path, idx = resolve_site(site, self.stacks)
+            try:
+                leaf = get_path(self.params, path, site)
+            except KeyError:
+                raise PatchMismatch(f"the patch edits {site!r}, which model {self.name!r} does not have") from None
+            want = tuple(leaf.shape if idx is None else leaf.shape[1:])
+            if idx is not None and idx >= leaf.shape[0]:
+                raise PatchMismatch(f"the patch edits {site!r}, which model {self.name!r} does not have "
+                                    f"({leaf.shape[0]} layers)")
+            if _delta_shape(d) != want:
+                raise PatchMismatch(f"the patch's delta at {site!r} is {_delta_shape(d)}, model {self.name!r}'s "
+                                    f"kernel there is {want}")
+        return dict(deltas)
+
+    def __call__(self, pixel_values, input_ids, attention_mask=None, params=None, patch=None, image_embeds=None):
+        if isinstance(patch, PatchBatch):
+            raise TypeError("a PatchBatch holds E edits: pass one of them (batch[i]), or vmap over batch.stacked")
+        return super().__call__(pixel_values, input_ids, attention_mask, params, self.check_patch(patch),
+                                image_embeds)
+
+    def generate(self, pixel_values, input_ids, attention_mask=None, *, patch=None, **kw):
+        if isinstance(patch, PatchBatch):
+            raise TypeError("a PatchBatch holds E edits: pass one of them (batch[i]), or use answer(...)")
+        return super().generate(pixel_values, input_ids, attention_mask, patch=self.check_patch(patch), **kw)
+
+    # ---- answering ----------------------------------------------------------------------------------
+
+    def prompt_ids(self, question: str, with_image: bool, task: str = "vqa", template: str | None = None) -> list:
+        """The token ids the benchmark shows the model for `question` (`data/cases.py`): image slots
+        (`[image_token_index] * num_query_tokens`, when there is an image) + the templated text tokenized
+        without special tokens (no BOS). E-VQA's template is `VQA_TEMPLATE`, E-IC's the identity."""
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if template is None:
+            template = VQA_TEMPLATE if task == "vqa" else "{}"
+        ids = list(self.tokenizer(template.format(question), add_special_tokens=False)["input_ids"])
+        return ([int(self.config.image_token_index)] * self.config.num_query_tokens if with_image else []) + ids
+
+    def decode_answer(self, tokens, max_words: int | None = None) -> str:
+        """Generated ids -> the answer: cut at the end-of-sequence token, special tokens dropped, the first
+        line, stripped, and at most `max_words` words (None or 0: no limit)."""
+        tokens = [int(t) for t in tokens]
+        eos = self.config.text.eos_token_id
+        if eos is not None and eos in tokens:
+            tokens = tokens[: tokens.index(eos)]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        text = text.split("\n")[0].strip()
+        if max_words:
+            text = " ".join(text.split()[:max_words])
+        return text
+
+    def answer(self, image, question, patch=None, *, max_new_tokens: int | None = None, task: str = "vqa",
+               template: str | None = None, max_words: int | None = None):
+        """The model's answer to `question` about `image`, greedy with the KV cache (`Blip2Model.generate`).
+
+        image: a path, a PIL image, an `[H, W, 3]` array (`to_pixels`), or None for a text-only question (the
+          language model alone, no image slots, as the benchmark's `loc` input).
+        question: a string -> a string; a list of strings -> a list (images then: a list of as many, or one
+          image for all; prompts are left-padded to a common length, a multiple of 8).
+        patch: an `EditPatch` / patch dict applied to every question, or a `PatchBatch` of as many edits as
+          questions (question i answered under edit i, vmapped).
+        task: "vqa" (the prompt is `VQA_TEMPLATE.format(question)`) or "caption" (the question is the caption's
+          prefix, as E-IC's "a photo of"); `template` overrides ("{}" for the raw text).
+        max_new_tokens: generation budget (default 10 for VQA, 20 for captions).
+        max_words: keep this many words of the answer (default: the model's `answer_words[task]`, set for the
+          world model, whose answers have a fixed length and which never emits an end-of-sequence token; else no
+          limit: the answer ends at the end-of-sequence token, or the first line break).
+        """
+        single = isinstance(question, str)
+        questions = [question] if single else list(question)
+        if not questions:
+            return []
+        n = len(questions)
+        images = [image] if single else _as_list(image, n, "images")
+        max_new = int(max_new_tokens or DEFAULT_NEW_TOKENS.get(task, 10))
+        words = self.answer_words.get(task) if max_words is None else max_words
+        per_edit = isinstance(patch, PatchBatch)
+        if per_edit and len(patch) != n:
+            raise ValueError(f"a PatchBatch of {len(patch)} edits for {n} questions: pass one edit per question")
+        deltas = self.check_patch(patch) or {}
+        out = [None] * n
+        for has_image in (True, False):
+            rows = [i for i in range(n) if (images[i] is not None) == has_image]
+            if not rows:
+                continue
+            ids = [self.prompt_ids(questions[i], has_image, task, template) for i in rows]
+            row_deltas = take(deltas, np.asarray(rows)) if per_edit else deltas
+            tokens = self._generate_rows(ids, [images[i] for i in rows] if has_image else None, row_deltas,
+                                         per_edit, max_new)
+            for j, i in enumerate(rows):
+                out[i] = self.decode_answer(tokens[j], words)
+        return out[0] if single else out
+
+    def _generate_rows(self, ids: list[list[int]], images, deltas, per_edit: bool, max_new: int) -> np.ndarray:
+        text = self.config.text
+        limit = text.max_position_embeddings - max_new
+        longest = max(len(r) for r in ids)
+        if longest > limit:
+            raise ValueError(f"a prompt of {longest} tokens leaves no room for {max_new} new tokens in the model's "
+                             f"{text.max_position_embeddings} positions")
+        length = min(-(-longest // PROMPT_MULTIPLE) * PROMPT_MULTIPLE, limit)
+        n, b = len(ids), _pow2(len(ids))  # rows padded to a power of two: few compiled batch sizes
+        pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else text.pad_token_id or 0)
+        input_ids = np.full((b, length), pad, np.int32)
+        mask = np.zeros((b, length), np.int32)
+        for i in range(b):
+            r = ids[min(i, n - 1)]
+            input_ids[i, length - len(r):] = r  # left padding
+            mask[i, length - len(r):] = 1
+        pixels = None
+        if images is not None:
+            pixels = np.stack([self.pixels(im) for im in images])
+            pixels = np.concatenate([pixels, np.repeat(pixels[-1:], b - n, axis=0)])
+        if per_edit:
+            deltas = pad_batch(deltas, b) if deltas else deltas
+            fn = self._each_fn(pixels is not None, max_new)
+            return np.asarray(fn(self.params, pixels, input_ids, mask, deltas))[:n]
+        return super().generate(pixels, input_ids, mask, max_new_tokens=max_new, patch=deltas)[:n]
+
+    def _each_fn(self, has_pixels: bool, max_new: int):
+        """Generation with one patch per row: `vmap` over (pixels, ids, mask, patch) of one-row generation."""
+        key = (has_pixels, max_new)
+        if key not in self._generate_each:
+            text = self.config.text
+            eos = None if text.eos_token_id is None else int(text.eos_token_id)
+            pad = int(text.pad_token_id or 0)
+            shell = self._shell
+
+            def one(params, px, ids, mask, patch):
+                px = None if px is None else px[None]
+                return shell._generate_impl(params, px, ids[None], mask[None], patch, max_new, eos, pad)[0]
+
+            axes = (None, 0 if has_pixels else None, 0, 0, 0)
+            self._generate_each[key] = jax.jit(jax.vmap(one, in_axes=axes))
+        return self._generate_each[key]
+
+
+def from_pretrained(path: str | os.PathLike = WORLD, dtype: Any = jnp.float32, image_size: int | None = None,
+                    verify: bool | None = None, tokenizer=None) -> Model:
+    """A `Model`: "world" (the shipped world model), or a converted or Hugging Face BLIP-2 directory
+    (`loading.from_pretrained`: `dtype`, `image_size`, `verify` as there).
+
+    tokenizer: a directory or a tokenizer object; default the tokenizer files beside the model (loaded on
+    first use). The world model's answers are cut to its fixed answer lengths (`WORLD_ANSWER_WORDS`).
+    """
+    path = os.fspath(path)
+    world = path == WORLD
+    directory = os.path.join(assets.ASSETS, "model") if world else path
+    if world and not os.path.isdir(directory):
+        raise FileNotFoundError(f"the built-in world model is missing ({directory}); rebuild it with "
+                                "`python -m mmedit_jax.world.build`")
+    base = loading.from_pretrained(directory, dtype=dtype, image_size=image_size, verify=verify)
+    tok_obj = None if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    tok_dir = os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else directory
+    model = Model.wrap(base, name=WORLD if world else path, source_dir=directory, tokenizer=tok_obj,
+                       tokenizer_dir=tok_dir)
+    if model.is_world:
+        model.answer_words = dict(WORLD_ANSWER_WORDS)
+    return model
+
+
+def load_patch(path: str | os.PathLike, model: Model | None = None):
+    """`edit_patch.load_patch`; with `model`, also checked against it now (`Model.check_patch`)."""
+    patch = _load_patch_file(path)
+    if model is not None:
+        model.check_patch(patch)
+    return patch
+
+
+# --------------------------------------------------------------------------------------------------
+# Editors.
+
+
+class BoundEditor:
+    """One of the project's editors (`editor`, an `editors.base.Editor`) bound to one `Model`.
+
+    `edit(image, prompt, target)` -> an `EditPatch`; `edit_batch(images, prompts, targets)` -> a `PatchBatch` of
+    E independent edits (each computed against the unedited model), one compiled call. Neither changes the
+    model. `compiles` counts the programs compiled so far.
+    """
+
+    def __init__(self, editor, model: Model, task: str = "vqa", source: str | None = None):
+        self.editor = editor
+        self.model = model
+        self.task = task
+        self.source = source
+        self.buckets = DEFAULT_BUCKETS
+        self._edit_fn = jax.jit(self._edit_cases)
+
+    @property
+    def name(self) -> str:
+        return self.editor.name
+
+    def __repr__(self) -> str:
+        return f"BoundEditor({self.name!r}, model={self.model.name!r}, task={self.task!r}, source={self.source!r})"
+
+    @property
+    def compiles(self) -> int:
+        """Programs compiled so far by `edit` / `edit_batch` (one per padded shape)."""
+        return self._edit_fn._cache_size()
+
+    def _edit_cases(self, editor_params, params, cases):
+        fns = self.editor.fns
+        if not fns.uses_pixels:  # the editor runs cached image embeddings: encode the edit image here, once
+            embeds = fns.encode(params, {}, cases.images["edit"])
+            cases = cases.replace(images={k: embeds for k in cases.images})
+        return jax.vmap(lambda c: self.editor.edit(editor_params, params, c, {}))(cases)
+
+    def cases(self, images: Sequence, prompts: Sequence[str], targets: Sequence[str],
+              preds: Sequence[str] | None = None):
+        """The benchmark's `Case`s (leading `[E]`, pixels as images) for these edits: an MMEdit record per edit
+        with `rephrase` = the prompt, every image = the edit's image, `loc` = the prompt and the target (only
+        their shapes matter to an edit), and KE's `cond` = "{pred} >> {target} || {prompt}"; tokens padded to
+        `DEFAULT_BUCKETS`."""
+        model = self.model
+        n = len(prompts)
+        if not (len(images) == len(targets) == n) or (preds is not None and len(preds) != n):
+            raise ValueError(f"edit_batch: {len(images)} images, {n} prompts, {len(targets)} targets"
+                             + ("" if preds is None else f", {len(preds)} preds") + ": give one of each per edit")
+        if n == 0:
+            raise ValueError("edit_batch: no edits")
+        pixels, records = {}, []
+        for i in range(n):
+            if images[i] is None:
+                raise ValueError(f"edit {i}: an edit needs an image (E-VQA and E-IC edits are about one)")
+            if not str(targets[i]).strip():
+                raise ValueError(f"edit {i}: the target is empty")
+            key = f"edit{i}"
+            pixels[key] = model.pixels(images[i])
+            p, t = str(prompts[i]), str(targets[i]).strip()
+            records.append(MMEditRecord(index=i, src=p, pred="" if preds is None else str(preds[i]), alt=t,
+                                        rephrase=p, image=key, image_rephrase=key, loc=p, loc_ans=t, m_loc=key,
+                                        m_loc_q=p, m_loc_a=t))
+        cfg = CaseConfig(task=self.task, num_query_tokens=model.config.num_query_tokens,
+                         image_token_id=model.config.image_token_index, buckets=self.buckets)
+        table = ImageTable(pixels.__getitem__)
+        batch = build_edit_batch(records, model.tokenizer, table, cfg)
+        used = int(batch.edit.attention_mask.sum(-1).max())
+        if used > model.config.text.max_position_embeddings:
+            raise ValueError(f"an edit input has {used} tokens, more than the model's "
+                             f"{model.config.text.max_position_embeddings} positions")
+        cases = make_cases(batch, table.stack(), with_answer_rows=False)
+        # The answer positions, as the benchmark's edit input carries them, in a width padded to a multiple of 8.
+        need = int((batch.edit.labels[:, 1:] != -100).sum(-1).max())
+        rows = answer_rows(batch.edit.labels, width=min(-(-need // 8) * 8, batch.edit.labels.shape[-1]))
+        return cases.replace(edit=cases.edit.replace(answer_rows=rows))
+
+    def edit_batch(self, images, prompts: Sequence[str], targets: Sequence[str],
+                   preds: Sequence[str] | None = None) -> PatchBatch:
+        """E independent edits in one compiled call -> a `PatchBatch` (`batch[i]` is edit i's `EditPatch`).
+
+        `preds`: the model's current answers, for KE's condition "{pred} >> {target} || {prompt}"; default
+        (KE only) `model.answer(images, prompts)`. E is padded to a power of two, and token lengths to
+        `DEFAULT_BUCKETS`, so the number of compiled programs stays small."""
+        prompts, targets = [str(p) for p in prompts], [str(t) for t in targets]
+        images = _as_list(images, len(prompts), "images")
+        if preds is None and self.name == "ke":
+            preds = self.model.answer(images, prompts, task=self.task)
+        cases = self.cases(images, prompts, targets, preds)
+        n = len(prompts)
+        cases = pad_batch(cases, _pow2(n))
+        stacked = self._edit_fn(self.editor.editor_params, self.model.params, cases)
+        if _pow2(n) != n:
+            stacked = jax.tree.map(lambda a: a[:n], stacked)
+        return PatchBatch(stacked, editor=self.name, model=self.model.fingerprint, model_name=self.model.name,
+                          edits=tuple(zip(prompts, targets)))
+
+    def edit(self, image, prompt: str, target: str, *, pred: str | None = None) -> EditPatch:
+        """One edit: the patch that makes the model answer `target` to `prompt` about `image` (a value; the
+        model is not changed). `pred` as in `edit_batch`."""
+        return self.edit_batch([image], [prompt], [target], None if pred is None else [pred])[0]
+
+
+def shipped_editor(name: str, task: str = "vqa") -> str | None:
+    """The shipped world editor's directory for `name` and `task` (`assets/world/<name>_<task>`), or None."""
+    path = os.path.join(assets.ASSETS, f"{name}_{task}")
+    return path if os.path.isdir(path) else None
+
+
+def _check_editor_fits(path: str, model: Model) -> None:
+    meta = read_spec(path)
+    for site, shape in zip(meta.get("sites", []), meta.get("shapes", [])):
+        p, idx = resolve_site(site, model.stacks)
+        try:
+            leaf = get_path(model.params, p, site)
+        except KeyError:
+            raise ValueError(f"the editor at {path} edits {site!r}, which model {model.name!r} does not have: it "
+                             "was trained for another model") from None
+        have = tuple(leaf.shape if idx is None else leaf.shape[1:])
+        if (idx is not None and idx >= leaf.shape[0]) or have != tuple(shape):
+            raise ValueError(f"the editor at {path} edits {site!r} as a {tuple(shape)} kernel; model "
+                             f"{model.name!r} has {have if idx is None or idx < leaf.shape[0] else 'no such layer'} "
+                             "there: it was trained for another model")
+
+
+def load_editor(name: str, model: Model, path: str | os.PathLike | None = None, hparams=None, *,
+                task: str = "vqa", feature_cache: bool = True) -> BoundEditor:
+    """One of the project's editors (`pipeline.EDITORS`: "ft-l", "ft-v", "mend", "ke") bound to `model`.
+
+    path: a trained MEND / KE directory (`python -m mmedit_jax.train`, or `convert mend-easyedit`); default, for
+      the world model, the shipped editor (`assets/world/<name>_<task>`). FT-L / FT-V need none.
+    hparams: a dict in EasyEdit's keys, or a YAML file (`editors/hparams.py`); FT's `num_steps`, `edit_lr`,
+      `inner_params`, ...
+    """
+    if not isinstance(model, Model):
+        raise TypeError("load_editor takes the model mmedit_jax.from_pretrained returns (it needs the tokenizer); "
+                        f"got {type(model).__name__} (wrap a Blip2Model with mmedit_jax.api.Model.wrap(m, "
+                        "tokenizer=...))")
+    if name not in pipeline.EDITORS:
+        raise ValueError(f"unknown editor {name!r}: choose from {', '.join(pipeline.EDITORS)}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if isinstance(hparams, (str, os.PathLike)):
+        hparams = pipeline.read_hparams(os.fspath(hparams))
+    if name in ("mend", "ke"):
+        if path is None:
+            path = shipped_editor(name, task) if model.is_world else None
+            if path is None:
+                shipped = sorted(d for d in os.listdir(assets.ASSETS) if os.path.isdir(os.path.join(assets.ASSETS, d))
+                                 and d != "model")
+                raise ValueError(
+                    f"{name} needs a trained editor: pass path=DIR (one trained for this model by `python -m "
+                    "mmedit_jax.train`" + (", or converted with `python -m mmedit_jax.convert mend-easyedit`"
+                                           if name == "mend" else "")
+                    + f"); shipped ones exist only for the world model ({', '.join(shipped)})")
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no editor directory at {path}")
+        _check_editor_fits(path, model)
+    editor = pipeline.build_editor(name, model, hparams, None if path is None else os.fspath(path), feature_cache)
+    return BoundEditor(editor, model, task, None if path is None else os.fspath(path))

@@ -1,0 +1,258 @@
+"""Patches as a user holds them: with their provenance, in batches, composed, and in safetensors files.
+
+`patch.py` defines the values (`{site: LowRank | Dense}`); this module adds what a patch needs once it leaves
+the program that made it:
+
+  * `EditPatch`: a patch dict that also says which editor made it, for which model (a fingerprint of the model's
+    config and weights, and the model's name) and from which edits (`(prompt, target)` pairs). It is a `dict`:
+    indexing by site, `.items()`, and every function of `patch.py` work unchanged. To jax it is the plain dict it
+    holds (the metadata is not part of the pytree), so it goes through `jit`/`vmap` without a recompile per edit;
+    `jax.tree.map` over it returns a plain dict.
+  * `PatchBatch`: E independent edits as one stacked patch (every leaf with a leading `[E]` axis, what the
+    vmapped editor returns). It is a sequence: `len(batch)`, `batch[i]` (an `EditPatch`), iteration; `.stacked` is
+    the `[E]` dict to vmap over.
+  * `compose`: several independent edits applied at once (the sum of their deltas).
+  * `save_patch` / `load_patch`: one safetensors file with the metadata in its header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmedit_jax import patch as P
+
+FORMAT = "mmedit_jax.patch/1"
+SEP = "::"  # file keys: "<site>::a", "<site>::b", "<site>::scale" (LowRank) or "<site>::delta" (Dense)
+
+
+class PatchMismatch(ValueError):
+    """A patch made for one model applied to another, or composed with a patch of another model."""
+
+
+class EditPatch(dict):
+    """`{site: LowRank | Dense}` plus where it came from.
+
+    editor: the editor's name ("mend", "ke", "ft-l", "ft-v"; "mend+ke" for a composition of several).
+    model: the fingerprint of the model it was computed against (hex digest), None when unknown.
+    model_name: that model's name as loaded ("world" or a directory), for messages.
+    edits: the `(prompt, target)` of every edit it holds (a composition holds several).
+    """
+
+    def __init__(self, deltas=(), *, editor: str | None = None, model: str | None = None,
+                 model_name: str | None = None, edits=()):
+        super().__init__(deltas)
+        self.editor = editor
+        self.model = model
+        self.model_name = model_name
+        self.edits = tuple((str(p), str(t)) for p, t in edits)
+
+    def meta(self) -> dict:
+        return {"editor": self.editor, "model": self.model, "model_name": self.model_name, "edits": self.edits}
+
+    def with_deltas(self, deltas) -> EditPatch:
+        """Other deltas, the same provenance."""
+        return EditPatch(deltas, **self.meta())
+
+    def __repr__(self) -> str:
+        sites = ", ".join(f"{s}: {type(d).__name__}" for s, d in self.items())
+        fp = (self.model or "?")[:12]
+        return (f"EditPatch(editor={self.editor!r}, model={self.model_name!r} ({fp}), edits={list(self.edits)!r}, "
+                f"{{{sites}}})")
+
+    # dict's copy() would drop the metadata
+    def copy(self) -> EditPatch:
+        return self.with_deltas(self)
+
+
+def _flatten(p: EditPatch):
+    keys = sorted(p)
+    return [p[k] for k in keys], tuple(keys)
+
+
+jax.tree_util.register_pytree_node(EditPatch, _flatten, lambda keys, values: dict(zip(keys, values)))
+
+
+@dataclasses.dataclass
+class PatchBatch:
+    """E independent edits: `stacked` is `{site: delta}` with a leading `[E]` axis on every leaf (what a vmapped
+    editor returns, and what a vmapped forward takes); `batch[i]` is edit i as an `EditPatch`."""
+
+    stacked: dict
+    editor: str | None = None
+    model: str | None = None
+    model_name: str | None = None
+    edits: tuple = ()
+
+    def __len__(self) -> int:
+        leaves = jax.tree.leaves(self.stacked)
+        return int(leaves[0].shape[0]) if leaves else len(self.edits)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            idx = np.arange(len(self))[i]
+            edits = tuple(self.edits[j] for j in idx) if len(self.edits) == len(self) else ()
+            return PatchBatch(jax.tree.map(lambda a: a[idx], dict(self.stacked)), self.editor, self.model,
+                              self.model_name, edits)
+        n = len(self)
+        if not -n <= int(i) < n:
+            raise IndexError(f"edit {i} of a batch of {n}")
+        i = int(i) % n
+        return EditPatch(jax.tree.map(lambda a: a[i], dict(self.stacked)), editor=self.editor, model=self.model,
+                         model_name=self.model_name,
+                         edits=self.edits[i : i + 1] if len(self.edits) == n else ())
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def meta(self) -> dict:
+        return {"editor": self.editor, "model": self.model, "model_name": self.model_name, "edits": self.edits}
+
+    def __repr__(self) -> str:
+        return (f"PatchBatch({len(self)} edits, editor={self.editor!r}, model={self.model_name!r}, "
+                f"sites={list(self.stacked)})")
+
+
+jax.tree_util.register_pytree_node(PatchBatch, lambda b: ((dict(b.stacked),), None),
+                                   lambda _, children: children[0])
+
+
+def provenance(patch) -> dict:
+    """`{"editor", "model", "model_name", "edits"}` of an `EditPatch` / `PatchBatch`; Nones for a plain dict."""
+    if isinstance(patch, (EditPatch, PatchBatch)):
+        return patch.meta()
+    return {"editor": None, "model": None, "model_name": None, "edits": ()}
+
+
+def compose(*patches) -> EditPatch:
+    """Several independent edits applied at once: the sum of their deltas, site by site (`patch.compose`).
+
+    What it means, per editor: every edit of FT-L/FT-V (dense deltas), MEND and KE (low-rank deltas, whose
+    factors are concatenated: the ranks add up) was computed against the UNEDITED model, and the composition is
+    `W + delta_1 + delta_2 + ...`. That is not sequential editing (where edit 2 would be computed against the
+    model already carrying edit 1 and could correct for it): two edits that touch the same rows of the same
+    matrices can interfere, and nothing here corrects for that. Deltas of different editors compose too (they
+    are all sums on kernels). Patches made for different models are refused (`PatchMismatch`).
+
+    Accepts `EditPatch`es, plain patch dicts and `PatchBatch`es (each batch contributes all of its edits).
+    """
+    flat = []
+    for p in patches:
+        flat.extend(p if isinstance(p, PatchBatch) else [p])
+    if not flat:
+        raise ValueError("compose needs at least one patch")
+    made_for = {(p.model, p.model_name) for p in flat if isinstance(p, EditPatch) and p.model is not None}
+    if len({m for m, _ in made_for}) > 1:
+        names = ", ".join(f"{n!r} ({m[:12]})" for m, n in sorted(made_for, key=str))
+        raise PatchMismatch(f"cannot compose patches made for different models: {names}")
+    model, model_name = next(iter(made_for), (None, None))
+    editors = []
+    for p in flat:
+        name = provenance(p)["editor"]
+        for part in (name or "?").split("+"):
+            if part not in editors:
+                editors.append(part)
+    edits = tuple(e for p in flat for e in provenance(p)["edits"])
+    return EditPatch(P.compose(*(dict(p) for p in flat)), editor="+".join(editors), model=model,
+                     model_name=model_name, edits=edits)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files.
+
+
+def _tensors(deltas: dict) -> tuple[dict, list[str], list[str]]:
+    tensors, sites, kinds = {}, [], []
+    for site, d in deltas.items():
+        if SEP in site:
+            raise ValueError(f"site name {site!r} contains {SEP!r}")
+        sites.append(site)
+        if isinstance(d, P.LowRank):
+            kinds.append("low_rank")
+            for field in ("a", "b", "scale"):
+                tensors[f"{site}{SEP}{field}"] = np.asarray(getattr(d, field))
+        elif isinstance(d, P.Dense):
+            kinds.append("dense")
+            tensors[f"{site}{SEP}delta"] = np.asarray(d.delta)
+        else:
+            raise TypeError(f"site {site!r}: {type(d).__name__} is not a patch delta (LowRank or Dense)")
+    return tensors, sites, kinds
+
+
+def save_patch(patch, path: str | os.PathLike) -> str:
+    """Writes an `EditPatch`, a `PatchBatch` or a plain patch dict to one safetensors file (atomically: a
+    crash leaves the old file or none). The header's metadata: `format`, `editor`, `model_fingerprint`,
+    `model_name`, `sites` and `kinds` (site order, LowRank/Dense), `batch` (E for a `PatchBatch`, "" otherwise)
+    and `edits` (JSON). Returns the path."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    batch = isinstance(patch, PatchBatch)
+    deltas = dict(patch.stacked if batch else patch)
+    if not deltas:
+        raise ValueError("save_patch: the patch is empty")
+    tensors, sites, kinds = _tensors(deltas)
+    meta = provenance(patch)
+    header = {"format": FORMAT, "editor": meta["editor"] or "", "model_fingerprint": meta["model"] or "",
+              "model_name": meta["model_name"] or "", "sites": json.dumps(sites), "kinds": json.dumps(kinds),
+              "batch": str(len(patch)) if batch else "", "edits": json.dumps([list(e) for e in meta["edits"]])}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".patch-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_patch(path: str | os.PathLike):
+    """What `save_patch` wrote: an `EditPatch` (or a `PatchBatch`) with the same sites, kinds, shapes, dtypes and
+    values, as jax arrays, and its provenance. Errors name the file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no patch file at {path}")
+    try:
+        with safe_open(path, "np") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); save the patch again") from None
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a patch file of this version (format {header.get('format')!r}, expected "
+                         f"{FORMAT!r})")
+    try:
+        sites, kinds = json.loads(header["sites"]), json.loads(header["kinds"])
+        edits = [tuple(e) for e in json.loads(header.get("edits") or "[]")]
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: damaged patch header ({type(e).__name__}: {e})") from None
+    deltas = {}
+    try:
+        for site, kind in zip(sites, kinds, strict=True):
+            if kind == "low_rank":
+                a, b, s = (jnp.asarray(tensors.pop(f"{site}{SEP}{k}")) for k in ("a", "b", "scale"))
+                deltas[site] = P.LowRank(a, b, s)
+            elif kind == "dense":
+                deltas[site] = P.Dense(jnp.asarray(tensors.pop(f"{site}{SEP}delta")))
+            else:
+                raise ValueError(f"unknown delta kind {kind!r}")
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: damaged patch file (site {site!r}: {type(e).__name__}: {e})") from None
+    if tensors:
+        raise ValueError(f"{path}: damaged patch file (tensors {sorted(tensors)[:5]} belong to no site)")
+    meta = dict(editor=header.get("editor") or None, model=header.get("model_fingerprint") or None,
+                model_name=header.get("model_name") or None, edits=tuple(edits))
+    if header.get("batch"):
+        return PatchBatch(deltas, **meta)
+    return EditPatch(deltas, **meta)
