@@ -11,7 +11,7 @@ from worlds import fresh_mend, random_patch
 
 from benchmarks import compare_peer
 from mmedit_jax import pipeline
-from mmedit_jax.case import answer_rows, make_cases
+from mmedit_jax.case import ACCURACY_INPUTS, answer_rows, make_cases
 from mmedit_jax.editors.ke import make_ke
 from mmedit_jax.eval import metrics as M
 from mmedit_jax.eval import steps
@@ -98,10 +98,11 @@ def test_patches_and_scores_with_rows_equal_without(world, name):
         batch = jax.device_put(cases)
         pre = pre_fn(model.params, batch)
         outs.append((pre, edit_fn(editor.editor_params, model.params, batch, pre)))
-    answer = np.asarray(prepared.batch.edit.labels)[:, 1:] != -100
+    answer = {f"pred_{name}": np.asarray(getattr(prepared.batch, name).labels)[:, 1:] != -100
+              for name in ACCURACY_INPUTS}
     for a, b in zip(*outs):
         for key in b:
             x, y = np.asarray(a[key]), np.asarray(b[key])
-            if key == "pred_edit":  # predictions are kept at the answer positions only
-                x, y = x[:, :-1][answer], y[:, :-1][answer]
+            if key in answer:  # the accuracy inputs' predictions are kept at their answer positions only
+                x, y = x[:, :-1][answer[key]], y[:, :-1][answer[key]]
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=key)

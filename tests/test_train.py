@@ -7,54 +7,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import worlds
 
 from mmedit_jax import patch as P
-from mmedit_jax import pipeline
 from mmedit_jax import training as T
 from mmedit_jax.editors import io
 from mmedit_jax.editors import ke as KE
 from mmedit_jax.editors import ke_net as KN
 from mmedit_jax.editors.hparams import load_hparams
-from mmedit_jax.forward import Blip2Fns
 from mmedit_jax.losses import answer_nll
 from mmedit_jax.sites import kernel_of, resolve_sites
 
 SITES = ("language_model/layers/1/fc1", "language_model/layers/1/fc2")
-N_TRAIN = 6
+N_TRAIN = worlds.TRAIN_CASES
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return tiny_world(str(tmp_path_factory.mktemp("train")))
-
-
-def tiny_world(out: str):
-    """A tiny random BLIP-2, a BPE tokenizer and N_TRAIN synthetic E-VQA cases (image embeddings cached)."""
-    from mmedit_jax.data.mmedit import load_mmedit
-    from mmedit_jax.data.synthetic import write_synthetic_mmedit
-    from mmedit_jax.data.tokenizer import train_bpe_tokenizer
-    from mmedit_jax.models.blip2 import Blip2Model
-    from mmedit_jax.models.config import Blip2Config, OPTConfig, QFormerConfig, VisionConfig
-
-    paths = write_synthetic_mmedit(out, "vqa", N_TRAIN, 3, image_size=16, split="train")
-    records = load_mmedit(paths.json_path, "vqa", paths.image_root).records
-    texts = [getattr(r, k) for r in records for k in ("src", "alt", "rephrase", "loc", "loc_ans", "pred")]
-    texts += ["Question: Short answer: " + t for t in texts]
-    tok = train_bpe_tokenizer(texts, vocab_size=300, out_dir=os.path.join(out, "tok"))
-    cfg = Blip2Config(
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                            image_size=16, patch_size=8),
-        qformer=QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                              cross_attention_frequency=1, encoder_hidden_size=32),
-        text=OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-                       max_position_embeddings=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id),
-        num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"),
-    )
-    model = Blip2Model.init(cfg, jax.random.PRNGKey(0))
-    fns = Blip2Fns(model.module)
-    prepared = pipeline.prepare_data(records, tok, model, "vqa")
-    return model, fns, pipeline.cases_for(fns, model.params, prepared), prepared.meta
+def world(train_world):
+    """`(model, fns, cases, meta)`: the tiny 2-layer BLIP-2 and N_TRAIN cases (`worlds.train_world`)."""
+    return train_world
 
 
 def ke_trainable(world, **kw):

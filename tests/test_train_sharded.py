@@ -16,12 +16,13 @@ SCRIPT = textwrap.dedent(
     import jax, numpy as np
     from mmedit_jax import sharding
     from mmedit_jax import training as T
-    from test_train import CFG, dataclasses_replace, ke_trainable, mend_trainable, tiny_world
+    from test_train import CFG, dataclasses_replace, ke_trainable, mend_trainable
+    from worlds import train_world
 
     assert len(jax.devices()) == 8
     out = {}
     with tempfile.TemporaryDirectory() as d:
-        world = tiny_world(d)
+        world = train_world(d)
     model, _, cases, _ = world
     for kind in ("mend", "ke"):
         tr = mend_trainable(world) if kind == "mend" else ke_trainable(world)

@@ -57,12 +57,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-class VisionAttention(nn.Module):
-    """Self-attention with one fused `qkv` projection (`[D, 3D]`, bias) and an output `projection`."""
+class VisionModule(nn.Module):
+    """What every module of the vision tower holds: its config, compute dtype and parameter dtype."""
 
     config: VisionConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+
+
+class VisionAttention(VisionModule):
+    """Self-attention with one fused `qkv` projection (`[D, 3D]`, bias) and an output `projection`."""
 
     @nn.compact
     def __call__(self, x: jax.Array, edits: EditView | None = None) -> jax.Array:
@@ -82,12 +86,8 @@ class VisionAttention(nn.Module):
         return dense(d, "projection")(out, child(edits, "projection"))
 
 
-class VisionMLP(nn.Module):
+class VisionMLP(VisionModule):
     """`fc2(act(fc1(x)))`, `[B, L, D] -> [B, L, D]`."""
-
-    config: VisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, edits: EditView | None = None) -> jax.Array:
@@ -98,12 +98,8 @@ class VisionMLP(nn.Module):
         return dense(cfg.hidden_size, "fc2")(h, child(edits, "fc2"))
 
 
-class VisionLayer(nn.Module):
+class VisionLayer(VisionModule):
     """One pre-LayerNorm block: `h + attn(ln1(h))`, then `h + mlp(ln2(h))`. The scanned unit of the ViT."""
-
-    config: VisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, h: jax.Array, edits: EditView | None = None):
@@ -117,12 +113,8 @@ class VisionLayer(nn.Module):
         return h, None
 
 
-class VisionEmbeddings(nn.Module):
+class VisionEmbeddings(VisionModule):
     """Patch convolution + class token + position embeddings: `[B, H, W, 3] -> [B, 1 + N, D]`."""
-
-    config: VisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
@@ -140,7 +132,7 @@ class VisionEmbeddings(nn.Module):
         return jnp.concatenate([cls, patches], axis=1) + position_embedding.astype(self.dtype)
 
 
-class VisionModel(nn.Module):
+class VisionModel(VisionModule):
     """BLIP-2's vision tower.
 
     `(pixel_values [B, H, W, 3], patch, taps) -> (last_hidden_state [B, 1 + N, D], captured)`, where
@@ -149,9 +141,6 @@ class VisionModel(nn.Module):
     tapped site to its layer input.
     """
 
-    config: VisionConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
     remat: bool = False
 
     def unit(self) -> VisionLayer:
