@@ -186,6 +186,15 @@ def labels_of(cases: Case, i: int) -> dict[str, np.ndarray]:
     return {name: np.asarray(cases.seq(name).labels[i]) for name in INPUT_NAMES}
 
 
+def _prediction(outputs: dict, name: str):
+    """The predicted tokens `[L]` (shifted) on input `name` in `scoring`'s outputs, or None: an accuracy input's
+    `pred_<name>`, a locality input's top-1 (the first column of its top-k)."""
+    top = {"loc": "loc_top1", "loc_image": "loc_image_top10"}.get(name)
+    if top is not None:
+        return None if top not in outputs else np.asarray(outputs[top])[:, 0]
+    return outputs.get(f"pred_{name}")
+
+
 def _answer_text(pred, labels: np.ndarray, decode) -> tuple[str, str]:
     """The teacher-forced prediction at the answer positions (shifted) and the target, as text."""
     pos = np.nonzero(labels[1:] != -100)[0]
@@ -205,10 +214,10 @@ def case_row(meta: dict, pre: dict, post: dict, labels: dict | None, decode, sec
     if decode is not None and labels is not None:
         answers = {}
         for name in INPUT_NAMES:
-            key = f"pred_{name}"
-            if key in post:
-                post_text, target = _answer_text(post[key], labels[name], decode)
-                pre_text = _answer_text(pre[key], labels[name], decode)[0] if key in pre else None
+            pre_pred, post_pred = _prediction(pre, name), _prediction(post, name)
+            if post_pred is not None:
+                post_text, target = _answer_text(post_pred, labels[name], decode)
+                pre_text = None if pre_pred is None else _answer_text(pre_pred, labels[name], decode)[0]
                 answers[name] = {"target": target, "pre": pre_text, "post": post_text}
         row["answers"] = answers
         edit = answers.get("edit", {})
