@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -197,12 +196,8 @@ class Model(Blip2Model):
             if where is None:
                 raise ValueError(f"model {self.name!r} has no tokenizer: pass tokenizer= (a directory or a "
                                  "tokenizer object) to mmedit_jax.from_pretrained, or set model.tokenizer")
-            if importlib.util.find_spec("torch") is None:  # transformers' "PyTorch was not found" advice
-                os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-            from transformers import AutoTokenizer  # here: importing transformers costs seconds
-
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(where)
+                self._tokenizer = pipeline.load_tokenizer(where)
             except (OSError, ValueError) as e:
                 raise ValueError(f"model {self.name!r}: no usable tokenizer in {where} ({type(e).__name__}: {e}); "
                                  "pass tokenizer= to mmedit_jax.from_pretrained") from None

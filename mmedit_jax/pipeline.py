@@ -36,14 +36,19 @@ EDITORS = ("ft-l", "ft-v", "mend", "ke")  # every editor the CLIs and `build_edi
 # Loading.
 
 
+def load_tokenizer(directory: str):
+    """transformers' `AutoTokenizer` from `directory` (imported here: importing transformers costs seconds)."""
+    if importlib.util.find_spec("torch") is None:  # transformers' "PyTorch was not found" advice: not needed here
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
 def load_model(model_dir: str, tokenizer_dir: str | None = None, image_size: int | None = None):
     """`(Blip2Model, tokenizer)` from a converted or Hugging Face directory (tokenizer files beside the model,
     or in `tokenizer_dir`)."""
-    if importlib.util.find_spec("torch") is None:  # transformers' "PyTorch was not found" advice: not needed here
-        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers import AutoTokenizer  # here, not at the top: importing transformers costs seconds
-
-    return from_pretrained(model_dir, image_size=image_size), AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
+    return from_pretrained(model_dir, image_size=image_size), load_tokenizer(tokenizer_dir or model_dir)
 
 
 def task_of(data: str, task: str | None = None) -> str:

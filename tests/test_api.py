@@ -163,8 +163,11 @@ def test_edit_batch_equals_edit_and_per_row_answers(world):
         one = editor.edit(r["image"], r["src"], r["alt"])
         assert sorted(one) == sorted(batch[i])
         for site in one:
-            np.testing.assert_allclose(np.asarray(batch[i][site].dense()), np.asarray(one[site].dense()),
-                                       rtol=1e-4, atol=1e-6)
+            # A batch of 3 and a batch of 1 reduce in different orders: float32 rounding of the largest entries
+            # (|delta| up to about 0.4) is about 1e-6 of them, so the tolerance is scaled to the patch's size.
+            want = np.asarray(one[site].dense())
+            np.testing.assert_allclose(np.asarray(batch[i][site].dense()), want, rtol=1e-4,
+                                       atol=1e-5 * np.abs(want).max())
     per_row = model.answer(images, prompts, patch=batch)
     assert per_row == [model.answer(im, q, patch=p) for im, q, p in zip(images, prompts, batch)]
     with pytest.raises(ValueError, match="one edit per question"):
