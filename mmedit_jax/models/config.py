@@ -1,8 +1,8 @@
 """Model configs as frozen dataclasses (hashable, so they can be static arguments of `jax.jit`).
 
-Field names follow transformers' `Blip2VisionConfig`, `Blip2QFormerConfig`, `OPTConfig` and `Blip2Config`,
-so `from_hf` / `to_hf` are plain renames. Training-only fields (dropout, init ranges) are not kept: the
-models here run inference and editing, where dropout is off.
+Field names follow transformers' `Blip2VisionConfig`, `Blip2QFormerConfig`, `OPTConfig`, `Blip2Config`,
+`BertConfig` and `DistilBertConfig`, so `from_hf` / `to_hf` are plain renames. Training-only fields (dropout,
+init ranges) are not kept: the models here run inference and editing, where dropout is off.
 """
 
 from __future__ import annotations
@@ -80,6 +80,73 @@ class QFormerConfig:
     def from_hf(cls, d: dict[str, Any]) -> QFormerConfig:
         if d.get("use_qformer_text_input"):
             raise ValueError("Q-Former text input (InstructBLIP-style) is not supported")
+        return cls(**_pick(cls, d))
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """A BERT encoder (`BertModel`; also MiniLM, e.g. sentence-transformers' all-MiniLM-L6-v2).
+
+    `type_vocab_size == 0` means no token-type embeddings: how `DistilBertConfig.as_bert` describes DistilBERT.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+
+    def as_bert(self) -> BertConfig:
+        """The config `TextEncoder` runs with (itself; `DistilBertConfig` translates)."""
+        return self
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> BertConfig:
+        if d.get("model_type", "bert") != "bert":
+            raise ValueError(f"not a BERT config: model_type={d.get('model_type')!r}")
+        if d.get("is_decoder") or d.get("add_cross_attention"):
+            raise ValueError("BERT as a decoder (is_decoder / add_cross_attention) is not supported: encoders only")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            kind = d["position_embedding_type"]
+            raise ValueError(f"position_embedding_type {kind!r} is not supported (absolute positions only)")
+        return cls(**_pick(cls, d))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistilBertConfig:
+    """A DistilBERT encoder (`DistilBertModel`, e.g. EasyEdit's SERAC scope classifier distilbert-base-cased).
+
+    The network is BERT's without token types: `as_bert` gives the `BertConfig` the encoder runs with.
+    `sinusoidal_pos_embds` only changes how transformers initialises the position table; checkpoints store the
+    table either way, so it is kept for the round trip and does not change the forward.
+    """
+
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    sinusoidal_pos_embds: bool = False
+    n_layers: int = 6
+    n_heads: int = 12
+    dim: int = 768
+    hidden_dim: int = 3072
+    activation: str = "gelu"
+    pad_token_id: int | None = 0
+
+    def as_bert(self) -> BertConfig:
+        """The same network in BERT's terms; transformers fixes every DistilBERT LayerNorm eps at 1e-12."""
+        return BertConfig(vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
+                          num_attention_heads=self.n_heads, intermediate_size=self.hidden_dim,
+                          hidden_act=self.activation, max_position_embeddings=self.max_position_embeddings,
+                          type_vocab_size=0, layer_norm_eps=1e-12, pad_token_id=self.pad_token_id)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> DistilBertConfig:
+        if d.get("model_type", "distilbert") != "distilbert":
+            raise ValueError(f"not a DistilBERT config: model_type={d.get('model_type')!r}")
         return cls(**_pick(cls, d))
 
 

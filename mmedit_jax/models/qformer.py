@@ -3,7 +3,8 @@
 `layernorm(query_embeds)` -> `num_hidden_layers` BERT post-LayerNorm layers: self-attention, cross-attention to
 the image features in every `cross_attention_frequency`-th layer (global index % k == 0), then the query
 feed-forward branch (`intermediate_query`, `output_query`). The image attention mask is all ones (BLIP-2 never
-masks image features) and dropout is off.
+masks image features) and dropout is off. The sublayers are BERT's (`models/bert.py`), with the q/k/v module
+named `attention` as in transformers' Q-Former (BERT's is `self`).
 
 Layers are scanned in groups of k = `cross_attention_frequency` (one group = one cross-attention layer and its
 k - 1 followers), so the scanned unit is uniform: for k == 1 the unit is the layer itself, for k > 1 a group
@@ -18,85 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmedit_jax.models.bert import BertAttention, Intermediate, Output
 from mmedit_jax.models.config import QFormerConfig
-from mmedit_jax.models.layers import EditView, PatchableDense, child, init_stack, run_stack
-from mmedit_jax.models.vit import activation, dot_product_attention, layer_norm
+from mmedit_jax.models.layers import EditView, child, init_stack, run_stack
+from mmedit_jax.models.vit import layer_norm
 
 STACK_PREFIX = "qformer/layers"
-
-
-class SelfAttention(nn.Module):
-    """`{query, key, value}` projections and unmasked attention: x `[B, Lq, D]`, kv `[B, Lk, Dk]` -> `[B, Lq, D]`."""
-
-    config: QFormerConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, kv: jax.Array, edits: EditView | None = None) -> jax.Array:
-        cfg = self.config
-        d, heads = cfg.hidden_size, cfg.num_attention_heads
-        if d % heads:
-            raise ValueError(f"Q-Former hidden_size {d} is not a multiple of num_attention_heads {heads}")
-        dense = lambda name: PatchableDense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-        split = lambda t: t.reshape(*t.shape[:-1], heads, d // heads)  # noqa: E731
-        q = split(dense("query")(x, child(edits, "query")))
-        k = split(dense("key")(kv, child(edits, "key")))
-        v = split(dense("value")(kv, child(edits, "value")))
-        return dot_product_attention(q, k, v).reshape(x.shape[:-1] + (d,))
-
-
-class Output(nn.Module):
-    """BERT's output sublayer: `LayerNorm(dense(x) + residual)` (`dense`, `LayerNorm`)."""
-
-    config: QFormerConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, residual: jax.Array, edits: EditView | None = None) -> jax.Array:
-        cfg = self.config
-        y = PatchableDense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(
-            x, child(edits, "dense")
-        )
-        return layer_norm(cfg.layer_norm_eps, self.param_dtype, "LayerNorm")(y + residual).astype(self.dtype)
-
-
-class BertAttention(nn.Module):
-    """`attention` (q/k/v) then `output` (dense + residual LayerNorm). Cross-attention reads keys/values from
-    the image features (width `encoder_hidden_size`)."""
-
-    config: QFormerConfig
-    is_cross_attention: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, kv: jax.Array, edits: EditView | None = None) -> jax.Array:
-        cfg = self.config
-        want = cfg.encoder_hidden_size if self.is_cross_attention else cfg.hidden_size
-        if kv.shape[-1] != want:
-            kind = "cross" if self.is_cross_attention else "self"
-            raise ValueError(f"Q-Former {kind}-attention: keys/values have width {kv.shape[-1]}, expected {want}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        a = SelfAttention(cfg, **kw, name="attention")(x, kv, child(edits, "attention"))
-        return Output(cfg, **kw, name="output")(a, x, child(edits, "output"))
-
-
-class Intermediate(nn.Module):
-    """`act(dense(x))`, `[.., D] -> [.., intermediate_size]`."""
-
-    config: QFormerConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, edits: EditView | None = None) -> jax.Array:
-        cfg = self.config
-        y = PatchableDense(cfg.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(
-            x, child(edits, "dense")
-        )
-        return activation(cfg.hidden_act)(y)
 
 
 class QFormerLayer(nn.Module):
@@ -111,9 +39,9 @@ class QFormerLayer(nn.Module):
     def __call__(self, h: jax.Array, encoder_hidden_states: jax.Array, edits: EditView | None = None):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = BertAttention(cfg, False, **kw, name="attention")(h, h, child(edits, "attention"))
+        h = BertAttention(cfg, **kw, inner="attention", name="attention")(h, h, child(edits, "attention"))
         if self.has_cross_attention:
-            cross = BertAttention(cfg, True, **kw, name="crossattention")
+            cross = BertAttention(cfg, **kw, inner="attention", name="crossattention")
             h = cross(h, encoder_hidden_states.astype(self.dtype), child(edits, "crossattention"))
         inner = Intermediate(cfg, **kw, name="intermediate_query")(h, child(edits, "intermediate_query"))
         h = Output(cfg, **kw, name="output_query")(inner, h, child(edits, "output_query"))

@@ -46,14 +46,18 @@ def layer_norm(epsilon: float, param_dtype, name: str):
     return nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype, name=name)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Unmasked multi-head attention. q `[B, Lq, H, Dh]`, k/v `[B, Lk, H, Dh]` -> `[B, Lq, H, Dh]`.
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Multi-head attention. q `[B, Lq, H, Dh]`, k/v `[B, Lk, H, Dh]` -> `[B, Lq, H, Dh]`.
 
-    Scores are formed in the compute dtype and the softmax runs in float32.
+    `mask`: None (every key visible) or boolean, broadcastable to `[B, H, Lq, Lk]`, True where a key is
+    visible; hidden keys get float32's most negative score (a row with none visible averages all keys, as
+    transformers' additive mask does). Scores are formed in the compute dtype and the softmax runs in float32.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
