@@ -1,7 +1,7 @@
 """Checkpoints on disk: the only module that imports orbax.
 
 A converted model is a directory:
-  OUT/mmedit_config.json   {"format_version": 1, "model_type": "blip-2", "param_dtype": ..., "config": {...},
+  OUT/mmedit_config.json   {"format_version": 1, "model_type": "blip-2" | "llama", "param_dtype": ..., "config": {...},
                             "params_parts": ["part_00000", ...]}
   OUT/params/part_NNNNN/   Orbax (StandardCheckpointer) checkpoints, each of a subtree of the parameters
   OUT/checksums.json       size + sha256 of every file under params/ (see `mmedit_jax.integrity`), written once
@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mmedit_jax import integrity, tree
-from mmedit_jax.models.config import Blip2Config
+from mmedit_jax.models.config import CONFIGS, Blip2Config, LlamaConfig
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "mmedit_config.json"
@@ -54,7 +54,7 @@ def is_converted(path: str | os.PathLike) -> bool:
 
 def save_model(
     path: str | os.PathLike,
-    config: Blip2Config,
+    config: Blip2Config | LlamaConfig,
     params: Mapping[str, Any] | Iterable[tuple[str, Any]],
     overwrite: bool = False,
     part_bytes: int = 1 << 28,
@@ -101,7 +101,7 @@ def save_model(
     integrity.write_checksums(path, integrity.list_files(path, PARAMS_DIR))
     meta = {
         "format_version": FORMAT_VERSION,
-        "model_type": "blip-2",
+        "model_type": config.model_type,
         "param_dtype": sorted(dtypes)[0] if len(dtypes) == 1 else sorted(dtypes),
         "num_params": num_params,
         "params_parts": parts,
@@ -132,10 +132,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def read_config(path: str | os.PathLike) -> Blip2Config:
+def read_config(path: str | os.PathLike) -> Blip2Config | LlamaConfig:
     meta = read_metadata(path)
+    model_type = meta.get("model_type", Blip2Config.model_type)
+    if model_type not in CONFIGS:
+        raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)}: unknown model_type {model_type!r}")
     try:
-        return Blip2Config.from_dict(meta["config"])
+        return CONFIGS[model_type].from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)}: bad config: {e}") from e
 

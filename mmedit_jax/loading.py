@@ -1,8 +1,9 @@
-"""`from_pretrained`: a Hugging Face BLIP-2 directory or a converted one -> `Blip2Model`.
+"""`from_pretrained`: a Hugging Face BLIP-2 or LLaMA directory, or a converted one -> `Blip2Model` / `LlamaModel`.
 
 Which kind a directory is: a converted one has `mmedit_config.json` (see `checkpoint.py`); a Hugging Face one
-has `config.json` with `model_type: blip-2` next to its safetensors (or `.bin`) files, and is converted in
-memory with `blip2_rules` (streaming, so host memory stays near the model's size).
+has `config.json` next to its safetensors (or `.bin`) files, and is converted in memory (streaming, so host memory
+stays near the model's size) by the rules of its `model_type` (`FAMILIES`: `blip-2` -> `blip2_rules`, `llama` ->
+`llama_rules`).
 """
 
 from __future__ import annotations
@@ -19,15 +20,28 @@ import numpy as np
 from mmedit_jax import checkpoint
 from mmedit_jax.convert.blip2 import blip2_rules
 from mmedit_jax.convert.engine import apply_rules, iter_rules, open_checkpoint
+from mmedit_jax.convert.llama import llama_rules
 from mmedit_jax.models.blip2 import Blip2Model
-from mmedit_jax.models.config import Blip2Config
+from mmedit_jax.models.config import Blip2Config, LlamaConfig
+from mmedit_jax.models.llama import LlamaModel
 from mmedit_jax.models.vit import interpolate_pos_encoding
 
 HF_CONFIG = "config.json"
 
+# A Hugging Face `model_type` -> (config class, model class, conversion rules of the whole model).
+FAMILIES = {
+    "blip-2": (Blip2Config, Blip2Model, blip2_rules),
+    "llama": (LlamaConfig, LlamaModel, llama_rules),
+}
 
-def read_hf_config(hf_dir: str | os.PathLike) -> Blip2Config:
-    """`Blip2Config` from a Hugging Face directory's `config.json`; errors name the file."""
+
+def _family(config):
+    return next(f for f in FAMILIES.values() if isinstance(config, f[0]))
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> Blip2Config | LlamaConfig:
+    """The config (`Blip2Config` or `LlamaConfig`) of a Hugging Face directory's `config.json`; errors name the
+    file."""
     file = os.path.join(hf_dir, HF_CONFIG)
     try:
         with open(file) as f:
@@ -36,9 +50,9 @@ def read_hf_config(hf_dir: str | os.PathLike) -> Blip2Config:
         raise FileNotFoundError(f"{file} is missing: not a Hugging Face model directory") from e
     except ValueError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
-    if d.get("model_type") != "blip-2":
-        raise ValueError(f"{file}: model_type is {d.get('model_type')!r}, expected 'blip-2'")
-    return Blip2Config.from_hf(d)
+    if d.get("model_type") not in FAMILIES:
+        raise ValueError(f"{file}: model_type is {d.get('model_type')!r}, expected one of {sorted(FAMILIES)}")
+    return FAMILIES[d["model_type"]][0].from_hf(d)
 
 
 def detect(path: str | os.PathLike) -> str:
@@ -51,24 +65,25 @@ def detect(path: str | os.PathLike) -> str:
     if os.path.isfile(os.path.join(path, HF_CONFIG)):
         return "hf"
     raise FileNotFoundError(
-        f"{path} is neither a converted checkpoint ({checkpoint.CONFIG_FILE}) nor a Hugging Face BLIP-2 "
+        f"{path} is neither a converted checkpoint ({checkpoint.CONFIG_FILE}) nor a Hugging Face BLIP-2 / LLaMA "
         f"directory ({HF_CONFIG} + model.safetensors)"
     )
 
 
-def param_template(config: Blip2Config, dtype: Any = jnp.float32) -> dict[str, Any]:
+def param_template(config: Blip2Config | LlamaConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
     """The model's parameter tree as `jax.ShapeDtypeStruct`s (nothing is allocated)."""
-    return jax.eval_shape(lambda rng: Blip2Model.init(config, rng, dtype=dtype).params, jax.random.key(0))
+    model_cls = _family(config)[1]
+    return jax.eval_shape(lambda rng: model_cls.init(config, rng, dtype=dtype).params, jax.random.key(0))
 
 
 def _hf_conversion(hf_dir, dtype):
     config = read_hf_config(hf_dir)
-    rules, ignored = blip2_rules(config)
+    rules, ignored = _family(config)[2](config)
     return config, open_checkpoint(hf_dir), param_template(config, dtype), rules, ignored
 
 
 def convert_hf(hf_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=None):
-    """(config, numpy param tree) from a Hugging Face BLIP-2 directory, converted tensor by tensor."""
+    """(config, numpy param tree) from a Hugging Face BLIP-2 or LLaMA directory, converted tensor by tensor."""
     config, reader, template, rules, ignored = _hf_conversion(hf_dir, dtype)
     return config, apply_rules(reader, template, rules, ignored, dtype=dtype, progress=progress)
 
@@ -94,8 +109,10 @@ def to_device(tree: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _resize_images(config: Blip2Config, params, image_size: int | None):
+def _resize_images(config: Blip2Config | LlamaConfig, params, image_size: int | None):
     """Resample the vision position embeddings when the run's image size differs from the checkpoint's."""
+    if image_size is not None and not isinstance(config, Blip2Config):
+        raise ValueError(f"image_size={image_size}: a {config.model_type} model has no vision tower")
     if image_size is None or int(image_size) == config.vision.image_size:
         return config, params
     vision, vision_config = interpolate_pos_encoding(params["vision_model"], config.vision, int(image_size))
@@ -104,7 +121,8 @@ def _resize_images(config: Blip2Config, params, image_size: int | None):
 
 def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_size: int | None = None,
                     verify: bool | None = None):
-    """Load a BLIP-2 model from a Hugging Face directory or a converted one (`python -m mmedit_jax.convert`).
+    """Load a BLIP-2 (`Blip2Model`) or LLaMA (`LlamaModel`) model from a Hugging Face directory or a converted one
+    (`python -m mmedit_jax.convert`).
 
     `dtype`: parameter and compute dtype (float32 or bfloat16). `image_size`: run at this image size,
     interpolating the vision position embeddings (EasyEdit feeds 364 px images to 224 px checkpoints).
@@ -120,4 +138,4 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_siz
         config, params = convert_hf(path, dtype)
         params = to_device(params)
     config, params = _resize_images(config, params, image_size)
-    return Blip2Model(config, params, dtype=dtype)
+    return _family(config)[1](config, params, dtype=dtype)

@@ -1,4 +1,4 @@
-"""Partition rules for every BLIP-2 parameter: a path-regex table (big_vision / EasyLM style).
+"""Partition rules for every BLIP-2 and LLaMA parameter: a path-regex table (big_vision / EasyLM style).
 
 Each rule is `(regex, PartitionSpec)`; a parameter's '/'-joined path (e.g. `language_model/layers/fc1/kernel`)
 takes the spec of the first rule whose regex `re.search`es it, and a parameter no rule matches is an error that
@@ -59,6 +59,10 @@ DEFAULT_RULES: tuple[tuple[str, P], ...] = (
     (r"^language_model/layers/fc1/kernel$", COLUMN),
     (r"^language_model/layers/fc2/kernel$", ROW),
     (r"^language_model/lm_head/kernel$", COLUMN),  # [E, V]: split the vocabulary
+    # LLaMA (q/k/v_proj, embed_tokens and lm_head as OPT's; its RMSNorms are `scale`).
+    (r"^language_model/layers/self_attn/o_proj/kernel$", ROW),
+    (r"^language_model/layers/mlp/(gate_proj|up_proj)/kernel$", COLUMN),
+    (r"^language_model/layers/mlp/down_proj/kernel$", ROW),
 )
 
 

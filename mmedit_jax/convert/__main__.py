@@ -1,7 +1,7 @@
 """Command line conversion.
 
   python -m mmedit_jax.convert --hf-dir DIR --out OUT [--dtype float32|bfloat16] [--overwrite]
-      A Hugging Face BLIP-2 directory -> a converted checkpoint (Orbax params + mmedit_config.json), with the
+      A Hugging Face BLIP-2 or LLaMA directory -> a converted checkpoint (Orbax params + mmedit_config.json), with the
       tokenizer/processor files copied beside it so `AutoTokenizer.from_pretrained(OUT)` works offline.
   python -m mmedit_jax.convert mend-easyedit ARGS...
       Import an EasyEdit-trained MEND checkpoint (see `mmedit_jax/convert/mend_easyedit.py`).
@@ -35,10 +35,11 @@ def copy_side_files(hf_dir: str, out: str) -> list[str]:
 def convert_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mmedit_jax.convert",
-        description="Convert a Hugging Face BLIP-2 checkpoint directory into an mmedit_jax checkpoint.",
+        description="Convert a Hugging Face BLIP-2 or LLaMA checkpoint directory into an mmedit_jax checkpoint.",
         epilog="Subcommand: 'mend-easyedit ARGS...' imports an EasyEdit MEND checkpoint.",
     )
-    parser.add_argument("--hf-dir", required=True, help="Hugging Face BLIP-2 directory (config.json + weights)")
+    parser.add_argument("--hf-dir", required=True,
+                        help="Hugging Face BLIP-2 or LLaMA directory (config.json + weights)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype to store")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint")

@@ -1,15 +1,15 @@
 """Model configs as frozen dataclasses (hashable, so they can be static arguments of `jax.jit`).
 
 Field names follow transformers' `Blip2VisionConfig`, `Blip2QFormerConfig`, `OPTConfig`, `Blip2Config`,
-`BertConfig` and `DistilBertConfig`, so `from_hf` / `to_hf` are plain renames. Training-only fields (dropout,
-init ranges) are not kept: the models here run inference and editing, where dropout is off.
+`LlamaConfig`, `BertConfig` and `DistilBertConfig`, so `from_hf` / `to_hf` are plain renames. Training-only fields
+(dropout, init ranges) are not kept: the models here run inference and editing, where dropout is off.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 
 def _pick(cls, d: dict[str, Any]) -> dict[str, Any]:
@@ -193,6 +193,8 @@ class OPTConfig:
 class Blip2Config:
     """`Blip2ForConditionalGeneration`: vision -> Q-Former -> language projection -> OPT."""
 
+    model_type: ClassVar[str] = "blip-2"  # the `model_type` of converted checkpoints' metadata
+
     vision: VisionConfig = VisionConfig()
     qformer: QFormerConfig = QFormerConfig()
     text: OPTConfig = OPTConfig()
@@ -228,3 +230,82 @@ class Blip2Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The LLaMA decoder (`LlamaForCausalLM`; Vicuna, MiniGPT-4's language model).
+
+    `num_key_value_heads` (None: as many as query heads) and `head_dim` (None: `hidden_size // heads`) are
+    resolved on construction, so two configs of the same model compare equal. RoPE is the default kind only
+    (`rope_theta`); scaled variants (linear, dynamic, llama3, ...) are refused, not approximated.
+    """
+
+    model_type: ClassVar[str] = "llama"
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    def __post_init__(self):
+        heads = self.num_attention_heads
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", heads)
+        if self.head_dim is None:
+            if self.hidden_size % heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {heads}")
+            object.__setattr__(self, "head_dim", self.hidden_size // heads)
+        if heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                             f"{self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even (rotary embeddings rotate halves)")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (LLaMA's MLP is SwiGLU: silu)")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
+        """From a `config.json` dict (transformers 4's top-level `rope_theta` or 5's `rope_parameters`)."""
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"not a LLaMA config: model_type={d.get('model_type')!r}")
+        kw = _pick(cls, d)
+        rope = dict(d.get("rope_parameters") or {})
+        scaling = d.get("rope_scaling")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if scaling or kind != "default":
+            raise ValueError(f"RoPE scaling {scaling or rope} is not supported (only the default rotary embeddings)")
+        if "rope_theta" in rope:
+            kw["rope_theta"] = float(rope["rope_theta"])
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = kw["eos_token_id"][0]
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        """`transformers.LlamaConfig` keyword arguments (`rope_theta` as a top-level key, which 4.x reads and 5.x
+        moves into `rope_parameters`)."""
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LlamaConfig:
+        return cls(**d)
+
+
+# Converted checkpoints name their config by `model_type` (checkpoint.py).
+CONFIGS: dict[str, type] = {Blip2Config.model_type: Blip2Config, LlamaConfig.model_type: LlamaConfig}

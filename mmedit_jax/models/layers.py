@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mmedit_jax.patch import Dense, LowRank
-from mmedit_jax.sites import unit_entries
+from mmedit_jax.sites import layer_of, unit_entries
 
 # --------------------------------------------------------------------------------------------------
 # EditView: how patches and taps reach one module.
@@ -112,8 +112,41 @@ class PatchableDense(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# The scanned layer-stack runner.
+# Decoder helpers shared by the language models (OPT, LLaMA).
 
+
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """`x [B, L, ...]` at positions `rows [B, R]` -> `[B, R, ...]`."""
+    return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def attention_bias(query_pos: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """Boolean `[B, 1, Lq, Lk]`: key j is visible to query i when `j <= query_pos[i]` and key j is not padding.
+
+    query_pos `[Lq]` (or `[B, Lq]`) are absolute slots in the key sequence, key_mask `[B, Lk]`.
+    """
+    lk = key_mask.shape[-1]
+    qp = query_pos if query_pos.ndim == 2 else query_pos[None]
+    causal = jnp.arange(lk)[None, None, :] <= qp[:, :, None]  # [B|1, Lq, Lk]
+    return (causal & key_mask.astype(bool)[:, None, :])[:, None]
+
+
+def below_layer(table: dict | None, layer: int) -> dict | None:
+    """The entries of a `{site: ...}` table outside the language-model stack or on its layers `< layer`."""
+    if table is None:
+        return None
+    return {k: v for k, v in table.items() if layer_of(k) is None or layer_of(k) < layer}
+
+
+def from_layer(table: dict | None, layer: int) -> dict | None:
+    """The entries of a `{site: ...}` table on language-model layers `>= layer`."""
+    if table is None:
+        return None
+    return {k: v for k, v in table.items() if layer_of(k) is not None and layer_of(k) >= layer}
+
+
+# --------------------------------------------------------------------------------------------------
+# The scanned layer-stack runner.
 
 
 def _signature(deltas: Mapping[str, Any], taps: Mapping[str, Any]):

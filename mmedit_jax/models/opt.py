@@ -18,9 +18,19 @@ import jax
 import jax.numpy as jnp
 
 from mmedit_jax.models.config import OPTConfig
-from mmedit_jax.models.layers import EditView, PatchableDense, child, init_stack, run_stack
+from mmedit_jax.models.layers import (
+    EditView,
+    PatchableDense,
+    attention_bias,
+    below_layer,
+    child,
+    from_layer,
+    init_stack,
+    run_stack,
+    take_rows,
+)
 from mmedit_jax.models.vit import activation
-from mmedit_jax.sites import LM_STACK, layer_of
+from mmedit_jax.sites import LM_STACK
 
 STACK_PREFIX = LM_STACK
 
@@ -33,22 +43,6 @@ def position_ids(attention_mask: jax.Array) -> jax.Array:
     """transformers' OPT positions: `[B, L]` mask -> `[B, L]` ids (padding gets -1, then the offset)."""
     mask = attention_mask.astype(jnp.int32)
     return jnp.cumsum(mask, axis=-1) * mask - 1
-
-
-def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
-    """`x [B, L, ...]` at positions `rows [B, R]` -> `[B, R, ...]`."""
-    return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
-def attention_bias(query_pos: jax.Array, key_mask: jax.Array) -> jax.Array:
-    """Boolean `[B, 1, Lq, Lk]`: key j is visible to query i when `j <= query_pos[i]` and key j is not padding.
-
-    query_pos `[Lq]` (or `[B, Lq]`) are absolute slots in the key sequence, key_mask `[B, Lk]`.
-    """
-    lk = key_mask.shape[-1]
-    qp = query_pos if query_pos.ndim == 2 else query_pos[None]
-    causal = jnp.arange(lk)[None, None, :] <= qp[:, :, None]  # [B|1, Lq, Lk]
-    return (causal & key_mask.astype(bool)[:, None, :])[:, None]
 
 
 class OPTAttention(nn.Module):
@@ -223,10 +217,10 @@ class OPTDecoder(nn.Module):
         last = self.config.num_hidden_layers - 1
         if cache is not None or (stop is not None and stop <= last) or start > last:
             raise ValueError("rows: only without a cache, through the last layer")
-        h, _, captured = self._layers(h, mask, cache_index, _below(patch, last), _below(taps, last), start=start,
-                                      stop=last)
+        h, _, captured = self._layers(h, mask, cache_index, below_layer(patch, last), below_layer(taps, last),
+                                      start=start, stop=last)
         h, _, top = run_stack(self.unit(), self.layers, h, mask, cache_index, prefix=STACK_PREFIX,
-                              patch=_from(patch, last), taps=_from(taps, last), remat=self.remat, start=last,
+                              patch=from_layer(patch, last), taps=from_layer(taps, last), remat=self.remat, start=last,
                               rows=rows)
         return h, None, {**captured, **top}
 
@@ -271,17 +265,3 @@ class OPTDecoder(nn.Module):
             return logits, captured
         return logits, captured, new_cache
 
-
-
-def _below(table: dict | None, layer: int) -> dict | None:
-    """The entries of a `{site: ...}` table outside the stack or on layers `< layer`."""
-    if table is None:
-        return None
-    return {k: v for k, v in table.items() if layer_of(k) is None or layer_of(k) < layer}
-
-
-def _from(table: dict | None, layer: int) -> dict | None:
-    """The entries of a `{site: ...}` table on stack layers `>= layer`."""
-    if table is None:
-        return None
-    return {k: v for k, v in table.items() if layer_of(k) is not None and layer_of(k) >= layer}
