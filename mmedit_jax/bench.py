@@ -145,7 +145,8 @@ def main(argv=None):
         t_start)
     quality = harness.run(editor, model.params, cases, prepared.meta, args.out, batch_size=quality_batch,
                           exact_match=exact_match, resume=False, progress=True,
-                          prefix_cache=not args.no_prefix_cache).summary
+                          prefix_cache=not args.no_prefix_cache,
+                          decode=pipeline.decoder(tok) if args.out else None).summary  # answers for the report
     q = {m: quality[m] for m in METRICS}
     pre_edit = {k[4:]: quality[k] for k in quality if k.startswith("pre_")}
     print(f"\n{editor.name} on {os.path.basename(data)} ({quality['num_cases']} cases, "

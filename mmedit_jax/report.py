@@ -333,8 +333,8 @@ def cases_section(run: dict) -> str:
     body = "\n".join(case_row(r, run["dir"], cache) for r in run["rows"])
     unanswered = sum(not isinstance(r.get("answers"), dict) for r in run["rows"])
     note = (f'<p class="warn" id="no-answers">{unanswered} of {len(run["rows"])} cases have no recorded answers '
-            "(pre and post show –): `bench` runs, and `evaluate` runs before answers were recorded, do not decode "
-            "them; `python -m mmedit_jax.evaluate` does.</p>" if unanswered else "")
+            "(pre and post show –): runs written before answers were recorded do not have them; "
+            "`bench --out` and `evaluate` record them now.</p>" if unanswered else "")
     return (f'<section><h2>Cases</h2>{note}<div class="controls"><label>show cases failing: '
             f'<select id="filter">{options}</select></label> <label>a locality mark fails below '
             '<input id="loc" type="number" min="0" max="1" step="0.05" value="1"></label> <span id="shown"></span> '
