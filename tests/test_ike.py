@@ -178,3 +178,11 @@ def test_harness_runs_five_metrics(setup, tmp_path):
     for m in METRICS:
         assert 0.0 <= res.summary[m] <= 100.0
     assert res.summary["num_cases"] == len(records) and os.path.exists(tmp_path / "cases.jsonl")
+
+
+def test_no_sequential_editing(setup):
+    model, tok, records, editor, cases = setup
+    with pytest.raises(ValueError, match="do not stack"):
+        harness.run_sequential(editor, model.params, cases, [pipeline.record_meta(r) for r in records], None)
+    with pytest.raises(ValueError, match="prior must be"):
+        ike.ike_edit(None, model.params, take(cases, 0), {"x": 1})

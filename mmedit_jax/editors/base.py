@@ -25,6 +25,7 @@ class Editor:
     fns: the model's single-example forward functions the edit runs (and scoring must run: same image inputs).
     editor_params: trained hypernetwork weights (None for FT).
     prepare: `(cases, records) -> cases`, host-side inputs the edit needs beyond the five (IKE's contexts).
+    composes: patches stack (`patch.accumulate`: sequential editing); False for IKE's contexts.
     resumes: `edit` also takes `prefix=(h [L, D], k)`, the unedited hidden states of `case.edit` entering
       language-model layer k (no site of the editor lies below k), and then runs its forwards from there.
     """
@@ -36,6 +37,7 @@ class Editor:
     hparams: Any = None
     resumes: bool = False
     prepare: Callable[..., Any] | None = None
+    composes: bool = True
 
     def prepare_cases(self, cases, records):
         """Host `Case`s (leading `[N]`) with whatever per-case inputs this editor reads besides the five inputs

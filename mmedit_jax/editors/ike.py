@@ -348,4 +348,4 @@ def make_ike(base: ModelFns, num_query_tokens: int, max_positions: int, tok, tas
         return cases.replace(context_ids=ids, context_mask=mask)
 
     return Editor(name="ike", edit=ike_edit, fns=InContextFns(base, num_query_tokens), hparams=(cfg, bank),
-                  prepare=prepare)
+                  prepare=prepare, composes=False)

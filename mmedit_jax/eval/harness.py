@@ -246,6 +246,9 @@ def run_sequential(
     all N edits. Retention = final Reliability / Reliability at edit time, i.e. how much of the earlier edits
     survives the later ones. Locality always compares against the unedited model.
     """
+    if not editor.composes:
+        raise ValueError(f"{editor.name}'s edits do not stack (its patch is not a weight change): no sequential "
+                         "editing")
     model, n = editor.fns, len(meta)
     device_cases = jax.tree.map(jnp.asarray, cases)
     pre_fn, _ = make_step_fns(editor, exact_match)
