@@ -130,31 +130,32 @@ def test_context_length_is_checked(demo_world):
 def test_in_context_forward_equals_base_on_joined_input(setup):
     model, tok, records, editor, cases = setup
     base, fns = Blip2Fns(model.module), editor.fns
-    base_logits = jax.jit(base.logits)
     case = jax.tree.map(lambda a: jnp.asarray(a[1]), cases)
     patch = editor.edit(None, model.params, case, {})
     nq = model.config.num_query_tokens
     ctx = np.asarray(case.context_ids)[np.asarray(case.context_mask) > 0]
     assert len(ctx) < case.context_ids.shape[0]  # padding inside the joined sequence is exercised
-    fwd = jax.jit(lambda p, patch, seq, image, rows=None: fns.forward(p, patch, seq, image, rows=rows)[0])
+
+    @jax.jit  # one compiled program per input: the wrapper without and with the context, and the base model
+    def run(params, patch, seq, image, full, rows):
+        return (fns.logits(params, {}, seq, image), base.logits(params, {}, seq, image),
+                fns.logits(params, patch, seq, image), base.logits(params, {}, full, image),
+                fns.forward(params, patch, seq, image, rows=rows)[0])
+
     for name, image in (("edit", case.images["edit"]), ("loc", None)):
         seq = case.seq(name)
-        np.testing.assert_array_equal(np.asarray(fwd(model.params, {}, seq, image)),
-                                      np.asarray(base_logits(model.params, {}, seq, image)))
         n = nq if image is not None else 0
         real = int(np.asarray(seq.attention_mask).sum())
         ids = np.asarray(seq.input_ids)
-        joined = np.concatenate([ids[:n], ctx, ids[n:real]])
+        joined = np.concatenate([ids[:n], ctx, ids[n:real]])  # packed: no padding anywhere
         full = Seq(jnp.asarray(joined), jnp.ones(len(joined), jnp.int32), jnp.zeros(len(joined), jnp.int32))
-        want = np.asarray(base_logits(model.params, {}, full, image))
+        rows = jnp.asarray(np.nonzero(np.asarray(seq.labels)[1:] != -100)[0]) if name == "edit" else jnp.arange(3)
+        plain, base_plain, got, want, at_rows = map(np.asarray, run(model.params, patch, seq, image, full, rows))
+        np.testing.assert_array_equal(plain, base_plain)  # patch {} is the base model, bit for bit
         want = np.concatenate([want[:n], want[n + len(ctx):]])
-        got = np.asarray(fwd(model.params, patch, seq, image))[:real]
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-        assert np.abs(got[n:] - np.asarray(fwd(model.params, {}, seq, image))[n:real]).max() > 1e-3
-        if name == "edit":  # answer rows map into the joined sequence too
-            rows = jnp.asarray(np.nonzero(np.asarray(seq.labels)[1:] != -100)[0])
-            np.testing.assert_allclose(np.asarray(fwd(model.params, patch, seq, image, rows)), got[np.asarray(rows)],
-                                       rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(got[:real], want, rtol=2e-5, atol=2e-5)
+        assert np.abs(got[n:real] - plain[n:real]).max() > 1e-3  # the context matters
+        np.testing.assert_allclose(at_rows, got[np.asarray(rows)], rtol=2e-5, atol=2e-5)  # rows map too
 
 
 def test_vmap_over_cases_equals_one_by_one(setup):
