@@ -187,3 +187,25 @@ def test_no_sequential_editing(setup):
         harness.run_sequential(editor, model.params, cases, [pipeline.record_meta(r) for r in records], None)
     with pytest.raises(ValueError, match="prior must be"):
         ike.ike_edit(None, model.params, take(cases, 0), {"x": 1})
+
+
+def test_encoder_embedder_is_padding_free(demo_world):
+    """The MiniLM path (`encoder_embedder`, here a tiny random BERT and the demo tokenizer): unit rows, each equal
+    to the sentence encoded alone without padding, whatever its batch and padded width."""
+    from mmedit_jax.models.bert import TextEncoder, sentence_embedding
+    from mmedit_jax.models.config import BertConfig
+
+    tok = demo_world.tok
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    module = TextEncoder(cfg)
+    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    sentences = ike.bank_sentences(demo_world.records[:2], "vqa")[:5]
+    got = ike.encoder_embedder(cfg, params, tok, max_length=64, batch_size=4, multiple=32)(sentences)
+    assert got.shape == (5, 16)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    for i in (0, 4):
+        ids = jnp.asarray([tok(sentences[i], truncation=True, max_length=64)["input_ids"]])
+        hidden, _ = module.apply({"params": params}, ids, jnp.ones_like(ids))
+        np.testing.assert_allclose(got[i], np.asarray(sentence_embedding(hidden, jnp.ones_like(ids)))[0],
+                                   rtol=1e-4, atol=1e-5)
