@@ -565,6 +565,9 @@ def load_editor(name: str, model: Model, path: str | os.PathLike | None = None, 
         raise ValueError(f"unknown editor {name!r}: choose from {', '.join(pipeline.EDITORS)}")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if name == "ike":  # its edit reads a per-case context that this API's cases do not build yet
+        raise NotImplementedError("ike is not available through load_editor yet: run `python -m mmedit_jax.evaluate "
+                                  "--editor ike` or `python -m mmedit_jax.bench --editor ike`")
     if isinstance(hparams, (str, os.PathLike)):
         hparams = pipeline.read_hparams(os.fspath(hparams))
     if name in ("mend", "ke"):

@@ -130,10 +130,13 @@ def main(argv=None):
     exact_match = pipeline.exact_match_of(hparams, args.token_accuracy)
     loaded = pipeline.load_split(data, args.task, image_root, rephrase_root, limit=args.limit,
                                  log=lambda m: say(m, t_start))
-    editor = pipeline.build_editor(args.editor, model, hparams, ckpt)
+    bank = args.ike_bank or (None if args.model else pipeline.world_train_data(args.task, args.cache_dir))
+    editor = pipeline.build_editor(args.editor, model, hparams, ckpt, tok=tok, task=args.task, bank_data=bank,
+                                   image_root=image_root, sentence_encoder=args.sentence_encoder,
+                                   log=lambda m: say(m, t_start))
     say(f"{editor.name}: tokenizing {len(loaded.records)} cases and encoding their images", t_start)
     prepared = pipeline.prepare_data(loaded.records, tok, model, args.task, args.pad_multiple)
-    cases = pipeline.cases_for(editor.fns, model.params, prepared)
+    cases = pipeline.editor_cases(editor, model.params, prepared)
     prefix = None if args.no_prefix_cache else steps.prefix_layer(editor, model.params, take(cases, 0))
     say(f"frozen-prefix cache: {'off' if prefix is None else f'from language-model layer {prefix}'}", t_start)
     timed_fns = steps.make_step_fns(editor, exact_match, base_accuracy=False, prefix_layer=prefix)

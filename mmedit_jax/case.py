@@ -78,6 +78,9 @@ class Case:
     images: dict
     cond_ids: jax.Array  # [Lc] KE condition "{pred} >> {alt} || {src}"
     cond_mask: jax.Array
+    # [Lx] IKE's demonstration context (`editors/ike.py`), right-padded; None for every other editor.
+    context_ids: jax.Array | None = None
+    context_mask: jax.Array | None = None
 
     def seq(self, name: str) -> Seq:
         return getattr(self, name)

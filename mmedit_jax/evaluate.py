@@ -73,11 +73,14 @@ def main(argv=None):
     print(f"editor: {editor_name}; results in {out}")
 
     loaded = pipeline.load_split(data, task, image_root, rephrase_root, limit=args.limit, strict=args.strict)
-    editor = pipeline.build_editor(editor_name, model, hparams, editor_ckpt, feature_cache=not args.no_feature_cache)
+    bank = args.ike_bank or (pipeline.world_train_data(task, args.cache_dir) if args.world else None)
+    editor = pipeline.build_editor(editor_name, model, hparams, editor_ckpt, feature_cache=not args.no_feature_cache,
+                                   tok=tok, task=task, bank_data=bank, image_root=image_root,
+                                   sentence_encoder=args.sentence_encoder)
     prepared = pipeline.prepare_data(loaded.records, tok, model, task, args.pad_multiple)
     for d in prepared.dropped[:10]:
         print(f"  record {d['index']} dropped: {d['reason']}")
-    cases = pipeline.cases_for(editor.fns, model.params, prepared)
+    cases = pipeline.editor_cases(editor, model.params, prepared)
     kw = dict(exact_match=exact_match, batch_size=args.batch_size, progress=not args.no_progress)
     if args.sequential:
         result = harness.run_sequential(editor, model.params, cases, prepared.meta, out, **kw)

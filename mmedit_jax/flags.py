@@ -22,6 +22,10 @@ def add_data(ap: argparse.ArgumentParser, default_model: str) -> None:
     ap.add_argument("--image-size", type=int, help="resize images (and the ViT positions) to this size")
     ap.add_argument("--config", help="editor hparams YAML in EasyEdit's keys (configs/*.yaml)")
     ap.add_argument("--editor-ckpt", help="trained MEND/KE editor directory")
+    ap.add_argument("--ike-bank", help="IKE: the MMEdit training file whose records make the demonstration bank "
+                                       "(default for the built-in world: its train split)")
+    ap.add_argument("--sentence-encoder", help="IKE: all-MiniLM-L6-v2 directory (weights and tokenizer; default: "
+                                               "TF-IDF over the model's tokens)")
     ap.add_argument("--limit", type=int, help="only the first N records of the file (before filtering, as `size`)")
 
 

@@ -14,10 +14,11 @@ import os
 import numpy as np
 
 from mmedit_jax.case import Case, make_cases
+from mmedit_jax.convert.text_encoder import load_text_encoder
 from mmedit_jax.data.cases import CaseConfig, ImageTable, build_edit_batch, input_lengths, max_lengths
 from mmedit_jax.data.image import load_image
 from mmedit_jax.data.mmedit import load_mmedit
-from mmedit_jax.editors import ft
+from mmedit_jax.editors import ft, ike
 from mmedit_jax.editors.base import Editor
 from mmedit_jax.editors.hparams import load_hparams
 from mmedit_jax.editors.io import load_ke, load_mend
@@ -29,7 +30,7 @@ from mmedit_jax.sites import easyedit_site
 from mmedit_jax.training.trainables import KINDS as TRAINABLE  # those `python -m mmedit_jax.train` trains
 from mmedit_jax.world import assets
 
-EDITORS = ("ft-l", "ft-v", "mend", "ke")  # every editor the CLIs and `build_editor` know
+EDITORS = ("ft-l", "ft-v", "mend", "ke", "ike")  # every editor the CLIs and `build_editor` know
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,9 +96,20 @@ def exact_match_of(hparams: dict, token_accuracy: bool = False) -> bool:
 
 
 def build_editor(name: str, model, hparams: dict | None = None, editor_ckpt: str | None = None,
-                 feature_cache: bool = True) -> Editor:
-    """An `Editor` for `model` (a `Blip2Model`); `hparams` in EasyEdit key names override the defaults."""
+                 feature_cache: bool = True, *, tok=None, task: str = "vqa", bank_data: str | None = None,
+                 image_root: str | None = None, sentence_encoder: str | None = None, log=print) -> Editor:
+    """An `Editor` for `model` (a `Blip2Model`); `hparams` in EasyEdit key names override the defaults.
+
+    IKE also takes the model's tokenizer `tok`, the `task`, the MMEdit file of its demonstration bank
+    (`bank_data`, a training split, images under `image_root`) and a sentence encoder directory
+    (all-MiniLM-L6-v2, with its tokenizer; without one, `editors.ike.tfidf_embedder` over `tok`)."""
     hparams = dict(hparams or {})
+    if name == "ike":
+        if not bank_data:
+            raise SystemExit("--editor ike needs a demonstration bank: --ike-bank TRAIN.json (the built-in world "
+                             "uses its train split)")
+        records = load_split(bank_data, task, image_root, log=log).records
+        return build_ike(model, tok, task, records, hparams, sentence_encoder, feature_cache, log)
     if name in ("ft-l", "ft-v"):
         names = hparams.get("inner_params")
         if name == "ft-v" and (names is None or names == ["Qformer"]):
@@ -122,6 +134,30 @@ def build_editor(name: str, model, hparams: dict | None = None, editor_ckpt: str
     raise SystemExit(f"editor {name!r} is not available (choose from {', '.join(EDITORS)})")
 
 
+def build_ike(model, tok, task: str, bank_records, hparams: dict, sentence_encoder: str | None = None,
+              feature_cache: bool = True, log=print) -> Editor:
+    """IKE on `model`: the bank of `bank_records` embedded once, with all-MiniLM-L6-v2 (`sentence_encoder`) or
+    the TF-IDF stand-in. `hparams`: `k` (EasyEdit's), `own_demo`, `truncate`, `pad_multiple`."""
+    if tok is None or not bank_records:
+        raise SystemExit("--editor ike needs the model's tokenizer and a demonstration bank (a training split: "
+                         "--ike-bank FILE; the built-in world uses its train split)")
+    if sentence_encoder:
+        from transformers import AutoTokenizer  # here, not at the top: importing transformers costs seconds
+
+        config, params = load_text_encoder(sentence_encoder)
+        embed = ike.encoder_embedder(config, params, AutoTokenizer.from_pretrained(sentence_encoder))
+        log(f"IKE: sentence encoder {sentence_encoder}")
+    else:
+        embed = ike.tfidf_embedder(tok, ike.bank_sentences(bank_records, task))
+        log("IKE: no sentence encoder given: demos ranked by TF-IDF over the model's tokens (a stand-in for "
+            "all-MiniLM-L6-v2)")
+    bank = ike.build_bank(bank_records, task, embed)
+    cfg = ike.config_from_hparams(hparams)
+    log(f"IKE: bank of {len(bank.sentences)} sentences from {len(bank_records)} records, k={cfg.k}")
+    return ike.make_ike(fns_for(model, (), feature_cache), model.config.num_query_tokens,
+                        model.config.text.max_position_embeddings, tok, task, bank, embed, cfg, log=log)
+
+
 # --------------------------------------------------------------------------------------------------
 # Cases.
 
@@ -136,6 +172,7 @@ class Prepared:
     pixels: np.ndarray
     meta: list[dict]
     dropped: list[dict] = dataclasses.field(default_factory=list)
+    records: list = dataclasses.field(default_factory=list)  # the kept records, in `batch` order
 
 
 def prepare_data(records, tok, model, task: str, pad_multiple: int | None = None) -> Prepared:
@@ -165,7 +202,7 @@ def prepare_data(records, tok, model, task: str, pad_multiple: int | None = None
     images = ImageTable(lambda p: load_image(p, model.config.vision.image_size))
     batch = build_edit_batch(records, tok, images, cfg,
                              lengths=max_lengths(records, tok, cfg, pad_multiple, lengths=lengths))
-    return Prepared(batch, images.stack(), [record_meta(r) for r in records], dropped)
+    return Prepared(batch, images.stack(), [record_meta(r) for r in records], dropped, list(records))
 
 
 def record_meta(record) -> dict:
@@ -181,9 +218,19 @@ def cases_for(fns: Blip2Fns, params, prepared: Prepared) -> Case:
     return make_cases(prepared.batch, fns.image_table(params, prepared.pixels))
 
 
+def editor_cases(editor: Editor, params, prepared: Prepared) -> Case:
+    """`cases_for` with the editor's own per-case inputs added (`Editor.prepare_cases`: IKE's contexts)."""
+    return editor.prepare_cases(cases_for(editor.fns, params, prepared), prepared.records)
+
+
 def decoder(tok):
     """`ids -> text` for the per-case rows."""
     return lambda ids: tok.decode([int(i) for i in ids])
+
+
+def world_train_data(task: str = "vqa", cache_dir: str | None = None) -> str:
+    """The built-in world's training split (IKE's demonstration bank there)."""
+    return assets.ensure(task, cache_dir=cache_dir).train_json
 
 
 def world_inputs(task: str = "vqa", cache_dir: str | None = None):

@@ -20,10 +20,12 @@ from mmedit_jax.forward import ModelFns
 class Editor:
     """An editor as the harness and trainer see it.
 
-    name: `ft-l`, `ft-v`, `mend`, `ke`.
+    name: `ft-l`, `ft-v`, `mend`, `ke`, `ike`.
     edit: `(editor_params, base_params, case, prior) -> patch`, for one case, pure and vmappable.
     fns: the model's single-example forward functions the edit runs (and scoring must run: same image inputs).
     editor_params: trained hypernetwork weights (None for FT).
+    prepare: `(cases, records) -> cases`, host-side inputs the edit needs beyond the five (IKE's contexts).
+    composes: patches stack (`patch.accumulate`: sequential editing); False for IKE's contexts.
     resumes: `edit` also takes `prefix=(h [L, D], k)`, the unedited hidden states of `case.edit` entering
       language-model layer k (no site of the editor lies below k), and then runs its forwards from there.
     """
@@ -34,6 +36,14 @@ class Editor:
     editor_params: Any = None
     hparams: Any = None
     resumes: bool = False
+    prepare: Callable[..., Any] | None = None
+    composes: bool = True
+
+    def prepare_cases(self, cases, records):
+        """Host `Case`s (leading `[N]`) with whatever per-case inputs this editor reads besides the five inputs
+        (IKE: its demonstration contexts, from the `records` the cases were made of); the cases as they are for
+        an editor without `prepare`."""
+        return cases if self.prepare is None else self.prepare(cases, records)
 
     @property
     def uses_pixels(self) -> bool:

@@ -165,9 +165,9 @@ def run_fingerprint(editor: Editor, exact_match: bool) -> dict:
 
 
 def case_digests(cases: Case) -> list[str]:
-    """Per host case, a digest of what its rows depend on in the inputs: each input's real tokens and labels and
-    the KE condition, padding left out (a run extended by more records pads to another length, and its cases
-    are still the same). A resumed row is kept only where its digest matches the case's now."""
+    """Per host case, a digest of what its rows depend on in the inputs: each input's real tokens and labels, the
+    KE condition and IKE's context, padding left out (a run extended by more records pads to another length, and
+    its cases are still the same). A resumed row is kept only where its digest matches the case's now."""
     arrays = [np.asarray(x) for x in (cases.cond_ids, cases.cond_mask)]
     seqs = [[np.asarray(x) for x in (q.input_ids, q.attention_mask, q.labels)] for q in map(cases.seq, INPUT_NAMES)]
     out = []
@@ -177,6 +177,9 @@ def case_digests(cases: Case) -> list[str]:
             keep = mask[i] > 0
             h.update(ids[i][keep].astype(np.int64).tobytes() + b"|" + labels[i][keep].astype(np.int64).tobytes() + b"|")
         h.update(arrays[0][i][arrays[1][i] > 0].astype(np.int64).tobytes())
+        if cases.context_ids is not None:  # IKE's demonstration context
+            h.update(b"|" + np.asarray(cases.context_ids[i])[np.asarray(cases.context_mask[i]) > 0]
+                     .astype(np.int64).tobytes())
         out.append(h.hexdigest())
     return out
 
@@ -243,6 +246,9 @@ def run_sequential(
     all N edits. Retention = final Reliability / Reliability at edit time, i.e. how much of the earlier edits
     survives the later ones. Locality always compares against the unedited model.
     """
+    if not editor.composes:
+        raise ValueError(f"{editor.name}'s edits do not stack (its patch is not a weight change): no sequential "
+                         "editing")
     model, n = editor.fns, len(meta)
     device_cases = jax.tree.map(jnp.asarray, cases)
     pre_fn, _ = make_step_fns(editor, exact_match)
