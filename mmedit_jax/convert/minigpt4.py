@@ -1,0 +1,81 @@
+"""MiniGPT-4 assembled from three checkpoints into `models/minigpt4.py`'s tree.
+
+* a Hugging Face BLIP-2 directory: the ViT, `post_layernorm` (LAVIS's `ln_vision`), `query_tokens` and the
+  Q-Former (`blip2_vision.py`'s rules); its language side (`language_model.*`, `language_projection.*`) is unused;
+* MiniGPT-4's projection file (`pretrained_minigpt4_7b.pth`, `{'model': {'llama_proj.weight', 'llama_proj.bias'}}`),
+  read with torch's weights-only unpickler (`engine.open_torch_state`: a pickle holding code is refused);
+* a Hugging Face LLaMA / Vicuna directory (`llama.py`'s rules).
+
+The three are read as one `engine.MergedReader` (keys `blip2:...`, `minigpt4:...`, `llama:...`), so the engine's
+checks cover the whole model: every parameter filled, every tensor's shape checked, a missing or unused tensor an
+error naming its key. MiniGPT-4's `ln_vision` eps (1e-5) replaces transformers' BLIP-2 `post_layernorm` eps (1e-6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mmedit_jax.convert.blip2_vision import qformer_rules, vision_rules
+from mmedit_jax.convert.engine import MergedReader, apply_rules, open_checkpoint, open_torch_state
+from mmedit_jax.convert.llama import llama_rules
+from mmedit_jax.convert.rules import Rule, plain
+from mmedit_jax.models.config import Blip2Config, LlamaConfig, MiniGPT4Config
+from mmedit_jax.models.minigpt4 import MiniGPT4Model
+
+LN_VISION_EPS = 1e-5
+BLIP2, PROJ, LLAMA = "blip2", "minigpt4", "llama"
+# BLIP-2 keys MiniGPT-4 does not use (its language side), by prefix.
+UNUSED_BLIP2 = ("language_model.", "language_projection.")
+
+
+def _json(path: str) -> dict[str, Any]:
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{file} is missing: not a Hugging Face model directory") from e
+
+
+def minigpt4_config(blip2_dir: str | os.PathLike, llama_dir: str | os.PathLike, **overrides) -> MiniGPT4Config:
+    """The config of the assembly: vision and Q-Former from the BLIP-2 `config.json` (`ln_vision` eps 1e-5), the
+    LLaMA config from the LLaMA one; `overrides` are `MiniGPT4Config` fields (e.g. `prompt_before`)."""
+    blip2 = Blip2Config.from_hf(_json(os.fspath(blip2_dir)))
+    text = LlamaConfig.from_hf(_json(os.fspath(llama_dir)))
+    vision = dataclasses.replace(blip2.vision, post_layernorm_eps=LN_VISION_EPS)
+    return MiniGPT4Config(vision=vision, qformer=blip2.qformer, text=text,
+                          num_query_tokens=blip2.num_query_tokens, **overrides)
+
+
+def _prefixed(rules: list[Rule], name: str) -> list[Rule]:
+    return [dataclasses.replace(r, sources=tuple(f"{name}:{s}" for s in r.sources)) for r in rules]
+
+
+def minigpt4_rules(config: MiniGPT4Config, blip2_keys=()) -> tuple[list[Rule], dict[str, str]]:
+    """Rules for every parameter from the merged reader's keys, and the keys left unused (with the reason):
+    `blip2_keys` are the BLIP-2 checkpoint's keys, whose language side is listed as unused."""
+    rules = _prefixed(vision_rules(config.vision) + qformer_rules(config.qformer)
+                      + [plain("query_tokens", "query_tokens")], BLIP2)
+    rules += [plain("llama_proj/kernel", f"{PROJ}:llama_proj.weight", "linear"),
+              plain("llama_proj/bias", f"{PROJ}:llama_proj.bias")]
+    text_rules, ignored = llama_rules(config.text, source=f"{LLAMA}:")
+    ignored.update({f"{BLIP2}:{k}": "BLIP-2's language side (MiniGPT-4 uses llama_proj + LLaMA)"
+                    for k in blip2_keys if k.startswith(UNUSED_BLIP2)})
+    return rules + text_rules, ignored
+
+
+def convert_minigpt4(llama_dir: str | os.PathLike, projection_file: str | os.PathLike,
+                     blip2_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=None, **overrides):
+    """(`MiniGPT4Config`, numpy param tree) from the three checkpoints (module docstring)."""
+    config = minigpt4_config(blip2_dir, llama_dir, **overrides)
+    blip2 = open_checkpoint(blip2_dir)
+    reader = MergedReader({BLIP2: blip2, PROJ: open_torch_state(projection_file), LLAMA: open_checkpoint(llama_dir)})
+    rules, ignored = minigpt4_rules(config, blip2.keys())
+    template = jax.eval_shape(lambda r: MiniGPT4Model.init(config, r, dtype=dtype).params, jax.random.key(0))
+    return config, apply_rules(reader, template, rules, ignored, dtype=dtype, progress=progress)
