@@ -1,0 +1,244 @@
+"""MiniGPT-4 against a PyTorch reference assembled from transformers modules with random weights, as EasyEdit's
+`MiniGPT4` runs it: `Blip2VisionModel` (its `post_layernorm` as `ln_vision`, eps 1e-5) -> `Blip2QFormerModel` over
+`query_tokens` -> `torch.nn.Linear` (`llama_proj`) -> `LlamaForCausalLM` fed `emb(before) ‖ img ‖ emb(after) ‖
+emb(text)`. The JAX model is assembled by `convert/minigpt4.py` from the three saved checkpoints (a BLIP-2
+directory, the `{'model': {'llama_proj.*'}}` .pth file, a LLaMA directory)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from mmedit_jax.convert.engine import ConversionError  # noqa: E402
+from mmedit_jax.convert.minigpt4 import convert_minigpt4  # noqa: E402
+from mmedit_jax.forward import Blip2Fns  # noqa: E402
+from mmedit_jax.models.minigpt4 import MiniGPT4Model, image_block  # noqa: E402
+
+NQ, VOCAB, D, PAD, EOS = 3, 100, 32, 2, 2
+BEFORE, AFTER = [5, 6, 7], [8, 9]  # stand-ins for tok('###Human: <Img>') and tok('</Img> ')
+
+
+def randomise(model, seed, std=0.3):
+    """Every tensor ~ N(0, std); LLaMA's RMSNorm weights 1 + N(0, std)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, std)
+            if name.endswith("norm.weight") and "layernorm" not in name.lower().replace("_", ""):
+                p.add_(1.0)
+    return model.eval()
+
+
+def save_projection(path, proj, extra=None, entry="model"):
+    sd = {f"llama_proj.{k}": v for k, v in proj.state_dict().items()}
+    sd.update(extra or {})
+    torch.save({entry: sd}, path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """`(reference parts, paths, converted MiniGPT4Model)`."""
+    root = tmp_path_factory.mktemp("minigpt4")
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+                  patch_size=8)
+    qformer = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                   cross_attention_frequency=2, encoder_hidden_size=16)
+    text = dict(model_type="opt", vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=24,
+                num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16)
+    bcfg = transformers.Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text,
+                                    num_query_tokens=NQ, image_token_index=63)
+    blip = randomise(transformers.Blip2ForConditionalGeneration._from_config(bcfg, attn_implementation="eager"), 0)
+    blip.save_pretrained(root / "blip2")
+    lcfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=48, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                    rms_norm_eps=1e-6, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
+    llama = randomise(transformers.LlamaForCausalLM._from_config(lcfg, attn_implementation="eager"), 1, 0.2)
+    llama.save_pretrained(root / "llama")
+    torch.manual_seed(2)
+    proj = torch.nn.Linear(16, D)
+    randomise(proj, 2)
+    save_projection(root / "proj.pth", proj)
+    config, params = convert_minigpt4(root / "llama", root / "proj.pth", root / "blip2")
+    model = MiniGPT4Model(config, jax.tree.map(jnp.asarray, params))
+    paths = dict(llama=root / "llama", proj=root / "proj.pth", blip2=root / "blip2", root=root)
+    return (blip, proj, llama), paths, model
+
+
+def reference_image(parts, pixels):
+    blip, proj, _ = parts
+    vision = blip.vision_model
+    vision.post_layernorm.eps = 1e-5  # LAVIS's ln_vision
+    with torch.no_grad():
+        feats = vision(pixel_values=torch.from_numpy(pixels)).last_hidden_state
+        queries = blip.query_tokens.expand(feats.shape[0], -1, -1)
+        q = blip.qformer(query_embeds=queries, encoder_hidden_states=feats,
+                         encoder_attention_mask=torch.ones(feats.shape[:2], dtype=torch.long)).last_hidden_state
+        return proj(q)
+
+
+def reference_logits(parts, pixels, texts):
+    """EasyEdit's `MiniGPT4.forward`: wrapped image ‖ right-padded text, mask ones over the image block,
+    positions arange."""
+    llama = parts[2]
+    emb = llama.get_input_embeddings()
+    length = max(len(t) for t in texts)
+    ids = torch.tensor([t + [PAD] * (length - len(t)) for t in texts])
+    mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in texts])
+    with torch.no_grad():
+        img = reference_image(parts, pixels)
+        b = len(texts)
+        wrap = lambda x: emb(torch.tensor([x] * b))  # noqa: E731
+        embeds = torch.cat([wrap(BEFORE), img, wrap(AFTER), emb(ids)], dim=1)
+        full_mask = torch.cat([torch.ones(b, len(BEFORE) + NQ + len(AFTER), dtype=torch.long), mask], dim=1)
+        return llama(inputs_embeds=embeds, attention_mask=full_mask).logits.numpy(), full_mask.numpy()
+
+
+def our_batch(config, texts):
+    block = image_block(config, BEFORE, AFTER)
+    length = max(len(t) for t in texts)
+    ids = np.asarray([block + t + [PAD] * (length - len(t)) for t in texts], np.int32)
+    mask = np.asarray([[1] * (len(block) + len(t)) + [0] * (length - len(t)) for t in texts], np.int32)
+    return ids, mask
+
+
+def close(got, want, rel=1e-4):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < rel, err
+    return err
+
+
+TEXTS = [[11, 12, 13, 14, 15, 16], [21, 22, 23, 24]]
+
+
+def pixels_of(seed=0, n=2):
+    return np.random.default_rng(seed).standard_normal((n, 3, 16, 16)).astype(np.float32)
+
+
+def test_logits_match_the_easyedit_splice(world):
+    parts, _, model = world
+    pixels = pixels_of()
+    want, want_mask = reference_logits(parts, pixels, TEXTS)
+    ids, mask = our_batch(model.config, TEXTS)
+    np.testing.assert_array_equal(mask, want_mask)
+    got = model(pixels, ids, mask)
+    # Every position, the image and wrapper slots and the right padding included (EasyEdit's locality uses all).
+    close(got, want)
+    np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(want, -1))
+    # The cached-embeddings path equals the pixels path.
+    embeds = model.encode_image(pixels)
+    close(embeds, reference_image(parts, pixels).numpy())
+    close(model(None, ids, mask, image_embeds=embeds), want)
+
+
+def test_text_only_is_the_bare_llama(world):
+    parts, _, model = world
+    ids = np.asarray([TEXTS[0]], np.int32)
+    with torch.no_grad():
+        want = parts[2](input_ids=torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    close(model(None, ids), want)
+
+
+def test_forward_protocol_and_prefix(world):
+    """`forward.Blip2Fns` runs MiniGPT-4 unchanged: one example, cached embeddings or pixels, prefix/resume."""
+    from mmedit_jax.case import Seq
+
+    _, _, model = world
+    pixels = pixels_of(1, 1)
+    ids, mask = our_batch(model.config, TEXTS[:1])
+    want = np.asarray(model(pixels, ids, mask))[0]
+    seq = Seq(jnp.asarray(ids[0]), jnp.asarray(mask[0]), jnp.full(ids.shape[1:], -100))
+    cached = Blip2Fns(model.module)
+    table = cached.image_table(model.params, pixels, batch_size=1)
+    run = jax.jit(lambda p, s, img: (cached.logits(p, {}, s, img),
+                                     cached.resume_logits(p, {}, s, cached.prefix(p, s, img, 2), 2)))
+    logits, resumed = run(model.params, seq, table[0])
+    close(logits, want)
+    close(resumed, want)
+
+
+def test_greedy_generation_matches_transformers(world):
+    parts, _, model = world
+    llama = parts[2]
+    pixels = pixels_of(2)
+    # Left-padded prompts (generation): the second row is 2 tokens shorter.
+    block = image_block(model.config, BEFORE, AFTER)
+    ids = np.asarray([block + TEXTS[0], [PAD, PAD] + block + TEXTS[0][:4]], np.int32)
+    mask = (np.arange(ids.shape[1])[None] >= np.asarray([[0], [2]])).astype(np.int32)
+    got = model.generate(pixels, ids, mask, max_new_tokens=6, eos_token_id=None, pad_token_id=PAD)
+    emb = llama.get_input_embeddings()
+    with torch.no_grad():
+        img = reference_image(parts, pixels)
+        rows = []
+        for r in range(2):
+            e = [torch.zeros(2, D)] if r else []  # the left padding
+            text = TEXTS[0] if r == 0 else TEXTS[0][:4]
+            e += [emb(torch.tensor(BEFORE)), img[r], emb(torch.tensor(AFTER)), emb(torch.tensor(text))]
+            rows.append(torch.cat([x.reshape(-1, D) for x in e]))
+        out = llama.generate(inputs_embeds=torch.stack(rows), attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                             max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    np.testing.assert_array_equal(got, out.numpy()[:, -6:])
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion: every tensor checked, pickles with code refused.
+
+
+def test_projection_file_problems_are_named(world, tmp_path):
+    parts, paths, _ = world
+    proj = parts[1]
+    run = lambda p: convert_minigpt4(paths["llama"], p, paths["blip2"])  # noqa: E731
+
+    torch.save({"model": {"llama_proj.weight": proj.weight.detach()}}, tmp_path / "missing.pth")
+    with pytest.raises(ConversionError, match=r"minigpt4:llama_proj\.bias"):
+        run(tmp_path / "missing.pth")
+    save_projection(tmp_path / "extra.pth", proj, extra={"llama_proj.scale": torch.ones(3)})
+    with pytest.raises(ConversionError, match=r"minigpt4:llama_proj\.scale"):
+        run(tmp_path / "extra.pth")
+    torch.save({"model": {"llama_proj.weight": torch.zeros(D, 8), "llama_proj.bias": torch.zeros(D)}},
+               tmp_path / "shape.pth")
+    with pytest.raises(ConversionError, match=r"llama_proj\.weight.*\(32, 8\)"):
+        run(tmp_path / "shape.pth")
+    save_projection(tmp_path / "flat.pth", proj, entry="state_dict")
+    with pytest.raises(ConversionError, match="no 'model' state dict"):
+        run(tmp_path / "flat.pth")
+
+
+class _Payload:
+    def __reduce__(self):  # would run code on unpickling
+        import os
+
+        return (os.system, ("touch PWNED_MINIGPT4",))
+
+
+def test_a_pickle_with_code_is_refused(world, tmp_path, monkeypatch):
+    parts, paths, _ = world
+    monkeypatch.chdir(tmp_path)
+    sd = {f"llama_proj.{k}": v for k, v in parts[1].state_dict().items()}
+    torch.save({"model": sd, "evil": _Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(ConversionError, match="refused"):
+        convert_minigpt4(paths["llama"], tmp_path / "evil.pth", paths["blip2"])
+    assert not (tmp_path / "PWNED_MINIGPT4").exists()
+
+
+def test_missing_llama_and_blip2_tensors_are_named(world, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _, paths, _ = world
+    import shutil
+
+    for name, key in (("llama", "model.norm.weight"), ("blip2", "qformer.layernorm.bias")):
+        broken = tmp_path / name
+        shutil.copytree(paths[name], broken)
+        sd = load_file(broken / "model.safetensors")
+        del sd[key]
+        save_file(sd, broken / "model.safetensors", metadata={"format": "pt"})
+        dirs = {**paths, name: broken}
+        with pytest.raises(ConversionError, match=f"{name}:{key}"):
+            convert_minigpt4(dirs["llama"], dirs["proj"], dirs["blip2"])
