@@ -131,10 +131,7 @@ def test_logits_match_the_easyedit_splice(world):
     # Every position, the image and wrapper slots and the right padding included (EasyEdit's locality uses all).
     close(got, want)
     np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(want, -1))
-    # The cached-embeddings path equals the pixels path.
-    embeds = model.encode_image(pixels)
-    close(embeds, reference_image(parts, pixels).numpy())
-    close(model(None, ids, mask, image_embeds=embeds), want)
+    close(model.encode_image(pixels), reference_image(parts, pixels).numpy())
 
 
 def test_text_only_is_the_bare_llama(world):
@@ -242,3 +239,79 @@ def test_missing_llama_and_blip2_tensors_are_named(world, tmp_path):
         dirs = {**paths, name: broken}
         with pytest.raises(ConversionError, match=f"{name}:{key}"):
             convert_minigpt4(dirs["llama"], dirs["proj"], dirs["blip2"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Editors and scoring through the unchanged forward protocol, on EasyEdit's MiniGPT-4 names.
+
+LLAMA_MLP = ["llama_model.model.layers.2.mlp.down_proj.weight", "llama_model.model.layers.2.mlp.up_proj.weight"]
+
+
+def tiny_case(model, fns, seed=3):
+    """One `Case`: the three image inputs wrapped as EasyEdit does, answers the last 2 text tokens."""
+    from mmedit_jax.case import Case, Seq, answer_rows
+
+    rng = np.random.default_rng(seed)
+    block = image_block(model.config, BEFORE, AFTER)
+
+    def seq(with_image, scored=True):
+        text = rng.integers(10, VOCAB, 6).tolist()
+        ids = np.asarray((block if with_image else []) + text, np.int32)
+        labels = np.full(ids.shape, -100, np.int32)
+        labels[-2:] = ids[-2:]
+        return Seq(jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)), jnp.asarray(labels),
+                   jnp.asarray(answer_rows(labels[None])[0]) if scored else None)
+
+    table = fns.image_table(model.params, pixels_of(seed, 2), batch_size=2)
+    images = {"edit": table[0], "image_rephrase": table[1], "loc_image": table[1]}
+    return Case(seq(True), seq(True), seq(True), seq(False, False), seq(True, False), images,
+                jnp.zeros(4, jnp.int32), jnp.ones(4, jnp.int32))
+
+
+def test_ft_and_mend_edit_and_score(world):
+    from mmedit_jax import pipeline
+    from mmedit_jax.eval.scoring import post_scores, pre_outputs
+    from mmedit_jax.sites import easyedit_site, resolve_sites
+    from mmedit_jax.training.config import TrainConfig
+    from mmedit_jax.training.trainables import build_trainable
+
+    _, _, model = world
+    sites = resolve_sites(LLAMA_MLP, model.params, model.stacks)
+    assert sites == ("language_model/layers/2/mlp/down_proj", "language_model/layers/2/mlp/up_proj")
+    assert easyedit_site("llama_proj.weight") == "llama_proj"
+    ft = pipeline.build_editor("ft-l", model, {"inner_params": LLAMA_MLP, "num_steps": 2, "edit_lr": 0.05})
+    mend = build_trainable("mend", model, {"rank": 4}, TrainConfig(inner_params=tuple(LLAMA_MLP)))
+    mend_params, _ = mend.init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    moments = lambda d: {"count": np.float32(100), "mean": rng.normal(0, 0.1, d).astype(np.float32),  # noqa: E731
+                         "m2": (99 * rng.uniform(0.5, 2.0, d) ** 2).astype(np.float32)}
+    stats = {k: {"u": moments(mend.spec.group_shape(k)[0]), "delta": moments(mend.spec.group_shape(k)[1])}
+             for k, _ in mend.spec.groups}  # a trained MEND's input statistics (a fresh one's are empty)
+    mend_editor = mend.editor(mend_params, stats)
+    assert not ft.uses_pixels and not mend_editor.uses_pixels  # LLaMA sites: cached image embeddings
+    case = tiny_case(model, ft.fns)
+
+    @jax.jit
+    def run(editor_params, params, case):
+        pre = pre_outputs(ft.fns, params, case)
+        out = {}
+        for name, editor, ep in (("ft", ft, None), ("mend", mend_editor, editor_params)):
+            patch = editor.edit(ep, params, case, {})
+            out[name] = (patch, post_scores(editor.fns, params, patch, case, pre))
+        return out
+
+    out = run(mend_editor.editor_params, model.params, case)
+    for name, (patch, scores) in out.items():
+        assert set(patch) == set(sites), name
+        for site, p in patch.items():
+            dense = np.asarray(p.dense())
+            assert dense.shape == kernel_shape(model, site) and np.isfinite(dense).all(), (name, site)
+        assert np.abs(np.asarray(patch[sites[0]].dense())).max() > 0, name
+        for key in ("reliability", "t_generality", "m_generality", "t_locality", "m_locality"):
+            assert 0.0 <= float(scores[key]) <= 1.0, (name, key)
+
+
+def kernel_shape(model, site):
+    from mmedit_jax.sites import kernel_of
+
+    return tuple(kernel_of(model.params, site, model.stacks).shape)
