@@ -315,3 +315,21 @@ def kernel_shape(model, site):
     from mmedit_jax.sites import kernel_of
 
     return tuple(kernel_of(model.params, site, model.stacks).shape)
+
+
+def test_cli_round_trip_and_from_pretrained(world, tmp_path):
+    from mmedit_jax.convert import __main__ as cli
+    from mmedit_jax.loading import from_pretrained
+
+    _, paths, model = world
+    out = tmp_path / "converted"
+    assert cli.main(["minigpt4", "--llama-dir", str(paths["llama"]), "--projection", str(paths["proj"]),
+                     "--blip2-dir", str(paths["blip2"]), "--out", str(out)]) == 0
+    loaded = from_pretrained(out)
+    assert isinstance(loaded, MiniGPT4Model) and loaded.config == model.config
+    assert loaded.config.vision.post_layernorm_eps == 1e-5
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(a, b)
+    wide = from_pretrained(out, image_size=24)  # EasyEdit runs 364 px: position embeddings resampled
+    assert wide.config.vision.image_size == 24
+    assert wide.params["vision_model"]["embeddings"]["position_embedding"].shape[1] == 1 + 3 * 3

@@ -13,6 +13,7 @@ error naming its key. MiniGPT-4's `ln_vision` eps (1e-5) replaces transformers' 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -21,8 +22,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mmedit_jax import checkpoint
+from mmedit_jax.convert.__main__ import DTYPES, copy_side_files
 from mmedit_jax.convert.blip2_vision import qformer_rules, vision_rules
-from mmedit_jax.convert.engine import MergedReader, apply_rules, open_checkpoint, open_torch_state
+from mmedit_jax.convert.engine import MergedReader, apply_rules, iter_rules, open_checkpoint, open_torch_state
 from mmedit_jax.convert.llama import llama_rules
 from mmedit_jax.convert.rules import Rule, plain
 from mmedit_jax.models.config import Blip2Config, LlamaConfig, MiniGPT4Config
@@ -70,12 +73,46 @@ def minigpt4_rules(config: MiniGPT4Config, blip2_keys=()) -> tuple[list[Rule], d
     return rules + text_rules, ignored
 
 
-def convert_minigpt4(llama_dir: str | os.PathLike, projection_file: str | os.PathLike,
-                     blip2_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=None, **overrides):
-    """(`MiniGPT4Config`, numpy param tree) from the three checkpoints (module docstring)."""
+def _conversion(llama_dir, projection_file, blip2_dir, dtype, overrides):
     config = minigpt4_config(blip2_dir, llama_dir, **overrides)
     blip2 = open_checkpoint(blip2_dir)
     reader = MergedReader({BLIP2: blip2, PROJ: open_torch_state(projection_file), LLAMA: open_checkpoint(llama_dir)})
     rules, ignored = minigpt4_rules(config, blip2.keys())
     template = jax.eval_shape(lambda r: MiniGPT4Model.init(config, r, dtype=dtype).params, jax.random.key(0))
+    return config, reader, template, rules, ignored
+
+
+def convert_minigpt4(llama_dir: str | os.PathLike, projection_file: str | os.PathLike,
+                     blip2_dir: str | os.PathLike, dtype: Any = jnp.float32, progress=None, **overrides):
+    """(`MiniGPT4Config`, numpy param tree) from the three checkpoints (module docstring)."""
+    config, reader, template, rules, ignored = _conversion(llama_dir, projection_file, blip2_dir, dtype, overrides)
     return config, apply_rules(reader, template, rules, ignored, dtype=dtype, progress=progress)
+
+
+def iter_minigpt4(llama_dir: str | os.PathLike, projection_file: str | os.PathLike,
+                  blip2_dir: str | os.PathLike, dtype: Any = jnp.float32, **overrides):
+    """(config, iterator of ('a/b/c', numpy array)): the conversion as a stream (every check runs first)."""
+    config, reader, template, rules, ignored = _conversion(llama_dir, projection_file, blip2_dir, dtype, overrides)
+    return config, iter_rules(reader, template, rules, ignored, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mmedit_jax.convert minigpt4 --llama-dir D --projection F --blip2-dir D --out OUT`: a converted
+    checkpoint `loading.from_pretrained(OUT, image_size=364)` loads (the LLaMA dir's tokenizer files copied)."""
+    parser = argparse.ArgumentParser(prog="python -m mmedit_jax.convert minigpt4", description=__doc__.split("\n")[0])
+    parser.add_argument("--llama-dir", required=True, help="Hugging Face LLaMA / Vicuna directory")
+    parser.add_argument("--projection", required=True, help="MiniGPT-4's projection file (pretrained_minigpt4_7b.pth)")
+    parser.add_argument("--blip2-dir", required=True, help="Hugging Face BLIP-2 directory (vision + Q-Former)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype to store")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing converted checkpoint")
+    args = parser.parse_args(argv)
+    if os.path.exists(os.path.join(args.out, checkpoint.PARAMS_DIR)) and not args.overwrite:
+        parser.error(f"{args.out} already holds a converted checkpoint; pass --overwrite to replace it")
+    config, pairs = iter_minigpt4(args.llama_dir, args.projection, args.blip2_dir, getattr(jnp, args.dtype))
+    checkpoint.save_model(args.out, config, pairs, overwrite=args.overwrite)
+    copied = copy_side_files(args.llama_dir, args.out)
+    meta = checkpoint.read_metadata(args.out)
+    print(f"converted {meta['num_params']:,} MiniGPT-4 parameters ({args.dtype}) to {args.out}; copied "
+          f"{', '.join(copied) or 'no side files'}")
+    return 0
