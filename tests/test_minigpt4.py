@@ -333,3 +333,55 @@ def test_cli_round_trip_and_from_pretrained(world, tmp_path):
     wide = from_pretrained(out, image_size=24)  # EasyEdit runs 364 px: position embeddings resampled
     assert wide.config.vision.image_size == 24
     assert wide.params["vision_model"]["embeddings"]["position_embedding"].shape[1] == 1 + 3 * 3
+
+
+class WordTokenizer:
+    """A stand-in for the slow LLaMA tokenizer: one id per whitespace-separated word (its leading space kept)."""
+
+    pad_token_id, bos_token_id = PAD, 1
+
+    def __init__(self):
+        self.vocab = {}
+
+    def _ids(self, text):
+        import re
+
+        return [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in re.findall(r"\s*\S+", text)]
+
+    def __call__(self, texts, add_special_tokens=True):
+        assert not add_special_tokens
+        return {"input_ids": self._ids(texts) if isinstance(texts, str) else [self._ids(t) for t in texts]}
+
+
+def test_cases_wrap_the_image_as_easyedit(world):
+    """`pipeline.prepare_data`'s `CaseConfig` for MiniGPT-4: `before ‖ slots ‖ after ‖ text`, the block and the
+    prompt masked in the labels; the text-only input bare. FT-L's default sites are LLaMA's MLP."""
+    from mmedit_jax import pipeline
+    from mmedit_jax.data.cases import CaseConfig, ImageTable, TextInput, encode_inputs
+
+    _, _, model = world
+    tok = WordTokenizer()
+    wrap = pipeline.image_wrapper(model.config, tok)
+    assert wrap == {"image_before": tuple(tok("###Human: <Img>", add_special_tokens=False)["input_ids"]),
+                    "image_after": tuple(tok("</Img> ", add_special_tokens=False)["input_ids"])}
+    cfg = CaseConfig(task="vqa", num_query_tokens=NQ, image_token_id=model.config.image_token_index, **wrap)
+    inputs = [TextInput("what is it?", " a cat", "x.png"), TextInput("nearby?", " no", None)]
+    batch = encode_inputs(inputs, tok, ImageTable(lambda p: None), cfg)
+    block = [*wrap["image_before"], *[model.config.image_token_index] * NQ, *wrap["image_after"]]
+    text = tok("what is it? a cat", add_special_tokens=False)["input_ids"]
+    n = len(block) + len(text)
+    assert batch.input_ids[0, :n].tolist() == block + text
+    assert batch.labels[0, :n].tolist() == [-100] * (n - 2) + text[-2:]
+    assert batch.input_ids[1, :2].tolist() == tok("nearby? no", add_special_tokens=False)["input_ids"]
+    assert pipeline.build_editor("ft-l", model).hparams.inner_params == (
+        "language_model/layers/2/mlp/up_proj", "language_model/layers/2/mlp/down_proj")
+
+
+def test_api_from_pretrained_says_where_minigpt4_loads(world, tmp_path):
+    import mmedit_jax
+    from mmedit_jax import checkpoint
+
+    _, _, model = world
+    checkpoint.save_model(tmp_path / "m", model.config, model.params)
+    with pytest.raises(ValueError, match="minigpt4 model.*loading.from_pretrained"):
+        mmedit_jax.from_pretrained(tmp_path / "m")
