@@ -385,3 +385,24 @@ def test_api_from_pretrained_says_where_minigpt4_loads(world, tmp_path):
     checkpoint.save_model(tmp_path / "m", model.config, model.params)
     with pytest.raises(ValueError, match="minigpt4 model.*loading.from_pretrained"):
         mmedit_jax.from_pretrained(tmp_path / "m")
+
+
+def test_the_vision_side_of_a_flan_t5_blip2(world, tmp_path):
+    """MiniGPT-4's Q-Former is BLIP-2 FlanT5-XXL's: a BLIP-2 directory with a T5 language model converts too (its
+    T5 tensors unused), to the same parameters."""
+    parts, paths, model = world
+    blip = parts[0]
+    t5 = dict(model_type="t5", vocab_size=64, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1,
+              num_heads=2)
+    cfg = transformers.Blip2Config(vision_config=blip.config.vision_config.to_dict(),
+                                   qformer_config=blip.config.qformer_config.to_dict(), text_config=t5,
+                                   num_query_tokens=NQ)
+    other = transformers.Blip2ForConditionalGeneration._from_config(cfg)
+    own = {k: v for k, v in blip.state_dict().items() if not k.startswith(("language_model.", "language_projection."))}
+    missing, _ = other.load_state_dict(own, strict=False)
+    assert not [k for k in missing if not k.startswith(("language_model.", "language_projection."))]
+    other.save_pretrained(tmp_path / "t5")
+    config, params = convert_minigpt4(paths["llama"], paths["proj"], tmp_path / "t5")
+    assert config == model.config
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(a, b)

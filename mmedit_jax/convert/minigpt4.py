@@ -28,7 +28,7 @@ from mmedit_jax.convert.blip2_vision import qformer_rules, vision_rules
 from mmedit_jax.convert.engine import MergedReader, apply_rules, iter_rules, open_checkpoint, open_torch_state
 from mmedit_jax.convert.llama import llama_rules
 from mmedit_jax.convert.rules import Rule, plain
-from mmedit_jax.models.config import Blip2Config, LlamaConfig, MiniGPT4Config
+from mmedit_jax.models.config import LlamaConfig, MiniGPT4Config, QFormerConfig, VisionConfig
 from mmedit_jax.models.minigpt4 import MiniGPT4Model
 
 LN_VISION_EPS = 1e-5
@@ -49,11 +49,16 @@ def _json(path: str) -> dict[str, Any]:
 def minigpt4_config(blip2_dir: str | os.PathLike, llama_dir: str | os.PathLike, **overrides) -> MiniGPT4Config:
     """The config of the assembly: vision and Q-Former from the BLIP-2 `config.json` (`ln_vision` eps 1e-5), the
     LLaMA config from the LLaMA one; `overrides` are `MiniGPT4Config` fields (e.g. `prompt_before`)."""
-    blip2 = Blip2Config.from_hf(_json(os.fspath(blip2_dir)))
-    text = LlamaConfig.from_hf(_json(os.fspath(llama_dir)))
-    vision = dataclasses.replace(blip2.vision, post_layernorm_eps=LN_VISION_EPS)
-    return MiniGPT4Config(vision=vision, qformer=blip2.qformer, text=text,
-                          num_query_tokens=blip2.num_query_tokens, **overrides)
+    d = _json(os.fspath(blip2_dir))
+    if d.get("model_type") != "blip-2":
+        raise ValueError(f"{blip2_dir}: model_type is {d.get('model_type')!r}, expected 'blip-2'")
+    # Only the vision side is read: the language model may be T5 (Salesforce/blip2-flan-t5-xxl is LAVIS's
+    # blip2_pretrained_flant5xxl.pth, MiniGPT-4's Q-Former) or OPT; MiniGPT-4 replaces it.
+    vision = VisionConfig.from_hf(d.get("vision_config") or {})
+    vision = dataclasses.replace(vision, post_layernorm_eps=LN_VISION_EPS)
+    return MiniGPT4Config(vision=vision, qformer=QFormerConfig.from_hf(d.get("qformer_config") or {}),
+                          text=LlamaConfig.from_hf(_json(os.fspath(llama_dir))),
+                          num_query_tokens=int(d.get("num_query_tokens", 32)), **overrides)
 
 
 def _prefixed(rules: list[Rule], name: str) -> list[Rule]:
