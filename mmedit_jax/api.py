@@ -405,6 +405,9 @@ def from_pretrained(path: str | os.PathLike = WORLD, dtype: Any = jnp.float32, i
         raise FileNotFoundError(f"the built-in world model is missing ({directory}); rebuild it with "
                                 "`python -m mmedit_jax.world.build`")
     base = loading.from_pretrained(directory, dtype=dtype, image_size=image_size, verify=verify)
+    if not isinstance(base, Blip2Model):  # `Model` (question answering, editors by image and text) is BLIP-2's
+        raise ValueError(f"{path} holds a {base.config.model_type} model: mmedit_jax.from_pretrained serves BLIP-2 "
+                         f"models; load it with mmedit_jax.loading.from_pretrained (-> {type(base).__name__})")
     tok_obj = None if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     tok_dir = os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else directory
     model = Model.wrap(base, name=WORLD if world else path, source_dir=directory, tokenizer=tok_obj,

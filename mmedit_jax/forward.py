@@ -61,6 +61,9 @@ class ModelFns(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Blip2Fns:
+    """`ModelFns` of a module with `Blip2`'s methods (`encode_image`, `__call__`, `text_prefix`, `text_resume`):
+    BLIP-2 (`models/blip2.py`) and MiniGPT-4 (`models/minigpt4.py`), whose image slots sit in `input_ids`."""
+
     module: nn.Module
     pixels: bool = False
 
@@ -148,9 +151,10 @@ class Blip2Fns:
 
 
 def fns_for(model, sites, feature_cache: bool = True) -> Blip2Fns:
-    """The single-example forward an editor (or trainer) of `sites` runs on `model` (a `Blip2Model`): pixels when
-    it edits the vision side or the feature cache is off, cached image embeddings otherwise. The one place that
-    choice is made; the editor carries the result (`Editor.fns`) and everything downstream asks it."""
+    """The single-example forward an editor (or trainer) of `sites` runs on `model` (a `Blip2Model` or
+    `MiniGPT4Model`): pixels when it edits the vision side or the feature cache is off, cached image embeddings
+    otherwise. The one place that choice is made; the editor carries the result (`Editor.fns`) and everything
+    downstream asks it."""
     return Blip2Fns(model.module, pixels=touches_vision(sites) or not feature_cache)
 
 

@@ -22,8 +22,9 @@ from mmedit_jax.convert.blip2 import blip2_rules
 from mmedit_jax.convert.engine import apply_rules, iter_rules, open_checkpoint
 from mmedit_jax.convert.llama import llama_rules
 from mmedit_jax.models.blip2 import Blip2Model
-from mmedit_jax.models.config import Blip2Config, LlamaConfig
+from mmedit_jax.models.config import Blip2Config, LlamaConfig, MiniGPT4Config
 from mmedit_jax.models.llama import LlamaModel
+from mmedit_jax.models.minigpt4 import MiniGPT4Model
 from mmedit_jax.models.vit import interpolate_pos_encoding
 
 HF_CONFIG = "config.json"
@@ -33,10 +34,18 @@ FAMILIES = {
     "blip-2": (Blip2Config, Blip2Model, blip2_rules),
     "llama": (LlamaConfig, LlamaModel, llama_rules),
 }
+# The model class of every config a converted checkpoint may hold. MiniGPT-4 has no Hugging Face directory of its
+# own: `python -m mmedit_jax.convert minigpt4` assembles it from three checkpoints (`convert/minigpt4.py`).
+MODELS = {Blip2Config: Blip2Model, LlamaConfig: LlamaModel, MiniGPT4Config: MiniGPT4Model}
 
 
 def _family(config):
     return next(f for f in FAMILIES.values() if isinstance(config, f[0]))
+
+
+def model_class(config):
+    """`Blip2Model`, `LlamaModel` or `MiniGPT4Model` for a config."""
+    return MODELS[type(config)]
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> Blip2Config | LlamaConfig:
@@ -72,7 +81,7 @@ def detect(path: str | os.PathLike) -> str:
 
 def param_template(config: Blip2Config | LlamaConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
     """The model's parameter tree as `jax.ShapeDtypeStruct`s (nothing is allocated)."""
-    model_cls = _family(config)[1]
+    model_cls = model_class(config)
     return jax.eval_shape(lambda rng: model_cls.init(config, rng, dtype=dtype).params, jax.random.key(0))
 
 
@@ -111,7 +120,7 @@ def to_device(tree: dict[str, Any]) -> dict[str, Any]:
 
 def _resize_images(config: Blip2Config | LlamaConfig, params, image_size: int | None):
     """Resample the vision position embeddings when the run's image size differs from the checkpoint's."""
-    if image_size is not None and not isinstance(config, Blip2Config):
+    if image_size is not None and not hasattr(config, "vision"):
         raise ValueError(f"image_size={image_size}: a {config.model_type} model has no vision tower")
     if image_size is None or int(image_size) == config.vision.image_size:
         return config, params
@@ -122,7 +131,8 @@ def _resize_images(config: Blip2Config | LlamaConfig, params, image_size: int | 
 def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_size: int | None = None,
                     verify: bool | None = None):
     """Load a BLIP-2 (`Blip2Model`) or LLaMA (`LlamaModel`) model from a Hugging Face directory or a converted one
-    (`python -m mmedit_jax.convert`).
+    (`python -m mmedit_jax.convert`), or MiniGPT-4 (`MiniGPT4Model`) from a converted one
+    (`python -m mmedit_jax.convert minigpt4`).
 
     `dtype`: parameter and compute dtype (float32 or bfloat16). `image_size`: run at this image size,
     interpolating the vision position embeddings (EasyEdit feeds 364 px images to 224 px checkpoints).
@@ -138,4 +148,4 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, image_siz
         config, params = convert_hf(path, dtype)
         params = to_device(params)
     config, params = _resize_images(config, params, image_size)
-    return _family(config)[1](config, params, dtype=dtype)
+    return model_class(config)(config, params, dtype=dtype)

@@ -115,7 +115,7 @@ def build_editor(name: str, model, hparams: dict | None = None, editor_ckpt: str
         if name == "ft-v" and (names is None or names == ["Qformer"]):
             sites = ft.ft_v_sites(model.params, model.stacks)
         elif names is None:
-            sites = ft.ft_l_sites(model.config.text.num_hidden_layers)
+            sites = ft.ft_l_sites(model.config.text.num_hidden_layers, modules=ft.mlp_modules(model.params))
         else:
             sites = tuple(easyedit_site(n) for n in names)
         keys = {f.name for f in dataclasses.fields(ft.FTConfig)} - {"inner_params"}
@@ -184,7 +184,7 @@ def prepare_data(records, tok, model, task: str, pad_multiple: int | None = None
     (never truncated or run past the position table, which would score it silently wrong); none left is an error.
     """
     cfg = CaseConfig(task=task, num_query_tokens=model.config.num_query_tokens,
-                     image_token_id=model.config.image_token_index)
+                     image_token_id=model.config.image_token_index, **image_wrapper(model.config, tok))
     limit = model.config.text.max_position_embeddings
     lengths = input_lengths(records, tok, cfg)
     too_long = {}
@@ -203,6 +203,13 @@ def prepare_data(records, tok, model, task: str, pad_multiple: int | None = None
     batch = build_edit_batch(records, tok, images, cfg,
                              lengths=max_lengths(records, tok, cfg, pad_multiple, lengths=lengths))
     return Prepared(batch, images.stack(), [record_meta(r) for r in records], dropped, list(records))
+
+
+def image_wrapper(config, tok) -> dict:
+    """`CaseConfig`'s `image_before` / `image_after`: MiniGPT-4's prompt pieces around the image, each tokenized on
+    its own without special tokens (EasyEdit's `MiniGPT4`); nothing for BLIP-2."""
+    pieces = {"image_before": getattr(config, "prompt_before", ""), "image_after": getattr(config, "prompt_after", "")}
+    return {k: tuple(tok(v, add_special_tokens=False)["input_ids"]) if v else () for k, v in pieces.items()}
 
 
 def record_meta(record) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 
 LM_STACK = "language_model/layers"
 # Sites under these prefixes change the image embeddings, so cached embeddings cannot be used with them.
-VISION_PREFIXES = ("vision_model/", "qformer/", "language_projection", "query_tokens")
+VISION_PREFIXES = ("vision_model/", "qformer/", "language_projection", "llama_proj", "query_tokens")
 
 
 def split_stacked(site: str, prefix: str) -> tuple[int, str] | None:
@@ -120,18 +120,23 @@ _EASYEDIT_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(.+)$", "qformer/layers/{0}/{1}"),
     (r"^visual_encoder\.blocks\.(\d+)\.(.+)$", "vision_model/layers/{0}/{1}"),
     (r"^opt_proj$", "language_projection"),
+    # EasyEdit's MiniGPT-4 (`llama_model` is a LlamaForCausalLM; `llama_proj` keeps its name here).
+    (r"^llama_model\.model\.layers\.(\d+)\.(.+)$", "language_model/layers/{0}/{1}"),
+    (r"^llama_proj$", "llama_proj"),
     # transformers names.
     (r"^language_model\.model\.decoder\.layers\.(\d+)\.(.+)$", "language_model/layers/{0}/{1}"),
     (r"^qformer\.encoder\.layer\.(\d+)\.(.+)$", "qformer/layers/{0}/{1}"),
     (r"^vision_model\.encoder\.layers\.(\d+)\.(.+)$", "vision_model/layers/{0}/{1}"),
     (r"^language_projection$", "language_projection"),
+    (r"^model\.layers\.(\d+)\.(.+)$", "language_model/layers/{0}/{1}"),  # LlamaForCausalLM
 )
 # LAVIS's EVA ViT names its attention/MLP modules differently from transformers'.
 _LAVIS_VISION = {"attn/qkv": "self_attn/qkv", "attn/proj": "self_attn/projection"}
 
 
 def easyedit_site(name: str, strict: bool = True) -> str:
-    """`opt_model.model.decoder.layers.31.fc1.weight` -> `language_model/layers/31/fc1` (also transformers names).
+    """`opt_model.model.decoder.layers.31.fc1.weight` -> `language_model/layers/31/fc1` (also transformers names);
+    MiniGPT-4's `llama_model.model.layers.31.mlp.down_proj.weight` -> `language_model/layers/31/mlp/down_proj`.
 
     A name that is not a BLIP-2 linear layer we know raises a ValueError naming it; with `strict=False` it is
     translated generically instead (`.weight` dropped, `.` -> `/`), as for another model family's MEND checkpoint.
@@ -148,8 +153,9 @@ def easyedit_site(name: str, strict: bool = True) -> str:
     if not strict:
         return base.replace(".", "/")
     raise ValueError(
-        f"inner_params entry {name!r} is not a BLIP-2 linear layer we know (expected e.g. "
-        "'opt_model.model.decoder.layers.31.fc1.weight' or 'language_model.model.decoder.layers.31.fc1.weight')"
+        f"inner_params entry {name!r} is not a BLIP-2 or MiniGPT-4 linear layer we know (expected e.g. "
+        "'opt_model.model.decoder.layers.31.fc1.weight', 'language_model.model.decoder.layers.31.fc1.weight' or "
+        "'llama_model.model.layers.31.mlp.down_proj.weight')"
     )
 
 

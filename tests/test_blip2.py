@@ -235,8 +235,10 @@ def test_easyedit_site_names():
         "qformer/layers/10/output_query/dense"
     assert easyedit_site("visual_encoder.blocks.38.attn.qkv.weight") == "vision_model/layers/38/self_attn/qkv"
     assert easyedit_site("opt_proj.weight") == "language_projection"
-    with pytest.raises(ValueError, match="llama_model"):
-        easyedit_site("llama_model.model.layers.1.mlp.down_proj.weight")
+    # EasyEdit's MiniGPT-4 names (models/minigpt4.py) translate too; an unknown name is refused, named.
+    assert easyedit_site("llama_model.model.layers.1.mlp.down_proj.weight") == "language_model/layers/1/mlp/down_proj"
+    with pytest.raises(ValueError, match="t5_model"):
+        easyedit_site("t5_model.encoder.block.1.layer.1.DenseReluDense.wi.weight")
 
 
 def test_every_parameter_has_a_partition_rule(tmp_path):

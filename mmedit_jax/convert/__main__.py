@@ -5,6 +5,8 @@
       tokenizer/processor files copied beside it so `AutoTokenizer.from_pretrained(OUT)` works offline.
   python -m mmedit_jax.convert mend-easyedit ARGS...
       Import an EasyEdit-trained MEND checkpoint (see `mmedit_jax/convert/mend_easyedit.py`).
+  python -m mmedit_jax.convert minigpt4 --llama-dir D --projection F --blip2-dir D --out OUT
+      Assemble MiniGPT-4 from a LLaMA dir, its llama_proj .pth and a BLIP-2 dir (`mmedit_jax/convert/minigpt4.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 import sys
 import time
 
-SUBCOMMANDS = {"mend-easyedit": "mmedit_jax.convert.mend_easyedit"}
+SUBCOMMANDS = {"mend-easyedit": "mmedit_jax.convert.mend_easyedit", "minigpt4": "mmedit_jax.convert.minigpt4"}
 DTYPES = ("float32", "bfloat16")
 
 
@@ -36,7 +38,8 @@ def convert_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mmedit_jax.convert",
         description="Convert a Hugging Face BLIP-2 or LLaMA checkpoint directory into an mmedit_jax checkpoint.",
-        epilog="Subcommand: 'mend-easyedit ARGS...' imports an EasyEdit MEND checkpoint.",
+        epilog="Subcommands: 'mend-easyedit ARGS...' imports an EasyEdit MEND checkpoint; 'minigpt4 ARGS...' "
+               "assembles MiniGPT-4.",
     )
     parser.add_argument("--hf-dir", required=True,
                         help="Hugging Face BLIP-2 or LLaMA directory (config.json + weights)")

@@ -219,6 +219,79 @@ def _bin_header(path: str):
     return out
 
 
+class StateDictReader:
+    """The tensors of one state dict held in memory (a `CheckpointReader`'s interface: `keys`, `in`, `shapes`,
+    `dtypes`, `read`, `close`), e.g. the `model` entry of a LAVIS/MiniGPT-4 `.pth` file."""
+
+    def __init__(self, state: Mapping[str, Any], where: str):
+        import torch
+
+        self._state = state
+        self.shapes, self.dtypes = {}, {}
+        for key, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise ConversionError(f"entry {key!r} of {where} is not a tensor ({type(t).__name__})")
+            self.shapes[key] = tuple(t.shape)
+            self.dtypes[key] = np.dtype(ml_dtypes.bfloat16 if t.dtype == torch.bfloat16
+                                        else torch.empty((), dtype=t.dtype).numpy().dtype)
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._state
+
+    def read(self, key: str) -> np.ndarray:
+        return _torch_to_numpy(self._state[key])
+
+    def close(self):
+        pass
+
+
+def open_torch_state(path: str | os.PathLike, entry: str | None = "model") -> StateDictReader:
+    """The tensors of a torch `.pth` file (its `entry` dict, e.g. LAVIS's `{'model': state_dict}`; None: the
+    top level), read with torch's weights-only unpickler: a pickle that would build objects or run code is refused
+    (`ConversionError`), as for `.bin` checkpoints."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    sd = _torch_load(path)
+    if entry is not None:
+        if entry not in sd or not isinstance(sd[entry], Mapping):
+            raise ConversionError(f"{path} has no {entry!r} state dict (top-level keys: {_listing(map(str, sd))})")
+        sd = sd[entry]
+    return StateDictReader(sd, f"{path}[{entry!r}]" if entry else path)
+
+
+class MergedReader:
+    """Several readers as one, each key prefixed by its reader's name (`'llama:model.norm.weight'`), so one set of
+    rules and one `check_rules` cover a model assembled from several checkpoints."""
+
+    SEP = ":"
+
+    def __init__(self, parts: Mapping[str, Any]):
+        self.parts = dict(parts)
+        self.shapes, self.dtypes = {}, {}
+        for name, reader in self.parts.items():
+            for key in reader.keys():
+                self.shapes[f"{name}{self.SEP}{key}"] = reader.shapes[key]
+                self.dtypes[f"{name}{self.SEP}{key}"] = reader.dtypes[key]
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shapes
+
+    def read(self, key: str) -> np.ndarray:
+        name, _, inner = key.partition(self.SEP)
+        return self.parts[name].read(inner)
+
+    def close(self):
+        for reader in self.parts.values():
+            reader.close()
+
+
 def _index_files(index_path: str) -> list[str]:
     try:
         with open(index_path) as f:

@@ -18,8 +18,12 @@ tokenized with `add_special_tokens=False` (the 2024 wrapper adds no BOS); the pr
 shift, as the reference does).
 
 Layout (transformers-5 BLIP-2): an input with an image is `[image_token_id] * num_query_tokens + text ids`;
-the text-only `loc` input has no image slots. Each sub-batch is right-padded with the tokenizer's pad id to
-the smallest configured length bucket that fits, so a whole evaluation compiles to a few programs.
+the text-only `loc` input has no image slots. MiniGPT-4 (EasyEdit's `MiniGPT4.forward`) wraps the slots:
+`image_before + [image_token_id] * num_query_tokens + image_after + text ids` (the ids of `'###Human: <Img>'`
+and `'</Img> '`, each tokenized on its own), the whole block masked in the labels; text-only inputs stay bare.
+
+Each sub-batch is right-padded with the tokenizer's pad id to the smallest configured length bucket that fits,
+so a whole evaluation compiles to a few programs.
 
 Paper-era switches (arXiv v1-v4 numbers, EasyEdit Oct 2023): `paper_era_template` uses
 "Question: {} Short answer: " (trailing space) + the target without a leading space on templated inputs;
@@ -56,6 +60,7 @@ class CaseConfig:
       prepend_bos: paper-era BLIP-2 tokenization with BOS (counted in the prompt length).
       paper_era_template: "Question: {} Short answer: " + target without leading space.
       cond_max_length: KE `cond` length (the reference tokenizes with max_length=32, truncation).
+      image_before, image_after: ids around the image slots (MiniGPT-4's wrapper; empty for BLIP-2).
     """
 
     task: str
@@ -65,6 +70,13 @@ class CaseConfig:
     prepend_bos: bool = False
     paper_era_template: bool = False
     cond_max_length: int = 32
+    image_before: tuple[int, ...] = ()
+    image_after: tuple[int, ...] = ()
+
+    @property
+    def image_block(self) -> list[int]:
+        """The ids an input with an image starts with."""
+        return [*self.image_before, *[self.image_token_id] * self.num_query_tokens, *self.image_after]
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -248,7 +260,7 @@ def encode_inputs(
 
     rows, label_rows, image_ids = [], [], []
     for i, x in enumerate(inputs):
-        n_img = config.num_query_tokens if x.image is not None else 0
+        block = config.image_block if x.image is not None else []
         ids = bos + text_ids[i]
         labels = np.asarray(ids, np.int64)
         # Reference masking: pad ids in the text, then the prompt (BOS included when prepended).
@@ -258,8 +270,8 @@ def encode_inputs(
         if name in ACCURACY_INPUTS and not (labels != IGNORE_INDEX).any():
             raise ValueError(f"case {case_index[i]}, {name}: no answer tokens left after masking the prompt "
                              f"(text {x.text!r})")
-        rows.append([config.image_token_id] * n_img + ids)
-        label_rows.append([IGNORE_INDEX] * n_img + labels.tolist())
+        rows.append(block + ids)
+        label_rows.append([IGNORE_INDEX] * len(block) + labels.tolist())
         image_ids.append(images.index(x.image) if x.image is not None else -1)
 
     longest = max((len(r) for r in rows), default=0)
@@ -348,7 +360,7 @@ def input_lengths(records: Sequence[MMEditRecord], tok, config: CaseConfig) -> d
     out = {}
     for name in INPUT_NAMES:
         texts = [c[name] for c in per_case]
-        n_img = config.num_query_tokens if texts and texts[0].image is not None else 0
+        n_img = len(config.image_block) if texts and texts[0].image is not None else 0
         out[name] = np.asarray([len(ids) + n_img + extra for ids in _encode(tok, [t.text for t in texts])], np.int64)
     return out
 

@@ -39,10 +39,18 @@ class FTConfig:
     eps: float = 1e-8
 
 
-def ft_l_sites(num_layers: int, layers: tuple[int, ...] | None = None) -> tuple[str, ...]:
-    """FT-L's default sites: fc1 and fc2 of the last OPT layer (reference: layer 31 of OPT-2.7B)."""
+def ft_l_sites(num_layers: int, layers: tuple[int, ...] | None = None,
+               modules: tuple[str, ...] = ("fc1", "fc2")) -> tuple[str, ...]:
+    """FT-L's default sites: the MLP of the last layer (reference: fc1, fc2 of layer 31 of OPT-2.7B)."""
     layers = layers if layers is not None else (num_layers - 1,)
-    return tuple(f"language_model/layers/{i}/{n}" for i in layers for n in ("fc1", "fc2"))
+    return tuple(f"language_model/layers/{i}/{n}" for i in layers for n in modules)
+
+
+def mlp_modules(params) -> tuple[str, ...]:
+    """The MLP linears of the language model's layers: OPT's `fc1, fc2`, or LLaMA's `mlp/up_proj, mlp/down_proj`
+    (the two EasyEdit's MiniGPT-4 MEND edits)."""
+    layers = params["language_model"]["layers"]
+    return ("fc1", "fc2") if "fc1" in layers else ("mlp/up_proj", "mlp/down_proj")
 
 
 def ft_v_sites(params, stacks) -> tuple[str, ...]:

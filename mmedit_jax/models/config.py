@@ -39,6 +39,8 @@ class VisionConfig:
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    # `post_layernorm`'s eps when it differs from the layers' (MiniGPT-4's `ln_vision`: 1e-5); None: `layer_norm_eps`.
+    post_layernorm_eps: float | None = None
 
     @property
     def num_patches(self) -> int:
@@ -307,5 +309,43 @@ class LlamaConfig:
         return cls(**d)
 
 
+@dataclasses.dataclass(frozen=True)
+class MiniGPT4Config:
+    """MiniGPT-4 (EasyEdit's `MiniGPT4`): EVA ViT -> `ln_vision` -> Q-Former -> `llama_proj` -> LLaMA (Vicuna).
+
+    The vision and Q-Former configs are BLIP-2's (`post_layernorm` is LAVIS's `ln_vision`, eps 1e-5); `text` is
+    the LLaMA config. `image_token_index` marks the `num_query_tokens` image slots in `input_ids` (None: one past
+    the vocabulary, an id no token has). `prompt_before` / `prompt_after` are the wrapper around the image slots
+    (`'###Human: <Img><ImageHere></Img> '` split at the image), each tokenized on its own without BOS.
+    """
+
+    model_type: ClassVar[str] = "minigpt4"
+
+    vision: VisionConfig = VisionConfig(post_layernorm_eps=1e-5)
+    qformer: QFormerConfig = QFormerConfig()
+    text: LlamaConfig = LlamaConfig(vocab_size=32001)
+    num_query_tokens: int = 32
+    image_token_index: int | None = None
+    prompt_before: str = "###Human: <Img>"
+    prompt_after: str = "</Img> "
+
+    def __post_init__(self):
+        if self.image_token_index is None:
+            object.__setattr__(self, "image_token_index", self.text.vocab_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MiniGPT4Config:
+        return cls(vision=VisionConfig(**d["vision"]), qformer=QFormerConfig(**d["qformer"]),
+                   text=LlamaConfig(**d["text"]),
+                   **{k: d[k] for k in ("num_query_tokens", "image_token_index", "prompt_before", "prompt_after")})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
 # Converted checkpoints name their config by `model_type` (checkpoint.py).
-CONFIGS: dict[str, type] = {Blip2Config.model_type: Blip2Config, LlamaConfig.model_type: LlamaConfig}
+CONFIGS: dict[str, type] = {Blip2Config.model_type: Blip2Config, LlamaConfig.model_type: LlamaConfig,
+                            MiniGPT4Config.model_type: MiniGPT4Config}

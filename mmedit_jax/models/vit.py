@@ -165,7 +165,8 @@ class VisionModel(VisionModule):
         unit = self.unit()
         layers = self.param("layers", lambda r: init_stack(unit, r, cfg.num_hidden_layers, h[:1]))
         h, _, captured = run_stack(unit, layers, h, prefix=STACK_PREFIX, patch=patch, taps=taps, remat=self.remat)
-        h = layer_norm(cfg.layer_norm_eps, self.param_dtype, "post_layernorm")(h).astype(self.dtype)
+        eps = cfg.layer_norm_eps if cfg.post_layernorm_eps is None else cfg.post_layernorm_eps
+        h = layer_norm(eps, self.param_dtype, "post_layernorm")(h).astype(self.dtype)
         return h, captured
 
 
