@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mmedit_jax import training as T
-from mmedit_jax.case import INPUT_NAMES, take
+from mmedit_jax.case import take
 from mmedit_jax.editors import io
 from mmedit_jax.editors import serac_net as SN
 from mmedit_jax.editors.serac import SeracFns
@@ -70,10 +70,10 @@ def test_routing_math_matches_the_reference_formulas():
 
 
 def _outputs(fns: SeracFns, hard: SeracFns, edit, net, base_params, case):
-    """What the tests compare, for one case: routes of every input, the rephrase's base / empty-patch / SERAC /
-    counterfactual logits, and the hard-routed logits of the edit and loc inputs."""
+    """What the tests compare, for one case: routes of the edit, rephrase and loc inputs, the rephrase's base /
+    empty-patch / SERAC / counterfactual logits, and the hard-routed logits of the edit and loc inputs."""
     patch = edit(net, base_params, case, {})
-    out = {f"s_{n}": fns.route(base_params, patch, case.seq(n), case.image(n))[0] for n in INPUT_NAMES}
+    out = {f"s_{n}": fns.route(base_params, patch, case.seq(n), case.image(n))[0] for n in ("edit", "rephrase", "loc")}
     seq, img = case.rephrase, case.image("rephrase")
     mem = patch["memory"]
     out.update(
@@ -177,3 +177,17 @@ def test_save_load_round_trip(serac, tmp_path):
     io.save_serac(str(tmp_path / "bad"), cfg, jax.device_get(bad))
     with pytest.raises(ValueError, match="NaN"):
         io.load_serac(str(tmp_path / "bad"))
+
+
+def test_sequential_memory_routes_each_query_to_its_own_slot(serac):
+    """`prior` (an earlier SERAC patch) is appended to: the memory grows, each edit's text finds its own slot."""
+    model, tr, params, cases = serac
+    editor = tr.editor(params, {})
+    patch = {}
+    for i in range(3):
+        patch = editor.edit(params, model.params, take(cases, i), patch)
+    mem = patch["memory"]
+    assert mem.capacity == 3 and bool(np.all(np.asarray(mem.valid)))
+    for i in range(3):
+        s, c = editor.fns.route(model.params, patch, take(cases, i).edit, None)
+        assert int(c) == i and float(s) == pytest.approx(1.0)
