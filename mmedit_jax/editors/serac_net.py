@@ -9,13 +9,14 @@ counterfactual model with its image projection, the memory, and the mixture of b
   written (the reference re-encodes the whole cache on every forward), plus the slot's counterfactual context
   tokens `[C, Lc]`. What a slot holds is the edit input's text (prompt + answer, image slots and padding
   dropped): SERAC_MULTI caches the edit's `text_input`, and its classifier compares it with the query's
-  `text_input` (also prompt + answer), so a query identical to an edit has `s* = 1` exactly.
+  `text_input` (also prompt + answer), so a query identical to an edit has `s* = 1` exactly (generic SERAC's
+  `x_e [SEP] y_e [SEP]` memory text is commented out in SERAC_MULTI's `build_cls_cache_inputs`).
 * Counterfactual: an OPT decoder on `[projected image] + ctx[c*] + query` (image first, as SERAC_MULTI
   prepends its projected query outputs): built by permuting `concat(ctx, query)` so the query's image slots
   come first; padding anywhere is masked and positions come from `cumsum(mask)`, so shapes stay static. The
   logits are gathered back to the query's own positions, aligned with its labels. Deviation, stated: the
-  context and query are concatenated as token ids (no decode / re-encode round trip), so the query keeps its
-  own BOS between the two (the reference tokenises `ctx + " " + query` as one string).
+  context and query are concatenated as token ids (no decode / re-encode round trip), so each keeps the BOS
+  the base tokenizer gave it (the reference tokenises `ctx + " " + query` as one string without special tokens).
 * Image projection: `Linear(E_base -> E_cf)` from the base model's cached image embeddings (its own
   `language_projection` output, `[nq, E_base]`) rather than from the Q-Former outputs (`[nq, 768]`) as the
   reference: the composition of the frozen BLIP-2 projection (injective, 768 -> 2560) with a trained linear
