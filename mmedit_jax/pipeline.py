@@ -21,16 +21,17 @@ from mmedit_jax.data.mmedit import load_mmedit
 from mmedit_jax.editors import ft, ike
 from mmedit_jax.editors.base import Editor
 from mmedit_jax.editors.hparams import load_hparams
-from mmedit_jax.editors.io import load_ke, load_mend
+from mmedit_jax.editors.io import load_ke, load_mend, load_serac
 from mmedit_jax.editors.ke import make_ke
 from mmedit_jax.editors.mend import make_mend
+from mmedit_jax.editors.serac import make_serac
 from mmedit_jax.forward import Blip2Fns, fns_for
 from mmedit_jax.loading import from_pretrained
 from mmedit_jax.sites import easyedit_site
 from mmedit_jax.training.trainables import KINDS as TRAINABLE  # those `python -m mmedit_jax.train` trains
 from mmedit_jax.world import assets
 
-EDITORS = ("ft-l", "ft-v", "mend", "ke", "ike")  # every editor the CLIs and `build_editor` know
+EDITORS = ("ft-l", "ft-v", "mend", "ke", "serac", "ike")  # every editor the CLIs and `build_editor` know
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,6 +132,9 @@ def build_editor(name: str, model, hparams: dict | None = None, editor_ckpt: str
     if name == "ke":
         spec, net = load_ke(editor_ckpt)
         return make_ke(spec, fns_for(model, spec.sites, feature_cache), net)
+    if name == "serac":
+        cfg, net = load_serac(editor_ckpt)
+        return make_serac(cfg, fns_for(model, (), feature_cache), net)
     raise SystemExit(f"editor {name!r} is not available (choose from {', '.join(EDITORS)})")
 
 

@@ -397,7 +397,7 @@ def saved_ke(tmp_path):
 
 
 def test_shipped_editors_carry_checksums_and_verify():
-    for name in ("mend_vqa", "ke_vqa"):
+    for name in ("mend_vqa", "ke_vqa", "serac_vqa"):
         assert integrity.verify_checksums(os.path.join(assets.ASSETS, name)) >= 2
 
 

@@ -1,10 +1,11 @@
 """Saving and loading trained editors: one directory each, `spec.json` (format, config, sites, shapes) + `.npz`.
 
-Formats: `mmedit_jax.mend/1` (`params.npz`, `stats.npz`) and `mmedit_jax.ke/1` (`params.npz`). Parameter trees
-are flattened with `::` between keys (`tree.flatten`). A save ends with `checksums.json` (`integrity.py`), verified
-before a load (`verify=False` or `MMEDIT_JAX_SKIP_VERIFY=1` skips it; an editor saved before checksums existed
-loads with a warning). The trainer's own resumable checkpoints are Orbax (`checkpoint.py`); these files are what
-`evaluate --editor-ckpt` and `train --init-editor` read.
+Formats: `mmedit_jax.mend/1` (`params.npz`, `stats.npz`), `mmedit_jax.ke/1` and `mmedit_jax.serac/1`
+(`params.npz`: SERAC's classifier, counterfactual model and image projection; its config in `spec.json`).
+Parameter trees are flattened with `::` between keys (`tree.flatten`). A save ends with `checksums.json`
+(`integrity.py`), verified before a load (`verify=False` or `MMEDIT_JAX_SKIP_VERIFY=1` skips it; an editor
+saved before checksums existed loads with a warning). The trainer's own resumable checkpoints are Orbax
+(`checkpoint.py`); these files are what `evaluate --editor-ckpt` and `train --init-editor` read.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import numpy as np
 from mmedit_jax import integrity, tree
 from mmedit_jax.editors import ke_net as KN
 from mmedit_jax.editors import mend_net as MN
+from mmedit_jax.editors import serac_net as SN
 from mmedit_jax.editors.ke import KESpec, ke_spec
 
 SEP = "::"
 MEND_FORMAT = "mmedit_jax.mend/1"
 KE_FORMAT = "mmedit_jax.ke/1"
+SERAC_FORMAT = "mmedit_jax.serac/1"
 
 
 def _write(out_dir: str, meta: dict, arrays: Mapping[str, dict]) -> None:
@@ -116,8 +119,22 @@ def load_ke(out_dir: str, verify: bool | None = None) -> tuple[KESpec, dict]:
     return ke_spec(KN.KEConfig(**meta["config"]), _shapes(meta)), _read_arrays(out_dir, "params.npz")
 
 
+def save_serac(out_dir: str, cfg: SN.SeracConfig, params) -> None:
+    """Writes `spec.json` (the config) and `params.npz` under `out_dir`."""
+    _write(out_dir, {"format": SERAC_FORMAT, "config": cfg.to_json()}, {"params.npz": params})
+
+
+def load_serac(out_dir: str, verify: bool | None = None) -> tuple[SN.SeracConfig, dict]:
+    """`(config, params)` of what `save_serac` wrote (checksums checked first, see `verify_files`)."""
+    verify_files(out_dir, verify)
+    meta = read_spec(out_dir)
+    _check_format(out_dir, meta, SERAC_FORMAT)
+    return SN.SeracConfig.from_json(meta["config"]), _read_arrays(out_dir, "params.npz")
+
+
 def load_state(out_dir: str, verify: bool | None = None) -> tuple[str, object, dict, dict]:
-    """`(kind, spec, params, editor_state)` of any saved editor (`editor_state`: MEND's statistics, `{}` for KE)."""
+    """`(kind, spec, params, editor_state)` of any saved editor (`editor_state`: MEND's statistics, `{}` for KE and
+    SERAC; SERAC's `spec` is its `SeracConfig`)."""
     fmt = read_spec(out_dir).get("format")
     if fmt == MEND_FORMAT:
         spec, params, stats = load_mend(out_dir, verify)
@@ -125,4 +142,8 @@ def load_state(out_dir: str, verify: bool | None = None) -> tuple[str, object, d
     if fmt == KE_FORMAT:
         spec, params = load_ke(out_dir, verify)
         return "ke", spec, params, {}
-    raise ValueError(f"{out_dir}/spec.json: unknown editor format {fmt!r} (expected {MEND_FORMAT} or {KE_FORMAT})")
+    if fmt == SERAC_FORMAT:
+        cfg, params = load_serac(out_dir, verify)
+        return "serac", cfg, params, {}
+    raise ValueError(f"{out_dir}/spec.json: unknown editor format {fmt!r} (expected {MEND_FORMAT}, {KE_FORMAT} or "
+                     f"{SERAC_FORMAT})")

@@ -24,7 +24,7 @@ class TrainConfig:
     `ke_config_from_hparams` from the same YAML. Frozen and hashable: compiled programs are cached per config.
     """
 
-    alg: str = "MEND"  # MEND or KE
+    alg: str = "MEND"  # MEND, KE or SERAC
     inner_params: tuple[str, ...] = ()  # EasyEdit parameter names or our sites
     lr: float = 1e-6
     lr_lr: float | None = 1e-4
@@ -55,10 +55,15 @@ class TrainConfig:
     margin_kl: float = 1e-3  # the original's BART values: 1e-3 shrinking to 1e-5
     margin_kl_min: float = 1e-5
     lr_alpha: float = 0.1  # centered RMSprop on the multiplier, as the original
+    # SERAC: `supervised: true` trains with the SERAC paper's objective (`objective.serac_supervised_loss`:
+    # cedit * counterfactual NLL given the gold memory slot + cloc * balanced BCE of the scope classifier) and
+    # routes hard (`s* > 0.5`) unless `soft_weighting`; false (EasyEdit's every config): this trainer's objective
+    # through the soft mixture.
+    supervised: bool = False
 
     def __post_init__(self):
-        if self.alg.upper() not in ("MEND", "KE"):
-            raise ValueError(f"TrainConfig.alg={self.alg!r}: expected MEND or KE")
+        if self.alg.upper() not in ("MEND", "KE", "SERAC"):
+            raise ValueError(f"TrainConfig.alg={self.alg!r}: expected MEND, KE or SERAC")
         for f in ("batch_size", "val_batch_size", "accumulate_bs", "max_iters", "val_interval", "log_interval",
                   "ckpt_interval"):
             if getattr(self, f) < 1:

@@ -9,6 +9,9 @@ image rephrase and the two locality inputs, and the unedited model on the locali
 NLL over answer tokens, and the logged edit accuracies, go through `forward.teacher_forced`, as evaluation scores
 them (at the inputs' answer rows only, where the `Seq` carries them: the same values, the last layer and the head
 run R rows). KL(pre || post) is averaged over every non-pad position, so it takes the full logits (`losses`).
+
+SERAC trains with this objective through its soft mixture (EasyEdit: `supervised: false`); with `supervised: true`
+it takes the SERAC paper's instead (`serac_case_losses`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 
 from mmedit_jax.case import Case
 from mmedit_jax.editors import ke_net as KN
+from mmedit_jax.editors import serac_net as SN
 from mmedit_jax.eval import metrics as M
 from mmedit_jax.forward import ModelFns, teacher_forced
 from mmedit_jax.losses import answer_nll, kl_loc_loss, topk_rank_loss
@@ -55,12 +59,49 @@ def case_losses(fns: ModelFns, base_params, patch, case: Case, cfg: TrainConfig)
             "loss/image_loc": l_image_loc, "edit/acc": acc_edit, "image_rephrase/acc": acc_image, **rank}
 
 
+def serac_case_losses(fns, base_params, patch, case: Case, cfg: TrainConfig) -> dict:
+    """The SERAC paper's supervised terms of ONE case whose edit is the memory's only slot (`SupervisedTrainer`):
+    the counterfactual model's answer NLL on the rephrase (`cedit`) and the image rephrase (`iedit`) given the
+    gold slot (teacher forcing, whatever the classifier says), and the classifier's log-similarities of the
+    positives (rephrase, image rephrase) and negatives (loc, loc_image) to the edit (for `balanced_bce`)."""
+    net, memory = patch["net"], patch["memory"]
+    out = {}
+    for name, key in (("rephrase", "loss/edit"), ("image_rephrase", "loss/image_edit")):
+        seq, image = case.seq(name), case.image(name)
+        if image is not None and fns.uses_pixels:
+            image = fns.base.encode(base_params, {}, image[None])[0]
+        logits = SN.counterfactual_logits(fns.cfg, net, memory.ctx_ids[0], memory.ctx_mask[0], seq, image)
+        out[key] = answer_nll(logits, seq.labels)
+        out[f"{name}/acc"] = M.edit_accuracy(logits[None], seq.labels[None], cfg.exact_match)[0]
+    for name in ("rephrase", "image_rephrase", "loc", "loc_image"):
+        out[f"logsim/{name}"] = SN.scope_scores(fns.cfg, net, memory, case.seq(name))[0]
+    return out
+
+
+def serac_supervised_loss(per_case: dict, cfg: TrainConfig, w: jax.Array) -> dict:
+    """`cedit * NLL(rephrase) + iedit * NLL(image rephrase) + cloc * balanced_bce` from `serac_case_losses`,
+    with means weighted by `w` (0 on padding rows: the reference's boolean indexing as masked means)."""
+    mean = lambda v: jnp.sum(v * w)  # noqa: E731
+    pos = jnp.stack([per_case["logsim/rephrase"], per_case["logsim/image_rephrase"]])
+    neg = jnp.stack([per_case["logsim/loc"], per_case["logsim/loc_image"]])
+    l_cls = SN.balanced_bce(pos, neg, jnp.broadcast_to(w, pos.shape))
+    l_edit, l_image = mean(per_case["loss/edit"]), mean(per_case["loss/image_edit"])
+    total = cfg.cedit * l_edit + cfg.iedit * l_image + cfg.cloc * l_cls
+    return {"loss/total_edit": total, "loss/edit": l_edit, "loss/image_edit": l_image, "loss/cls": l_cls,
+            "edit/acc": mean(per_case["rephrase/acc"]), "image_rephrase/acc": mean(per_case["image_rephrase/acc"]),
+            "sims/pos": mean(jnp.exp(per_case["logsim/rephrase"])), "sims/neg": mean(jnp.exp(per_case["logsim/loc"]))}
+
+
 def batch_loss(trainable: Trainable, cfg: TrainConfig, params, state, base_params, cases: Case, weights: jax.Array,
                training: bool):
     """Weighted mean over the E cases of `case_losses` (weights 0 on padding rows). -> (loss, (state, metrics))."""
     patches, state = trainable.batch_patches(params, state, base_params, cases, training)
-    per_case = jax.vmap(lambda p, c: case_losses(trainable.fns, base_params, p, c, cfg))(patches, cases)
     w = weights.astype(jnp.float32) / jnp.maximum(jnp.sum(weights), 1.0)
+    if cfg.supervised:
+        per_case = jax.vmap(lambda p, c: serac_case_losses(trainable.fns, base_params, p, c, cfg))(patches, cases)
+        metrics = serac_supervised_loss(per_case, cfg, w)
+        return metrics["loss/total_edit"], (state, metrics)
+    per_case = jax.vmap(lambda p, c: case_losses(trainable.fns, base_params, p, c, cfg))(patches, cases)
     metrics = {k: jnp.sum(v * w) for k, v in per_case.items()}
     return metrics["loss/total_edit"], (state, metrics)
 

@@ -4,7 +4,9 @@ mode, the optax labels, the `Editor` it is at any point, saving it), built from 
 MEND's `batch_patches` in training mode first merges the whole batch's factors into its running input statistics
 (then normalises with them); in eval mode the statistics stay frozen. Deviation, stated: statistics are merged over
 the E edits of a step at once (the reference, at batch 1, merges one edit per iteration; with E = 1 they agree).
-KE conditions each case's patch on its `cond` tokens and has no running state (`{}`).
+KE conditions each case's patch on its `cond` tokens and has no running state (`{}`). SERAC's "patches" are its
+memories (`editors.serac`), each with the editor's networks, broadcast over the E edits of a step (the objective
+vmaps over patches; at the reference's batch size 1 that is one copy).
 """
 
 from __future__ import annotations
@@ -14,20 +16,24 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from mmedit_jax.case import Case
 from mmedit_jax.editors import io
 from mmedit_jax.editors import ke_net as KN
 from mmedit_jax.editors import mend_net as MN
+from mmedit_jax.editors import serac_net as SN
 from mmedit_jax.editors.base import Editor
 from mmedit_jax.editors.ke import KESpec, ke_case_patch, ke_spec, make_ke
 from mmedit_jax.editors.mend import capture_factors, make_mend
+from mmedit_jax.editors.serac import SeracFns, SeracSpec, make_serac
 from mmedit_jax.forward import ModelFns, fns_for
+from mmedit_jax.models.config import DistilBertConfig
 from mmedit_jax.patch import as_low_rank
 from mmedit_jax.sites import kernel_of, resolve_sites
 from mmedit_jax.training.config import TrainConfig, ke_config_from_hparams
 
-KINDS = ("mend", "ke")  # the editors meta-training trains
+KINDS = ("mend", "ke", "serac")  # the editors meta-training trains
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +108,62 @@ def ke_trainable(spec: KESpec, fns: ModelFns, embeddings: jax.Array) -> Trainabl
     )
 
 
+def serac_trainable(spec: SeracSpec, fns: SeracFns, counterfactual_params=None, classifier_params=None) -> Trainable:
+    """`counterfactual_params` / `classifier_params`: pretrained starting points (random without them)."""
+
+    def batch_patches(params, state, base_params, cases: Case, training: bool):
+        del base_params, training
+        memory = jax.vmap(lambda c: SN.write_memory(spec.cfg, params, c.edit))(cases)
+        e = memory.valid.shape[0]
+        net = jax.tree.map(lambda x: jnp.broadcast_to(x, (e, *x.shape)), params)
+        return {"net": net, "memory": memory}, state
+
+    def init(rng):
+        return SN.init_serac(rng, spec.cfg, counterfactual_params, classifier_params), {}
+
+    return Trainable(
+        name="serac", spec=spec, fns=fns, init=init, batch_patches=batch_patches,
+        make_editor=lambda p, st, check: make_serac(spec.cfg, fns.base, p),
+        labels=lambda p: jax.tree.map(lambda _: "net", p),
+        save=lambda d, p, st: io.save_serac(d, spec.cfg, jax.device_get(p)),
+    )
+
+
+def serac_config_from_hparams(model, hparams: dict, classifier=None) -> SN.SeracConfig:
+    """SERAC's layout for a `Blip2Model`: the counterfactual model's config is the base language model's (the
+    built-in default: a copy of it, as EasyEdit's `opt-125m` shares BLIP-2 OPT's tokenizer), the classifier a
+    DistilBERT over the base tokenizer's ids (`cls_dim`, `cls_layers`, `cls_heads`: our keys, for the small
+    worlds) unless `classifier` is given. Routing from EasyEdit's keys: hard only when `supervised` and not
+    `soft_weighting`."""
+    text = model.config.text
+    if int(hparams.get("dist_heads", 1)) != 1:
+        raise ValueError("SERAC: dist_heads > 1 is not implemented (every EasyEdit config uses 1)")
+    if hparams.get("cross_attend"):
+        raise ValueError("SERAC: cross_attend (the FNLI classifier) is not implemented")
+    if classifier is None:
+        dim = int(hparams.get("cls_dim", 64))
+        classifier = DistilBertConfig(
+            vocab_size=text.vocab_size, max_position_embeddings=text.max_position_embeddings,
+            n_layers=int(hparams.get("cls_layers", 2)), n_heads=int(hparams.get("cls_heads", 4)), dim=dim,
+            hidden_dim=4 * dim, pad_token_id=text.pad_token_id)
+    return SN.SeracConfig(
+        classifier=classifier, counterfactual=text, image_width=text.hidden_size,
+        image_token_id=int(model.config.image_token_index),
+        hard_routing=bool(hparams.get("supervised", False)) and not bool(hparams.get("soft_weighting", False)),
+        square=bool(hparams.get("square", True)), cos=bool(hparams.get("cos", False)),
+        bound_embeds=bool(hparams.get("bound_embeds", False)))
+
+
 def build_trainable(kind: str, model, hparams: dict, cfg: TrainConfig, feature_cache: bool = True) -> Trainable:
-    """A MEND or KE trainable for a `Blip2Model`: its sites from `cfg.inner_params` (EasyEdit names or ours,
-    checked against the model), its sizes from `hparams`, its forward from `forward.fns_for` (pixels when a
-    site is on the vision side or `feature_cache` is off, cached image embeddings otherwise)."""
+    """A MEND, KE or SERAC trainable for a `Blip2Model` (SERAC: `serac_config_from_hparams`, the counterfactual
+    model starting from the base language model's weights). MEND / KE: their sites from `cfg.inner_params`
+    (EasyEdit names or ours, checked against the model), its sizes from `hparams`, its forward from
+    `forward.fns_for` (pixels when a site is on the vision side or `feature_cache` is off, cached image
+    embeddings otherwise)."""
+    if kind == "serac":
+        spec = SeracSpec(serac_config_from_hparams(model, hparams))
+        return serac_trainable(spec, SeracFns(fns_for(model, (), feature_cache), spec.cfg),
+                               counterfactual_params=model.params["language_model"])
     sites = resolve_sites(cfg.inner_params, model.params, model.stacks)
     shapes = {s: tuple(kernel_of(model.params, s, model.stacks).shape) for s in sites}
     fns = fns_for(model, sites, feature_cache)
@@ -118,8 +176,8 @@ def build_trainable(kind: str, model, hparams: dict, cfg: TrainConfig, feature_c
 
 
 def load_editor_state(path: str, kind: str | None = None) -> tuple[dict, dict]:
-    """`(params, editor_state)` of a saved MEND or KE editor (`--init-editor`); with `kind`, the saved editor must
-    be of that kind."""
+    """`(params, editor_state)` of a saved MEND, KE or SERAC editor (`--init-editor`); with `kind`, the saved
+    editor must be of that kind."""
     saved, _, params, state = io.load_state(path)
     if kind is not None and saved != kind:
         raise ValueError(f"{path} holds a {saved.upper()} editor, not {kind.upper()}")

@@ -1,0 +1,234 @@
+"""SERAC's networks and routing math (EasyEdit's `SERAC_MULTI`; editors.md §3): the scope classifier, the
+counterfactual model with its image projection, the memory, and the mixture of base and counterfactual outputs.
+
+* Scope classifier: a BERT/DistilBERT `TextEncoder`; `e(text)` = its [CLS] (first-token) state (`tanh`-bounded
+  with `bound_embeds`). Log-similarity of a query to memory slot c: `-||e_q - e_c||^2 * scale` (`square: false`:
+  the unsquared norm; `cos: true`: `-(1 - cos)`), `scale` fixed at 1.0 as the reference's buffer, so
+  `s_c = exp(log-sim) in (0, 1]`. Invalid (unfilled) slots get `-inf`; `s* = max_c s_c`, `c* = argmax`.
+* Memory (`Memory`): fixed capacity C; each slot's classifier embedding is computed ONCE, when the edit is
+  written (the reference re-encodes the whole cache on every forward), plus the slot's counterfactual context
+  tokens `[C, Lc]`. What a slot holds is the edit input's text (prompt + answer, image slots and padding
+  dropped): SERAC_MULTI caches the edit's `text_input`, and its classifier compares it with the query's
+  `text_input` (also prompt + answer), so a query identical to an edit has `s* = 1` exactly (generic SERAC's
+  `x_e [SEP] y_e [SEP]` memory text is commented out in SERAC_MULTI's `build_cls_cache_inputs`).
+* Counterfactual: an OPT decoder on `[projected image] + ctx[c*] + query` (image first, as SERAC_MULTI
+  prepends its projected query outputs): built by permuting `concat(ctx, query)` so the query's image slots
+  come first; padding anywhere is masked and positions come from `cumsum(mask)`, so shapes stay static. The
+  logits are gathered back to the query's own positions, aligned with its labels. Deviation, stated: the
+  context and query are concatenated as token ids (no decode / re-encode round trip), so each keeps the BOS
+  the base tokenizer gave it (the reference tokenises `ctx + " " + query` as one string without special tokens).
+* Image projection: `Linear(E_base -> E_cf)` from the base model's cached image embeddings (its own
+  `language_projection` output, `[nq, E_base]`) rather than from the Q-Former outputs (`[nq, 768]`) as the
+  reference: the composition of the frozen BLIP-2 projection (injective, 768 -> 2560) with a trained linear
+  expresses any linear map of the Q-Former outputs, and it reuses the feature cache. EasyEdit's bug fixed:
+  its `language_projection` is never optimised and is re-initialised at random in every edited wrapper; here it
+  is an editor parameter, trained and saved with the rest.
+* Mixture: EasyEdit (`supervised: false`, every shipped config): `log((1 - s*) p_base + s* p_cf + eps)` with
+  eps = float32 eps; the SERAC paper (`supervised: true`, `soft_weighting: false`): hard routing, the
+  counterfactual logits where `s* > 0.5`, else the base logits. Both models always run (no data-dependent
+  branch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from mmedit_jax.case import Seq
+from mmedit_jax.models.bert import TextEncoder, cls_embedding
+from mmedit_jax.models.blip2 import splice_image_embeds
+from mmedit_jax.models.config import BertConfig, DistilBertConfig, OPTConfig
+from mmedit_jax.models.opt import OPTDecoder
+
+SCALE = 1.0  # the reference's `scale` buffer (never learned)
+EPS = float(np.finfo(np.float32).eps)  # the reference's `eps` default in `SERAC.forward`
+
+
+@dataclasses.dataclass(frozen=True)
+class SeracConfig:
+    """The static layout of a SERAC editor (hashable).
+
+    classifier / counterfactual: the two networks' configs. image_width: E of the base model's image embeddings
+    (the projection's input). image_token_id: the base model's image placeholder id in `input_ids`.
+    hard_routing: the SERAC paper's `s* > 0.5` switch (EasyEdit: `supervised and not soft_weighting`) instead of
+    the soft mixture. square / cos / bound_embeds: EasyEdit's distance keys.
+    """
+
+    classifier: DistilBertConfig | BertConfig
+    counterfactual: OPTConfig
+    image_width: int
+    image_token_id: int
+    hard_routing: bool = False
+    square: bool = True
+    cos: bool = False
+    bound_embeds: bool = False
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["classifier_kind"] = "distilbert" if isinstance(self.classifier, DistilBertConfig) else "bert"
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> SeracConfig:
+        d = dict(d)
+        kind = d.pop("classifier_kind", "distilbert")
+        cls_cfg = (DistilBertConfig if kind == "distilbert" else BertConfig)(**d.pop("classifier"))
+        return cls(classifier=cls_cfg, counterfactual=OPTConfig(**d.pop("counterfactual")), **d)
+
+
+@struct.dataclass
+class Memory:
+    """Fixed-capacity SERAC memory (add a leading `[E]` axis for a batch of independent memories).
+
+    keys `[C, D]`: classifier embeddings of the slots' texts; ctx_ids / ctx_mask `[C, Lc]`: their counterfactual
+    context tokens (mask 0 on padding and image slots); valid `[C]` bool: filled slots.
+    """
+
+    keys: jax.Array
+    ctx_ids: jax.Array
+    ctx_mask: jax.Array
+    valid: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return int(self.valid.shape[-1])
+
+
+def append(memory: Memory, new: Memory) -> Memory:
+    """`memory` followed by `new`'s slots (sequential editing: capacity grows by `new.capacity`)."""
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), memory, new)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters.
+
+
+def init_serac(rng, cfg: SeracConfig, counterfactual_params=None, classifier_params=None) -> dict:
+    """`{"classifier", "counterfactual", "projection": {"kernel", "bias"}}`; the networks random unless given.
+    The projection starts as the identity where the widths agree (a counterfactual that is a copy of the base
+    language model then sees the images as the base does), else `normal(0.02)`."""
+    k_cls, k_cf, k_proj = jax.random.split(rng, 3)
+    if classifier_params is None:
+        ids = jnp.zeros((1, 4), jnp.int32)
+        classifier_params = TextEncoder(cfg.classifier).init(k_cls, ids)["params"]
+    if counterfactual_params is None:
+        emb = jnp.zeros((1, 4, cfg.counterfactual.embed_dim), jnp.float32)
+        counterfactual_params = OPTDecoder(cfg.counterfactual).init(k_cf, emb, jnp.ones((1, 4), jnp.int32))["params"]
+    d_in, d_out = cfg.image_width, cfg.counterfactual.embed_dim
+    kernel = (jnp.eye(d_in, dtype=jnp.float32) if d_in == d_out
+              else 0.02 * jax.random.normal(k_proj, (d_in, d_out), jnp.float32))
+    return {"classifier": classifier_params, "counterfactual": counterfactual_params,
+            "projection": {"kernel": kernel, "bias": jnp.zeros((d_out,), jnp.float32)}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Scope classifier and routing.
+
+
+def text_tokens(cfg: SeracConfig, seq: Seq) -> tuple[jax.Array, jax.Array]:
+    """An input's text tokens, packed to the front: `(ids [L], mask [L])` (image slots and padding dropped)."""
+    keep = seq.attention_mask.astype(bool) & (seq.input_ids != cfg.image_token_id)
+    order = jnp.argsort(~keep, stable=True)
+    return seq.input_ids[order], keep[order].astype(jnp.int32)
+
+
+def embed(cfg: SeracConfig, classifier_params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """The classifier embedding `[D]` of one text `ids [L]` (packed to the front): its [CLS] state."""
+    h, _ = TextEncoder(cfg.classifier).apply({"params": classifier_params}, ids[None], mask[None])
+    e = cls_embedding(h)[0]
+    return jnp.tanh(e) if cfg.bound_embeds else e
+
+
+def log_similarity(cfg: SeracConfig, query: jax.Array, keys: jax.Array, valid: jax.Array) -> jax.Array:
+    """`[C]` log-similarities of the query embedding `[D]` to the memory keys `[C, D]`; `-inf` at invalid slots."""
+    if cfg.cos:
+        cos = keys @ query / (jnp.linalg.norm(keys, axis=-1) * jnp.linalg.norm(query) + 1e-12)
+        dist = 1.0 - cos
+    else:
+        dist = jnp.sum(jnp.square(keys - query[None]), axis=-1)
+        if not cfg.square:
+            dist = jnp.sqrt(jnp.maximum(dist, 1e-12))
+    return jnp.where(valid, -dist * SCALE, -jnp.inf)
+
+
+def route(log_sim: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(s* = exp(max log-sim), c* = argmax)`; an all-invalid memory gives `s* = 0`."""
+    return jnp.exp(jnp.max(log_sim)), jnp.argmax(log_sim)
+
+
+def balanced_bce(pos: jax.Array, neg: jax.Array, w: jax.Array) -> jax.Array:
+    """The SERAC paper's classifier loss (`losses.py: balanced_bce`) on log-similarities:
+    `mean_pos[-log s] + mean_neg[-log(1 - s)]`, each a mean weighted by `w` (same shape; weights normalised
+    per side, so masked rows drop out, as the reference's boolean indexing)."""
+    w = w.astype(jnp.float32)
+    wmean = lambda x: jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1e-12)  # noqa: E731
+    s_neg = jnp.minimum(jnp.exp(neg), 1.0 - 1e-6)
+    return wmean(-pos) + wmean(-jnp.log1p(-s_neg))
+
+
+def mix(cfg: SeracConfig, base_logits: jax.Array, cf_logits: jax.Array, s: jax.Array) -> jax.Array:
+    """The routed output `[L, V]`: hard `where(s > 0.5, cf, base)`, or the soft mixture's log-probabilities
+    `log((1 - s) softmax(base) + s softmax(cf) + eps)`."""
+    if cfg.hard_routing:
+        return jnp.where(s > 0.5, cf_logits, base_logits)
+    p = (1.0 - s) * jax.nn.softmax(base_logits, axis=-1) + s * jax.nn.softmax(cf_logits, axis=-1)
+    return jnp.log(p + EPS)
+
+
+# --------------------------------------------------------------------------------------------------
+# The memory and the counterfactual model.
+
+
+def write_memory(cfg: SeracConfig, net: dict, edit: Seq) -> Memory:
+    """A capacity-1 memory holding one edit: its text's classifier embedding (computed once, here) and its text
+    as counterfactual context."""
+    ids, mask = text_tokens(cfg, edit)
+    key = embed(cfg, net["classifier"], ids, mask)
+    return Memory(keys=key[None], ctx_ids=ids[None], ctx_mask=mask[None], valid=jnp.ones((1,), bool))
+
+
+def counterfactual_logits(cfg: SeracConfig, net: dict, ctx_ids: jax.Array, ctx_mask: jax.Array, seq: Seq,
+                          image: jax.Array | None) -> jax.Array:
+    """Counterfactual logits `[L, V]` at the query's positions, for `[projected image] + ctx + query`.
+
+    ctx_ids / ctx_mask `[Lc]`; seq: the query (`[nq]` image slots + text + right padding); image: the base
+    model's embeddings of the query's image `[nq, E_base]` (None for a text-only query).
+    """
+    lc = ctx_ids.shape[0]
+    ids = jnp.concatenate([ctx_ids, seq.input_ids])
+    mask = jnp.concatenate([ctx_mask.astype(jnp.int32), seq.attention_mask.astype(jnp.int32)])
+    is_image = jnp.concatenate([jnp.zeros((lc,), bool), seq.input_ids == cfg.image_token_id])
+    order = jnp.argsort(~is_image, stable=True)  # image slots first, then the context, then the query's text
+    where_now = jnp.argsort(order)[lc:]  # the query's positions in the permuted sequence
+    ids, mask = ids[order], mask[order]
+    decoder = OPTDecoder(cfg.counterfactual)
+    params = {"params": net["counterfactual"]}
+    embeds = decoder.apply(params, jnp.clip(ids, 0, cfg.counterfactual.vocab_size - 1)[None], method="embed")
+    if image is not None:
+        projected = image.astype(jnp.float32) @ net["projection"]["kernel"] + net["projection"]["bias"]
+        embeds = splice_image_embeds(embeds, ids[None], projected[None], cfg.image_token_id)
+    logits, _ = decoder.apply(params, embeds, mask[None])
+    return logits[0][where_now]
+
+
+def serac_logits(cfg: SeracConfig, net: dict, memory: Memory, seq: Seq, image, base_logits: jax.Array,
+                 return_route: bool = False) -> Any:
+    """The edited model's output `[L, V]` on one query: classifier on the query's text, counterfactual on the
+    nearest slot's context + the query, routed against `base_logits` (`mix`). With `return_route`, also
+    `(s*, c*)`."""
+    ids, mask = text_tokens(cfg, seq)
+    s, c = route(log_similarity(cfg, embed(cfg, net["classifier"], ids, mask), memory.keys, memory.valid))
+    cf = counterfactual_logits(cfg, net, memory.ctx_ids[c], memory.ctx_mask[c], seq, image)
+    out = mix(cfg, base_logits, cf, s)
+    return (out, (s, c)) if return_route else out
+
+
+def scope_scores(cfg: SeracConfig, net: dict, memory: Memory, seq: Seq) -> jax.Array:
+    """`[C]` log-similarities of one query's text to every slot (the classifier alone)."""
+    ids, mask = text_tokens(cfg, seq)
+    return log_similarity(cfg, embed(cfg, net["classifier"], ids, mask), memory.keys, memory.valid)
