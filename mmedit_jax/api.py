@@ -405,7 +405,7 @@ def from_pretrained(path: str | os.PathLike = WORLD, dtype: Any = jnp.float32, i
         raise FileNotFoundError(f"the built-in world model is missing ({directory}); rebuild it with "
                                 "`python -m mmedit_jax.world.build`")
     base = loading.from_pretrained(directory, dtype=dtype, image_size=image_size, verify=verify)
-    if not isinstance(base, Blip2Model):  # `Model` (question answering, editors by image and text) is BLIP-2's
+    if type(base) is not Blip2Model:  # `Model` (question answering, editors by image and text) is BLIP-2's only
         raise ValueError(f"{path} holds a {base.config.model_type} model: mmedit_jax.from_pretrained serves BLIP-2 "
                          f"models; load it with mmedit_jax.loading.from_pretrained (-> {type(base).__name__})")
     tok_obj = None if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) else tokenizer

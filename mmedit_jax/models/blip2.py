@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmedit_jax.models import generate as generate_lib
 from mmedit_jax.models import opt as opt_lib
 from mmedit_jax.models import qformer as qformer_lib
 from mmedit_jax.models import vit as vit_lib
@@ -68,23 +69,34 @@ class Blip2(nn.Module):
 
     def setup(self):
         cfg = self.config
+        kw = self.setup_vision_side()
+        # transformers projects to the text `hidden_size` (its checkpoints' shape), not `word_embed_proj_dim`.
+        self.language_projection = PatchableDense(cfg.text.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.language_model = opt_lib.OPTDecoder(cfg.text, **kw)
+
+    def setup_vision_side(self) -> dict:
+        """The ViT, the learned queries and the Q-Former (BLIP-2's and MiniGPT-4's alike); -> the submodules'
+        dtype keywords."""
+        cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
         self.vision_model = vit_lib.VisionModel(cfg.vision, **kw)
         self.query_tokens = self.param("query_tokens", nn.initializers.normal(0.02),
                                        (1, cfg.num_query_tokens, cfg.qformer.hidden_size), self.param_dtype)
         self.qformer = qformer_lib.QFormer(cfg.qformer, **kw)
-        # transformers projects to the text `hidden_size` (its checkpoints' shape), not `word_embed_proj_dim`.
-        self.language_projection = PatchableDense(cfg.text.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
-        self.language_model = opt_lib.OPTDecoder(cfg.text, **kw)
+        return kw
 
     def encode_image(self, pixel_values: jax.Array, patch: dict | None = None, taps: dict | None = None):
         image_features, cap_v = self.vision_model(pixel_values, patch=patch, taps=taps)
         b = image_features.shape[0]
         queries = jnp.broadcast_to(self.query_tokens, (b, *self.query_tokens.shape[1:]))
         query_out, cap_q = self.qformer(queries, image_features, patch=patch, taps=taps)
+        embeds, cap_p = self.project(query_out, patch, taps)
+        return embeds, {**cap_v, **cap_q, **cap_p}
+
+    def project(self, query_out, patch=None, taps=None):
+        """Q-Former outputs `[B, nq, Dq]` -> the language model's width, `(embeds, captured)`."""
         view = EditView(patch or {}, taps or {}, "language_projection")
-        embeds = self.language_projection(query_out, view)
-        return embeds, {**cap_v, **cap_q, **view.captured}
+        return self.language_projection(query_out, view), view.captured
 
     def embed_inputs(self, input_ids, image_embeds=None):
         """Token embeddings with the image tokens' rows replaced by `image_embeds` (when given)."""
@@ -122,6 +134,16 @@ class Blip2(nn.Module):
         """From `text_prefix`'s hidden states `h [B, L, D]`: layers `start ..` and the head -> (logits, captured)."""
         return self.language_model.resume(h, attention_mask, start, patch=patch, taps=taps, rows=rows)
 
+    def generation_positions(self, attention_mask):
+        """Positions of a left-padded prompt `[B, L]` in generation: OPT's, from the mask."""
+        return opt_lib.position_ids(attention_mask)
+
+    def cache_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        """The KV cache's keys (or values): `[layers, B, T, heads, head_dim]`."""
+        cfg = self.config.text
+        heads = cfg.num_attention_heads
+        return (cfg.num_hidden_layers, batch, length, heads, cfg.hidden_size // heads)
+
     def decode(self, inputs_embeds, positions, cache, cache_index, key_mask, patch=None):
         """Runs new tokens through the language model with a KV cache: -> (logits, new cache)."""
         mask = jnp.ones(inputs_embeds.shape[:2], jnp.int32)
@@ -136,50 +158,14 @@ class Blip2(nn.Module):
 
 def greedy_generate(module: Blip2, params, input_ids, attention_mask, image_embeds, *, max_new_tokens: int,
                     eos_token_id: int | None, pad_token_id: int, patch=None):
-    """Greedy decoding of left-padded prompts. input_ids `[B, L]` -> new token ids `[B, max_new_tokens]`.
-
-    After a row emits `eos_token_id`, the rest of the row is `pad_token_id` (as transformers' `generate`);
-    the loop stops early when every row is done.
-    """
-    cfg = module.config.text
-    b, length = input_ids.shape
-    total = length + max_new_tokens
-    heads = cfg.num_attention_heads
-    head_dim = cfg.hidden_size // heads
-    shape = (cfg.num_hidden_layers, b, total, heads, head_dim)
-    cache = (jnp.zeros(shape, module.dtype), jnp.zeros(shape, module.dtype))
-    key_mask = jnp.zeros((b, total), jnp.int32).at[:, :length].set(attention_mask.astype(jnp.int32))
+    """Greedy decoding of left-padded prompts. input_ids `[B, L]` -> new token ids `[B, max_new_tokens]`
+    (`generate.greedy_generate` at the module's `generation_positions`). `module`: `Blip2` or a subclass."""
     apply = functools.partial(module.apply, {"params": params})
-
     embeds = apply(input_ids, image_embeds, method="embed_inputs")
-    positions = opt_lib.position_ids(attention_mask)
-    logits, cache = apply(embeds, positions, cache, 0, key_mask, patch, method="decode")
-    next_pos = positions[:, -1] + 1
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-
-    tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
-    done = jnp.zeros((b,), bool) if eos_token_id is None else first == eos_token_id
-
-    def cond(state):
-        step, _, _, _, done, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, tokens, cache, key_mask, done, pos = state
-        prev = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1, keepdims=True)  # [B, 1]
-        slot = length + step - 1
-        key_mask = jax.lax.dynamic_update_slice_in_dim(key_mask, jnp.ones((b, 1), jnp.int32), slot, axis=1)
-        x = apply(prev, method="embed_inputs")
-        logits, cache = apply(x, pos[:, None], cache, slot, key_mask, patch, method="decode")
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, pad_token_id, nxt)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], step, axis=1)
-        if eos_token_id is not None:
-            done = done | (nxt == eos_token_id)
-        return step + 1, tokens, cache, key_mask, done, pos + 1
-
-    state = (jnp.asarray(1), tokens, cache, key_mask, done, next_pos)
-    return jax.lax.while_loop(cond, body, state)[1]
+    return generate_lib.greedy_generate(module, params, embeds, attention_mask,
+                                        apply(attention_mask, method="generation_positions"),
+                                        max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                        pad_token_id=pad_token_id, patch=patch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -190,12 +176,15 @@ class Blip2Model:
     """Config + parameters + module. `model(pixel_values [B, 3, H, W] | None, input_ids, attention_mask)` ->
     logits `[B, L, V]` aligned with `input_ids`, as transformers' `Blip2ForConditionalGeneration`."""
 
+    module_class = Blip2
+    stacks_of = staticmethod(stacks_of)
+
     def __init__(self, config: Blip2Config, params, dtype: Any = jnp.float32, remat: bool = False):
         self.config = config
         self.params = params
         self.dtype = jnp.dtype(dtype)
-        self.module = Blip2(config, dtype=self.dtype, param_dtype=self.dtype, remat=remat)
-        self.stacks = stacks_of(config)
+        self.module = self.module_class(config, dtype=self.dtype, param_dtype=self.dtype, remat=remat)
+        self.stacks = self.stacks_of(config)
         self._forward = jax.jit(self._forward_impl)
         self._encode = jax.jit(self._encode_impl)
         self._generate = jax.jit(self._generate_impl, static_argnames=("max_new_tokens", "eos_token_id",
@@ -205,14 +194,18 @@ class Blip2Model:
     def init(cls, config: Blip2Config, rng: jax.Array, dtype: Any = jnp.float32, remat: bool = False) -> Blip2Model:
         """Randomly initialised parameters (shapes only matter to conversion; values to tests and pretraining)."""
         dtype = jnp.dtype(dtype)
-        module = Blip2(config, dtype=dtype, param_dtype=dtype)
+        module = cls.module_class(config, dtype=dtype, param_dtype=dtype)
         s = config.vision.image_size
         pixels = jnp.zeros((1, s, s, 3), dtype)
-        ids = jnp.zeros((1, config.num_query_tokens + 1), jnp.int32)
-        if config.image_token_index is not None:
-            ids = ids.at[:, : config.num_query_tokens].set(config.image_token_index)
+        ids = jnp.asarray([cls.init_ids(config)], jnp.int32)
         params = jax.jit(module.init)(rng, ids, jnp.ones_like(ids), pixel_values=pixels)["params"]
         return cls(config, params, dtype=dtype, remat=remat)
+
+    @staticmethod
+    def init_ids(config) -> list[int]:
+        """A prompt that runs every part once (`init`): the image tokens and one text token."""
+        image = [] if config.image_token_index is None else [config.image_token_index] * config.num_query_tokens
+        return image + [0] * (1 if image else config.num_query_tokens + 1)
 
     @staticmethod
     def _nhwc(pixel_values):
