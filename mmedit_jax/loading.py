@@ -9,7 +9,6 @@ stays near the model's size) by the rules of its `model_type` (`FAMILIES`: `blip
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from mmedit_jax import checkpoint
 from mmedit_jax.convert.blip2 import blip2_rules
-from mmedit_jax.convert.engine import apply_rules, iter_rules, open_checkpoint
+from mmedit_jax.convert.engine import apply_rules, iter_rules, open_checkpoint, read_hf_json
 from mmedit_jax.convert.llama import llama_rules
 from mmedit_jax.models.blip2 import Blip2Model
 from mmedit_jax.models.config import Blip2Config, LlamaConfig, MiniGPT4Config
@@ -51,14 +50,7 @@ def model_class(config):
 def read_hf_config(hf_dir: str | os.PathLike) -> Blip2Config | LlamaConfig:
     """The config (`Blip2Config` or `LlamaConfig`) of a Hugging Face directory's `config.json`; errors name the
     file."""
-    file = os.path.join(hf_dir, HF_CONFIG)
-    try:
-        with open(file) as f:
-            d = json.load(f)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{file} is missing: not a Hugging Face model directory") from e
-    except ValueError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    file, d = read_hf_json(hf_dir, HF_CONFIG)
     if d.get("model_type") not in FAMILIES:
         raise ValueError(f"{file}: model_type is {d.get('model_type')!r}, expected one of {sorted(FAMILIES)}")
     return FAMILIES[d["model_type"]][0].from_hf(d)

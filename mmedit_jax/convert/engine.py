@@ -306,6 +306,19 @@ def _index_files(index_path: str) -> list[str]:
     return [os.path.join(folder, name) for name in files]
 
 
+def read_hf_json(directory: str | os.PathLike, name: str = "config.json") -> tuple[str, dict]:
+    """A Hugging Face directory's `config.json` (or `name`), parsed: -> `(its path, the dict)`; a missing or
+    malformed file is an error naming it."""
+    file = os.path.join(directory, name)
+    try:
+        with open(file) as f:
+            return file, json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{file} is missing: not a Hugging Face model directory") from e
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+
+
 def checkpoint_files(path: str | os.PathLike) -> list[str]:
     """The tensor files of a checkpoint: a file itself, or a directory's (sharded) safetensors or .bin."""
     path = os.fspath(path)

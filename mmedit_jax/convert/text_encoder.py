@@ -12,14 +12,13 @@ LayerNorm names (`gamma`/`beta`, older BERT saves) are read as `weight`/`bias`. 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mmedit_jax.convert.engine import CheckpointReader, ConversionError, apply_rules, open_checkpoint
+from mmedit_jax.convert.engine import CheckpointReader, ConversionError, apply_rules, open_checkpoint, read_hf_json
 from mmedit_jax.convert.rules import Rule, plain, stacked
 from mmedit_jax.models.bert import TextEncoder
 from mmedit_jax.models.config import BertConfig, DistilBertConfig
@@ -108,14 +107,7 @@ def text_encoder_rules(config: EncoderConfig, keys) -> tuple[list[Rule], dict[st
 
 def read_encoder_config(path: str | os.PathLike) -> EncoderConfig:
     """`BertConfig` or `DistilBertConfig` from a Hugging Face directory's `config.json` (by its `model_type`)."""
-    file = os.path.join(path, "config.json")
-    try:
-        with open(file) as f:
-            d = json.load(f)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{file} is missing: not a Hugging Face model directory") from e
-    except ValueError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    file, d = read_hf_json(path)
     kinds = {"bert": BertConfig, "distilbert": DistilBertConfig}
     if d.get("model_type") not in kinds:
         raise ValueError(f"{file}: model_type is {d.get('model_type')!r}, expected one of {sorted(kinds)}")
