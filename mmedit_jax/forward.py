@@ -150,6 +150,38 @@ class Blip2Fns:
         return self.resume(params, patch, seq, h, start)[0]
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutedFns:
+    """Base of a `ModelFns` whose patch is not a weight change but something `forward` routes the base model
+    through (SERAC's memory, IKE's context): images as `base` takes them, no frozen-prefix split. Subclasses
+    define `forward`; `{}` as the patch must give `base` itself."""
+
+    base: ModelFns
+
+    @property
+    def uses_pixels(self) -> bool:
+        return self.base.uses_pixels
+
+    @property
+    def supports_prefix(self) -> bool:
+        return False  # the patch acts below every layer (a context) or beside the stack (a memory)
+
+    def image_table(self, params, pixels: np.ndarray) -> np.ndarray:
+        return self.base.image_table(params, pixels)
+
+    def logits(self, params, patch, seq: Seq, image) -> jax.Array:
+        return self.forward(params, patch, seq, image)[0]
+
+    def prefix(self, params, seq: Seq, image, stop: int):
+        raise ValueError(f"{type(self).__name__} has no frozen-prefix split (supports_prefix is False)")
+
+    def resume(self, params, patch, seq: Seq, h, start: int, taps=None, rows=None):
+        raise ValueError(f"{type(self).__name__} has no frozen-prefix split (supports_prefix is False)")
+
+    def resume_logits(self, params, patch, seq: Seq, h, start: int):
+        raise ValueError(f"{type(self).__name__} has no frozen-prefix split (supports_prefix is False)")
+
+
 def fns_for(model, sites, feature_cache: bool = True) -> Blip2Fns:
     """The single-example forward an editor (or trainer) of `sites` runs on `model` (a `Blip2Model` or
     `MiniGPT4Model`): pixels when it edits the vision side or the feature cache is off, cached image embeddings

@@ -41,7 +41,7 @@ import numpy as np
 from mmedit_jax.case import Case, Seq
 from mmedit_jax.data.cases import case_inputs
 from mmedit_jax.editors.base import Editor
-from mmedit_jax.forward import ModelFns
+from mmedit_jax.forward import ModelFns, RoutedFns
 from mmedit_jax.models.bert import TextEncoder, sentence_embedding
 
 Embed = Callable[[Sequence[str]], np.ndarray]  # sentences -> [n, D] float32 (normalised by `retrieve`)
@@ -278,25 +278,13 @@ def input_budgets(cases: Case, limit: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class InContextFns:
+class InContextFns(RoutedFns):
     """A `ModelFns` that prepends a context: `patch = {"context_ids": [Lc], "context_mask": [Lc]}` runs
     `base` on `[image slots][context][text]` (the context after the `num_query_tokens` image slots of an input
     that shows an image, first otherwise) and returns logits at the input's own L positions; `patch = {}` is
     `base` itself. Weight patches are not taken (IKE changes no weight)."""
 
-    base: ModelFns
     num_query_tokens: int
-
-    @property
-    def uses_pixels(self) -> bool:
-        return self.base.uses_pixels
-
-    @property
-    def supports_prefix(self) -> bool:
-        return False  # the context sits below every layer; a KV prefix cache is not implemented
-
-    def image_table(self, params, pixels):
-        return self.base.image_table(params, pixels)
 
     def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):
         if not patch:
@@ -312,18 +300,6 @@ class InContextFns:
         logits, captured = self.base.forward(params, {}, full, image, taps=taps)
         at = jnp.concatenate([jnp.arange(n), n + lc + jnp.arange(length - n)])
         return logits[at], captured
-
-    def logits(self, params, patch, seq: Seq, image):
-        return self.forward(params, patch, seq, image)[0]
-
-    def prefix(self, params, seq, image, stop):
-        raise NotImplementedError("InContextFns has no prefix cache (supports_prefix is False)")
-
-    def resume(self, params, patch, seq, h, start, taps=None, rows=None):
-        raise NotImplementedError("InContextFns has no prefix cache (supports_prefix is False)")
-
-    def resume_logits(self, params, patch, seq, h, start):
-        raise NotImplementedError("InContextFns has no prefix cache (supports_prefix is False)")
 
 
 def ike_edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dict:

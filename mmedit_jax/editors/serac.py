@@ -17,12 +17,11 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 
 from mmedit_jax.case import Case, Seq
 from mmedit_jax.editors import serac_net as SN
 from mmedit_jax.editors.base import Editor
-from mmedit_jax.forward import Blip2Fns
+from mmedit_jax.forward import Blip2Fns, RoutedFns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,22 +33,10 @@ class SeracSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class SeracFns:
-    """The base model's forward, routed through a SERAC memory when the patch holds one."""
+class SeracFns(RoutedFns):
+    """The base model's forward, routed through a SERAC memory when the patch holds one (`base`: a `Blip2Fns`)."""
 
-    base: Blip2Fns
     cfg: SN.SeracConfig
-
-    @property
-    def uses_pixels(self) -> bool:
-        return self.base.uses_pixels
-
-    @property
-    def supports_prefix(self) -> bool:
-        return False
-
-    def image_table(self, params, pixels: np.ndarray) -> np.ndarray:
-        return self.base.image_table(params, pixels)
 
     def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):
         if not patch:
@@ -63,23 +50,11 @@ class SeracFns:
         logits = SN.serac_logits(self.cfg, patch["net"], patch["memory"], seq, embeds, base_logits)
         return (logits if rows is None else logits[rows]), {}
 
-    def logits(self, params, patch, seq: Seq, image) -> jax.Array:
-        return self.forward(params, patch, seq, image)[0]
-
     def route(self, params, patch, seq: Seq, image) -> tuple[jax.Array, jax.Array]:
         """`(s*, c*)` of one query against the patch's memory."""
         del params, image
         scores = SN.scope_scores(self.cfg, patch["net"], patch["memory"], seq)
         return SN.route(scores)
-
-    def prefix(self, params, seq, image, stop):
-        raise ValueError("SeracFns has no frozen-prefix split")
-
-    def resume(self, params, patch, seq, h, start, taps=None, rows=None):
-        raise ValueError("SeracFns has no frozen-prefix split")
-
-    def resume_logits(self, params, patch, seq, h, start):
-        raise ValueError("SeracFns has no frozen-prefix split")
 
 
 def serac_patch(cfg: SN.SeracConfig, net: dict, case: Case, prior: dict) -> dict:
