@@ -1,7 +1,35 @@
-"""Fixtures shared by the test files: the tiny worlds of `worlds.py`, each built once per session."""
+"""Fixtures shared by the test files: the tiny worlds of `worlds.py`, each built once per session; and one XLA
+compilation cache for the whole run, so that a program compiled by one test, one xdist worker or one of the
+subprocess tests is not compiled again by another (most of the suite's time is compiling)."""
 
+import os
+import shutil
+import tempfile
+
+import jax
 import pytest
 import worlds
+
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    """The controller (or a run without xdist) makes the cache directory and exports it, so the xdist workers and
+    the subprocess tests inherit it; each process then points JAX at it (JAX read its environment on import).
+    A directory the user already exported is used as it is and left in place."""
+    if CACHE_ENV not in os.environ:
+        os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="mmedit_jax_test_xla_")
+        config._mmedit_cache_to_remove = os.environ[CACHE_ENV]
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_mmedit_cache_to_remove", None)
+    if path and not hasattr(config, "workerinput"):  # only the process that made it, after the workers are done
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
