@@ -648,10 +648,13 @@ def print_table(result: dict, file=sys.stdout) -> None:
               file=file)
     for k, v in result["ratios"].items():
         print(f"ratio {k}: {v:.2f}x", file=file)
-    print(f"\n{'metric':14s}" + "".join(f"{k:>10s}" for k in result["sides"]) + "   identical to ours per peer",
-          file=file)
+    common = set.intersection(*({r["index"] for r in s["rows"]} for s in result["sides"].values()))
+    print(f"\nmeans over the {len(common)} cases every side scored; identical = cases each peer scores exactly as "
+          "ours, over all the cases it scored", file=file)
+    print(f"{'metric':14s}" + "".join(f"{k:>10s}" for k in result["sides"]) + "   identical to ours", file=file)
     for m in METRICS:
-        means = "".join(f"{100 * np.mean([r[m] for r in s['rows']]):>10.2f}" for s in result["sides"].values())
+        means = "".join(f"{100 * np.mean([r[m] for r in s['rows'] if r['index'] in common]):>10.2f}"
+                        for s in result["sides"].values())
         same = "  ".join(f"{k} {a[m]['identical']:.1%}" for k, a in result["agreement"].items())
         print(f"{m:14s}{means}   {same}", file=file)
     for k, a in result["agreement"].items():
