@@ -1,19 +1,33 @@
-"""Ours (the JAX harness: vmapped edits, compiled edit + score) against the peer (`peer_easyedit.py`, EasyEdit's
-one-edit-at-a-time procedure in PyTorch) on the same model, cases and editor weights, in one run.
+"""Ours (the JAX harness: vmapped edits, compiled edit + score) against three PyTorch peers on the same model, cases
+and editor weights, timed interleaved in one window.
 
     python benchmarks/compare_peer.py --editor mend                       # demo: tiny random BLIP-2, synthetic data
-    python benchmarks/compare_peer.py --editor ft-l --model DIR --data FILE --image-root DIR [--editor-ckpt DIR]
+    python benchmarks/compare_peer.py --editor ft-l --model DIR --data FILE --image-root DIR --peers faithful,shipped
     python benchmarks/compare_peer.py --editor ke --source world          # the shipped world KE
+
+The sides (each its own process, so each peak RSS is its own):
+  * ours: the harness's two compiled step programs (the bench's), E cases per call for each E in --batches, the
+    frozen-prefix cache where the editor allows it; a round also encodes every distinct image of the cases once
+    (the image table: ViT, Q-Former, projection; one compiled encoder) and counts it. The "features cached" rows
+    leave that out;
+  * faithful (`peer_easyedit.edit_and_score`): EasyEdit's `MultimodalTrainer.edit_step` procedure, one record at
+    a time: 2 base forwards, the edit's forward/backward, 5 post-edit forwards (8 forwards, 6 through the ViT);
+  * shipped (`peer_easyedit.edit_and_score_shipped`): EasyEdit's per-record procedure as shipped
+    (`MultimodalEditor.edit`): every input tokenised from its strings inside the step, the five metric forwards on
+    the unedited model ("pre"), the edit, the five again on the edited model (11 forwards, 9 through the ViT);
+  * best (`peer_batched`): the same procedure as well as PyTorch allows, --peer-batch cases at a time (features
+    once per image, one padded call per pass, factored per-case patches, head at answer rows); MEND and KE only.
 
 Steps: (1) prepare once, here: load the model and data the way `mmedit_jax.evaluate` does
 (`pipeline.prepare_data`), export the weights to a transformers directory (`export_hf`), save the token arrays and
-pixels (`save_cases`) and the editor (ours: `editors.io.save_mend` / `save_ke`; the peer's: EasyEdit's MEND
-state-dict layout, `mend_to_easyedit`, or a `peer_easyedit.KENet` state dict, `ke_to_torch`; FT: the hparams).
-(2) run each side in its own process, one after the other, so each peak RSS is its own: ours reloads the exported
-directory with `from_pretrained` (bit-identical to the weights exported), scores every case with the harness at
-the best batch size, and times steady-state calls per vmapped batch size; the peer edits and scores every case one
-at a time. (3) print edits/s of both and the ratio, peak memory, and metric agreement (mean |difference| per metric
-over cases and the fraction of cases where the metric is identical); `--json` writes it.
+pixels (`save_cases`), the input strings (`save_strings`, for the as-shipped peer) and the editor (ours:
+`editors.io.save_mend` / `save_ke`; the peers': EasyEdit's MEND state-dict layout, `mend_to_easyedit`, or a
+`peer_easyedit.KENet` state dict, `ke_to_torch`; FT: the hparams). (2) start one worker per side; each loads,
+compiles and warms up (untimed, all at once). (3) --rounds timed rounds: in each, every side in turn (the order
+rotating) edits and scores all its cases while the others wait, every side on --threads intra-op threads
+(`torch.set_num_threads`; XLA's `intra_op_parallelism_threads`). (4) print every row (edits/s = cases / median
+round time), the ratios, peak memory, and per metric each peer's agreement with ours case by case (the
+disagreeing cases listed); `--json` writes it all.
 
 Model and data sources are pluggable (`SOURCES`): `files` (--model/--data/--image-root), `world` (the built-in
 world's shipped model, eval split and editors via `mmedit_jax.world.assets`, the default once it exists) and
@@ -242,8 +256,10 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
     hf_dir = os.path.join(workdir, "hf")
     export_hf(model.config, model.params, hf_dir, tok)
     save_cases(os.path.join(workdir, "cases.npz"), prepared.batch, prepared.pixels)
+    save_strings(os.path.join(workdir, "strings.json"), prepared, task)
     manifest = {"editor": args.editor, "task": task, "num_cases": len(records), "hf": hf_dir,
                 "cases": os.path.join(workdir, "cases.npz"), "meta": prepared.meta,
+                "strings": os.path.join(workdir, "strings.json"),
                 "exact_match": not args.token_accuracy, "source": args.source,
                 "model_params": int(sum(np.size(x) for x in __import__("jax").tree.leaves(model.params)))}
     if args.editor == "ft-l":
@@ -316,99 +332,351 @@ def cases_from_npz(path: str):
     return batch, d["pixels"]
 
 
+def save_strings(path: str, prepared, task: str) -> None:
+    """Per case `{EasyEdit input name: [prompt, target, image id]}`: the strings the as-shipped peer tokenises
+    inside its step (`peer_easyedit.shipped_input`), from the records `prepared` kept (`data.cases.case_inputs`)."""
+    from mmedit_jax.case import INPUTS
+    from mmedit_jax.data.cases import case_inputs
+
+    out = []
+    for i, record in enumerate(prepared.records):
+        texts = case_inputs(record, task)
+        out.append({spec.easyedit: [texts[spec.name].prompt, texts[spec.name].target,
+                                    int(prepared.batch.sub(spec.name).image_ids[i])] for spec in INPUTS})
+    with open(path, "w") as f:
+        json.dump(out, f)
+
+
 def vm_hwm_mib() -> float:
     """Peak RSS of this process (VmHWM; `peer_easyedit.peak_rss_mib` without importing torch here)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def run_ours(manifest: dict, batches=(1, 4, 16, 64), repeats: int = 3) -> dict:
-    """The harness on the exported model: every case scored (quality), and steady edits/s per batch size."""
-    import jax
+def xla_thread_flags(threads: int) -> str:
+    """XLA CPU flags for `threads` intra-op threads (set before JAX starts: the workers get them by environment)."""
+    return f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}"
 
-    from mmedit_jax import pipeline
-    from mmedit_jax.case import make_cases, take
-    from mmedit_jax.eval import harness, steps, throughput
-    from mmedit_jax.loading import from_pretrained
 
-    model = from_pretrained(manifest["hf"])
-    if manifest["editor"] == "ft-l":
-        hp = manifest["ft"]
-        from mmedit_jax.convert.mend_to_easyedit import easyedit_name
+class OursSide:
+    """Our harness on the exported model. A round encodes every distinct image of the cases (the image table, one
+    compiled encoder, fixed chunks) and edits + scores every case at each batch size E (the two compiled step
+    programs the bench times, with the frozen-prefix cache where the editor allows it); `rows`: every case scored
+    by `harness.run` (untimed)."""
 
-        hparams = {k: hp[k] for k in FT_KEYS}
-        hparams["inner_params"] = [easyedit_name(s) for s in hp["sites"]]
-        editor = pipeline.build_editor("ft-l", model, hparams)
-    else:
-        editor = pipeline.build_editor(manifest["editor"], model, editor_ckpt=manifest[manifest["editor"]])
-    batch, pixels = cases_from_npz(manifest["cases"])
-    cases = make_cases(batch, editor.fns.image_table(model.params, pixels))
-    n = manifest["num_cases"]
-    em = manifest["exact_match"]
-    # Timing: what the peer computes, with the frozen-prefix cache where the editor allows it (as the bench).
-    prefix = steps.prefix_layer(editor, model.params, take(cases, 0))
-    step_fns = steps.make_step_fns(editor, em, base_accuracy=False, prefix_layer=prefix)
-    rows = []
-    for b in batches:  # no batches: quality only (tests)
-        r = throughput.time_edit_step(editor, model.params, cases, b, repeats * (3 if b == 1 else 1), em,
-                                      step_fns).as_dict()
-        rows.append({k: r[k] for k in ("batch", "compile_s", "edits_per_s", "p50_ms", "p90_ms")})
-        print(f"  ours E={b}: {r['edits_per_s']:.1f} edits/s (compile {r['compile_s']:.1f}s)", file=sys.stderr,
-              flush=True)
-    best = max(rows, key=lambda r: r["edits_per_s"]) if rows else {"batch": 4, "edits_per_s": float("nan")}
-    quality = harness.run(editor, model.params, cases, manifest["meta"], None, batch_size=min(best["batch"], n),
-                          exact_match=em, resume=False, progress=False)
-    per_case = [{"index": int(r["index"]), **{m: r[m] for m in METRICS}} for r in quality.rows]
-    return {"rows": per_case, "throughput": rows, "best_batch": best["batch"], "edits_per_s": best["edits_per_s"],
-            "one_at_a_time_edits_per_s": next((r["edits_per_s"] for r in rows if r["batch"] == 1), None),
-            "means": {m: quality.summary[m] for m in METRICS}, "peak_rss_mib": vm_hwm_mib(), "prefix_layer": prefix,
-            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+    def __init__(self, manifest: dict, batches=(1, 32), chunk: int = 64):
+        import jax
+
+        from mmedit_jax import pipeline
+        from mmedit_jax.case import take
+        from mmedit_jax.eval import steps
+        from mmedit_jax.loading import from_pretrained
+
+        self.jax = jax
+        self.model = model = from_pretrained(manifest["hf"])
+        if manifest["editor"] == "ft-l":
+            from mmedit_jax.convert.mend_to_easyedit import easyedit_name
+
+            hp = manifest["ft"]
+            hparams = {k: hp[k] for k in FT_KEYS}
+            hparams["inner_params"] = [easyedit_name(s) for s in hp["sites"]]
+            self.editor = pipeline.build_editor("ft-l", model, hparams)
+        else:
+            self.editor = pipeline.build_editor(manifest["editor"], model, editor_ckpt=manifest[manifest["editor"]])
+        self.meta = manifest["meta"]
+        self.batch, self.pixels = cases_from_npz(manifest["cases"])
+        self.n, self.em, self.batches = manifest["num_cases"], manifest["exact_match"], tuple(batches)
+        fns = self.editor.fns
+        self.chunk = min(chunk, len(self.pixels))
+        # A model that runs pixels in its forward (vision-side edits) pays for images inside the steps.
+        self.encode = None if fns.pixels else jax.jit(lambda p, x: fns.encode(p, {}, x))
+        t0 = time.perf_counter()
+        cases = self.cases()
+        self.compile_s = {"image_table": time.perf_counter() - t0}
+        self.prefix = steps.prefix_layer(self.editor, model.params, take(cases, 0))
+        self.step_fns = steps.make_step_fns(self.editor, self.em, base_accuracy=False, prefix_layer=self.prefix)
+        for b in self.batches:
+            t0 = time.perf_counter()
+            self.edit_all(cases, b)
+            self.compile_s[f"E={b}"] = time.perf_counter() - t0
+        self.rows, self.means = self.quality(cases) if self.batches else self.quality(cases, 4)
+
+    def table(self) -> np.ndarray:
+        """Every distinct image encoded once, `[N_images, nq, D]` on the host (or the pixels themselves)."""
+        if self.encode is None:
+            return self.pixels
+        out, c = [], self.chunk
+        for start in range(0, len(self.pixels), c):
+            part = self.pixels[start : start + c]
+            k = len(part)
+            if k < c:
+                part = np.concatenate([part, np.repeat(part[-1:], c - k, axis=0)])
+            out.append(np.asarray(self.encode(self.model.params, part))[:k])
+        return np.concatenate(out)
+
+    def cases(self):
+        from mmedit_jax.case import make_cases
+
+        return make_cases(self.batch, self.table())
+
+    def edit_all(self, cases, batch: int) -> None:
+        """Every case edited and scored, `batch` at a time (the last batch padded), blocking at the end."""
+        from mmedit_jax.case import pad_batch, take
+
+        pre_fn, edit_fn = self.step_fns
+        out = None
+        for start in range(0, self.n, batch):
+            b = pad_batch(take(cases, np.arange(start, min(start + batch, self.n))), batch)
+            out = edit_fn(self.editor.editor_params, self.model.params, b, pre_fn(self.model.params, b))
+        self.jax.block_until_ready(out)
+
+    def quality(self, cases, batch: int | None = None):
+        from mmedit_jax.eval import harness
+
+        batch = batch or max(self.batches)
+        res = harness.run(self.editor, self.model.params, cases, self.meta, None, batch_size=min(batch, self.n),
+                          exact_match=self.em, resume=False, progress=False)
+        rows = [{"index": int(r["index"]), **{m: r[m] for m in METRICS}} for r in res.rows]
+        return rows, {m: res.summary[m] for m in METRICS}
+
+    def round(self) -> dict:
+        t0 = time.perf_counter()
+        cases = self.cases()
+        out = {"image_s": time.perf_counter() - t0, "steps_s": {}}
+        for b in self.batches:
+            t0 = time.perf_counter()
+            self.edit_all(cases, b)
+            out["steps_s"][str(b)] = time.perf_counter() - t0
+        return out
+
+    def info(self) -> dict:
+        return {"n": self.n, "compile_s": self.compile_s, "prefix_layer": self.prefix, "batches": list(self.batches),
+                "device": str(self.jax.devices()[0].device_kind), "jax": self.jax.__version__,
+                "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpus": len(os.sched_getaffinity(0)),
+                "images": int(len(self.pixels)), "image_chunk": self.chunk}
+
+
+def run_ours(manifest: dict, batches=()) -> dict:
+    """Our side's per-case rows (and, with `batches`, one timed round); tests call it in their own process."""
+    side = OursSide(manifest, batches)
+    res = {"rows": side.rows, "means": side.means, **side.info()}
+    if batches:
+        res["round"] = side.round()
+    return res
+
+
+def _peer_module(name: str):
+    """A peer file of this directory, imported as `benchmarks.<name>` (tests) or as a script's neighbour."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    except ImportError:
+        return importlib.import_module(name)
+
+
+class PeerSide:
+    """A PyTorch peer in this process: `faithful` (`peer_easyedit.edit_and_score`, one record at a time),
+    `shipped` (`peer_easyedit.edit_and_score_shipped`) or `best` (`peer_batched`, `batch` cases at a time). The
+    first `warmup` cases (a batch for `best`) run once untimed; a round runs the first `limit` cases, and the
+    first round's metrics are the side's `rows`."""
+
+    def __init__(self, kind: str, manifest: dict, limit: int | None = None, batch: int = 32, warmup: int = 2):
+        import torch
+
+        PE = _peer_module("peer_easyedit")
+        self.torch, self.PE, self.kind = torch, PE, kind
+        self.cases = PE.load_cases(manifest["cases"])
+        self.n = PE.num_cases(self.cases) if not limit else min(limit, PE.num_cases(self.cases))
+        em, f = manifest["exact_match"], peer_files(manifest)
+        t0 = time.perf_counter()
+        if kind == "best":
+            PB = _peer_module("peer_batched")
+            self.model = PE.load_model(manifest["hf"], attn="sdpa")
+            self.peer, self.batch = PB.make_peer(self.model, f["editor"], f["mend"], f["ke"], em), batch
+            self.step = lambda: PB.run_cases(self.peer, self.cases, self.batch, self.n)
+            PB.run_cases(self.peer, self.cases, self.batch, min(self.n, batch))
+        else:
+            self.model = PE.load_model(manifest["hf"])
+            editor = PE.make_editor(f["editor"], self.model, f["ft"], f["mend"], f["ke"])
+            if kind == "shipped":
+                import transformers
+
+                tok = transformers.AutoTokenizer.from_pretrained(manifest["hf"])
+                if tok.pad_token is None:
+                    tok.pad_token = tok.eos_token
+                with open(manifest["strings"]) as fh:
+                    records = PE.shipped_records(self.cases, json.load(fh))
+                cfg = self.model.config
+                block = [cfg.image_token_id] * cfg.num_query_tokens
+                PE.check_shipped_tokens(tok, records[: self.n], self.cases, block)
+                one = lambda i: PE.edit_and_score_shipped(self.model, editor, tok, records[i], block, em)  # noqa: E731
+            else:
+                inputs = [PE.case_inputs(self.cases, i) for i in range(self.n)]
+                one = lambda i: PE.edit_and_score(self.model, editor, inputs[i], em)  # noqa: E731
+            for i in range(min(warmup, self.n)):
+                one(i)
+            self.step = lambda: [dict(one(i), index=int(self.cases["case_index"][i])) for i in range(self.n)]
+        self.setup_s = time.perf_counter() - t0
+        self.rows = None
+
+    def round(self) -> dict:
+        t0 = time.perf_counter()
+        rows = self.step()
+        out = {"seconds": time.perf_counter() - t0}
+        if self.rows is None:
+            self.rows = rows
+        return out
+
+    def info(self) -> dict:
+        return {"n": self.n, "setup_s": self.setup_s, "threads": self.torch.get_num_threads(),
+                "torch": self.torch.__version__, "batch": getattr(self, "batch", 1)}
 
 
 def peer_files(manifest: dict) -> dict:
-    """The peer's inputs in a prepared manifest, as `peer_easyedit.run_files` takes them (the worker gets the same
-    as command-line flags; tests call `run_files(**peer_files(manifest))` in their own process)."""
+    """The peer's inputs in a prepared manifest, as `peer_easyedit.run_files` takes them (tests call
+    `run_files(**peer_files(manifest))` in their own process)."""
     return {"hf": manifest["hf"], "cases": manifest["cases"], "editor": manifest["editor"],
             "ft": manifest.get("peer_ft"), "mend": manifest.get("peer_mend"), "ke": manifest.get("peer_ke"),
             "exact_match": manifest["exact_match"]}
 
 
-def agreement(ours_rows, peer_rows) -> dict:
-    """Per metric: mean |ours - peer| over the cases both scored, and the fraction where they are identical."""
+SIDES = ("ours", "faithful", "shipped", "best")
+PROTOCOL = "@@ "  # a worker's protocol lines on stdout start with this (libraries may print too)
+
+
+def _say(obj) -> None:
+    sys.stdout.write(PROTOCOL + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def serve(kind: str, workdir: str) -> None:
+    """A worker: set up one side, then answer each `round` line on stdin with that round's timing (one JSON
+    line), and `done` with the side's rows, info and peak RSS."""
+    with open(os.path.join(workdir, "manifest.json")) as f:
+        manifest = json.load(f)
+    run = manifest["run"]
+    if kind == "ours":
+        side = OursSide(manifest, run["batches"])
+    else:
+        import torch
+
+        torch.set_num_threads(run["threads"])
+        limit = None if kind == "best" else run["peer_limit"]
+        side = PeerSide(kind, manifest, limit, run["peer_batch"])
+    _say({"ready": kind})
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        _say(side.round())
+    _say({"rows": side.rows, "info": side.info(), "peak_rss_mib": vm_hwm_mib()})
+
+
+class Worker:
+    def __init__(self, kind: str, workdir: str, threads: int):
+        env = dict(os.environ, XLA_FLAGS=xla_thread_flags(threads), OMP_NUM_THREADS=str(threads))
+        env["PYTHONPATH"] = os.pathsep.join([HERE, ROOT, env.get("PYTHONPATH", "")])
+        self.kind = kind
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", kind, "--workdir",
+                                      workdir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL):])
+            sys.stderr.write(line)
+        raise SystemExit(f"the {self.kind} worker ended early (exit status {self.proc.wait()})")
+
+    def send(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+
+def agreement(ours_rows, peer_rows, show: int = 20) -> dict:
+    """Per metric: mean |ours - peer| over the cases both scored, the fraction where they are identical, and the
+    first `show` disagreeing cases `(index, ours, peer)`."""
     peer = {r["index"]: r for r in peer_rows}
     common = [r for r in ours_rows if r["index"] in peer]
     out = {"num_cases": len(common)}
     for m in METRICS:
         d = np.asarray([abs(float(r[m]) - float(peer[r["index"]][m])) for r in common])
+        bad = [(r["index"], float(r[m]), float(peer[r["index"]][m])) for r, x in zip(common, d) if x > 1e-6]
         out[m] = {"mean_abs_diff": float(d.mean()) if len(d) else float("nan"),
                   "identical": float(np.mean(d <= 1e-6)) if len(d) else float("nan"),
-                  "max_abs_diff": float(d.max()) if len(d) else float("nan")}
+                  "max_abs_diff": float(d.max()) if len(d) else float("nan"), "disagree": bad[:show]}
     return out
 
 
-def _worker(cmd: list[str], out_path: str) -> dict:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    with open(out_path) as f:
-        res = json.load(f)
-    res["process_wall_s"] = time.perf_counter() - t0
-    return res
+def summarize(sides: dict, rounds: dict) -> list[dict]:
+    """The table's rows: edits/s of each side as the median over rounds (ours: per batch size, with the image
+    table's time counted, and again with it left out)."""
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    rows = []
+    ours = sides["ours"]
+    for b in ours["info"]["batches"]:
+        with_img = [r["image_s"] + r["steps_s"][str(b)] for r in rounds["ours"]]
+        steps = [r["steps_s"][str(b)] for r in rounds["ours"]]
+        n = ours["info"]["n"]
+        rows.append({"side": "ours", "label": f"ours (JAX), E={b}, images counted", "batch": b,
+                     "edits_per_s": n / med(with_img), "round_s": with_img, "images_s": med([r["image_s"] for r in
+                                                                                               rounds["ours"]])})
+        rows.append({"side": "ours_cached", "label": f"ours (JAX), E={b}, features cached", "batch": b,
+                     "edits_per_s": n / med(steps), "round_s": steps})
+    labels = {"faithful": "faithful peer (EasyEdit edit_step), 1 by 1",
+              "shipped": "as-shipped peer (MultimodalEditor.edit), 1 by 1",
+              "best": "best-effort peer (PyTorch, batched)"}
+    for kind in SIDES[1:]:
+        if kind in sides:
+            secs = [r["seconds"] for r in rounds[kind]]
+            rows.append({"side": kind, "label": labels[kind] + (f", E={sides[kind]['info']['batch']}" if kind ==
+                                                                 "best" else ""),
+                         "batch": sides[kind]["info"]["batch"], "edits_per_s": sides[kind]["info"]["n"] / med(secs),
+                         "round_s": secs})
+    return rows
 
 
 def print_table(result: dict, file=sys.stdout) -> None:
-    o, p, a = result["ours"], result["peer"], result["agreement"]
-    print(f"\n{result['editor']} on {result['source']} ({a['num_cases']} cases, "
-          f"{'exact match' if result['exact_match'] else 'token accuracy'}), {o['device']}", file=file)
-    print(f"{'':22s}{'ours (JAX, vmapped)':>22s}{'peer (PyTorch, 1 by 1)':>25s}", file=file)
-    print(f"{'edits/s':22s}{o['edits_per_s']:>22.2f}{p['edits_per_s']:>25.2f}", file=file)
-    print(f"{'  at batch size':22s}{o['best_batch']:>22d}{1:>25d}", file=file)
-    print(f"{'peak RSS MiB':22s}{o['peak_rss_mib']:>22.0f}{p['peak_rss_mib']:>25.0f}", file=file)
-    print(f"ratio ours/peer: {result['ratio']:.1f}x (one edit at a time, ours: "
-          f"{o['one_at_a_time_edits_per_s']:.2f} edits/s = {result['ratio_one_at_a_time']:.1f}x)", file=file)
-    print(f"\n{'metric':14s}{'ours':>8s}{'peer':>8s}{'mean |diff|':>13s}{'identical':>11s}", file=file)
+    print(f"\n{result['editor']} on {result['source']} ({result['num_cases']} cases, "
+          f"{'exact match' if result['exact_match'] else 'token accuracy'}), {result['rounds']} interleaved rounds, "
+          f"{result['threads']} threads each side (torch.set_num_threads; XLA_FLAGS {result['xla_flags']!r})",
+          file=file)
+    print(f"{'':58s}{'edits/s':>10s}{'cases':>7s}{'peak RSS MiB':>14s}", file=file)
+    for r in result["table"]:
+        side = result["sides"][r["side"].removesuffix("_cached")]
+        print(f"{r['label']:58s}{r['edits_per_s']:>10.2f}{side['info']['n']:>7d}{side['peak_rss_mib']:>14.0f}",
+              file=file)
+    for k, v in result["ratios"].items():
+        print(f"ratio {k}: {v:.2f}x", file=file)
+    common = set.intersection(*({r["index"] for r in s["rows"]} for s in result["sides"].values()))
+    print(f"\nmeans over the {len(common)} cases every side scored; identical = cases each peer scores exactly as "
+          "ours, over all the cases it scored", file=file)
+    print(f"{'metric':14s}" + "".join(f"{k:>10s}" for k in result["sides"]) + "   identical to ours", file=file)
     for m in METRICS:
-        print(f"{m:14s}{o['means'][m]:>8.2f}{p['means'][m]:>8.2f}{a[m]['mean_abs_diff']:>13.2e}"
-              f"{a[m]['identical']:>11.1%}", file=file)
+        means = "".join(f"{100 * np.mean([r[m] for r in s['rows'] if r['index'] in common]):>10.2f}"
+                        for s in result["sides"].values())
+        same = "  ".join(f"{k} {a[m]['identical']:.1%}" for k, a in result["agreement"].items())
+        print(f"{m:14s}{means}   {same}", file=file)
+    for k, a in result["agreement"].items():
+        for m in METRICS:
+            if a[m]["disagree"]:
+                print(f"  {k} vs ours, {m}: cases (index, ours, peer) {a[m]['disagree'][:5]}", file=file)
+
+
+def ratios(table: list[dict]) -> dict:
+    by = {}
+    for r in table:
+        by.setdefault(r["side"], []).append(r)
+    out = {}
+    best_ours = max(by["ours"], key=lambda r: r["edits_per_s"])
+    one = next((r for r in by["ours"] if r["batch"] == 1), None)
+    for kind in SIDES[1:]:
+        if kind in by:
+            p = by[kind][0]["edits_per_s"]
+            out[f"ours E={best_ours['batch']} (images counted) / {kind}"] = best_ours["edits_per_s"] / p
+            if one is not None and kind != "best":
+                out[f"ours E=1 (images counted) / {kind}"] = one["edits_per_s"] / p
+    return out
 
 
 def main(argv=None):
@@ -426,64 +694,84 @@ def main(argv=None):
     ap.add_argument("--config", help="FT hparams YAML (default configs/ft_l_blip2.yaml)")
     ap.add_argument("--ft-steps", type=int, help="override num_steps")
     ap.add_argument("--limit", type=int, help="first N records of the file")
-    ap.add_argument("--peer-limit", type=int, help="the peer scores only the first N cases (it is slow)")
+    ap.add_argument("--peer-limit", type=int,
+                    help="the one-at-a-time peers (faithful, as shipped) run only the first N cases (they are slow)")
+    ap.add_argument("--peers", default="faithful,shipped,best", help="which peers (FT-L: no best-effort peer)")
     ap.add_argument("--demo-records", type=int, default=32)
-    ap.add_argument("--batches", default="1,4,16,32,64")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="1,32", help="our batch sizes E (a table row each)")
+    ap.add_argument("--peer-batch", type=int, default=32, help="the best-effort peer's E")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (median reported)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="intra-op threads of every side (torch.set_num_threads; XLA's intra_op_parallelism)")
     ap.add_argument("--token-accuracy", action="store_true")
-    ap.add_argument("--pad-multiple", type=int, default=1, help="our side's padding (the peer runs unpadded)")
+    ap.add_argument("--pad-multiple", type=int, default=1, help="our side's padding (the peers run unpadded)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="keep the prepared files here (default: a temporary directory)")
     ap.add_argument("--json", help="write the whole comparison here")
-    ap.add_argument("--worker", choices=("ours",), help=argparse.SUPPRESS)
+    ap.add_argument("--reuse", action="store_true", help="reuse the files a former run prepared in --workdir")
+    ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
-    if args.worker == "ours":  # child process: the manifest in --workdir, the result to --json
-        with open(os.path.join(args.workdir, "manifest.json")) as f:
-            manifest = json.load(f)
-        res = run_ours(manifest, tuple(int(b) for b in args.batches.split(",")), args.repeats)
-        with open(args.json, "w") as f:
-            json.dump(res, f)
-        return res
+    if args.worker:  # child process: one side, the manifest in --workdir
+        return serve(args.worker, args.workdir)
 
     args.source = args.source or ("files" if args.model else "world" if world_available() else "demo")
     if args.source == "files" and not (args.model and args.data and args.image_root):
         ap.error("--model needs --data and --image-root")
+    peers = [p for p in args.peers.split(",") if p]
+    if set(peers) - set(SIDES[1:]):
+        ap.error(f"--peers: choose from {SIDES[1:]}")
+    if args.editor == "ft-l" and "best" in peers:
+        ap.error("the best-effort peer has MEND and KE only: --peers faithful,shipped for FT-L")
     workdir = args.workdir or tempfile.mkdtemp(prefix="compare_peer_")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
-    manifest = prepare(args, workdir)
+    if args.reuse:
+        with open(os.path.join(workdir, "manifest.json")) as f:
+            manifest = json.load(f)
+        if manifest["editor"] != args.editor or manifest["source"] != args.source:
+            ap.error(f"--reuse: {workdir} holds {manifest['editor']} on {manifest['source']}")
+    else:
+        manifest = prepare(args, workdir)
+    manifest["run"] = {"batches": [int(b) for b in args.batches.split(",")], "peer_batch": args.peer_batch,
+                       "peer_limit": args.peer_limit, "threads": args.threads}
+    with open(os.path.join(workdir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
     print(f"prepared {manifest['num_cases']} cases, {manifest['model_params']:,} parameters in {workdir} "
           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
-    ours_json = os.path.join(workdir, "ours.json")
-    ours = _worker([sys.executable, os.path.abspath(__file__), "--worker", "ours", "--workdir", workdir,
-                    "--json", ours_json, "--batches", args.batches, "--repeats", str(args.repeats)], ours_json)
-    peer_json = os.path.join(workdir, "peer.json")
-    cmd = [sys.executable, os.path.join(HERE, "peer_easyedit.py"), "--hf", manifest["hf"], "--cases", manifest["cases"],
-           "--editor", args.editor, "--out", peer_json]
-    if args.editor == "ft-l":
-        ft_path = os.path.join(workdir, "peer_ft.json")
-        with open(ft_path, "w") as f:
-            json.dump(manifest["peer_ft"], f)
-        cmd += ["--ft-json", ft_path]
-    elif args.editor == "ke":
-        cmd += ["--ke", manifest["peer_ke"]]
-    else:
-        cmd += ["--mend", manifest["peer_mend"]]
-    if not manifest["exact_match"]:
-        cmd.append("--token-accuracy")
-    if args.peer_limit:
-        cmd += ["--limit", str(args.peer_limit)]
-    peer = _worker(cmd, peer_json)
+    # Setup (load, compile, warm up) of every side at once: untimed. Then the timed rounds, one side at a time,
+    # the order rotating each round, so that each round of each side sees the same machine.
+    kinds = ["ours", *peers]
+    workers = {k: Worker(k, workdir, args.threads) for k in kinds}
+    t_setup = time.perf_counter()
+    for w in workers.values():
+        w.read()
+    print(f"sides set up ({time.perf_counter() - t_setup:.0f} s)", file=sys.stderr)
+    rounds = {k: [] for k in kinds}
+    t_rounds = time.perf_counter()
+    for r in range(args.rounds):
+        for k in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
+            rounds[k].append(workers[k].send("round"))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{k} {x[-1].get('seconds', x[-1].get('image_s', 0) + sum(x[-1].get('steps_s', {}).values())):.2f}s"
+            for k, x in rounds.items()), file=sys.stderr)
+    window_s = time.perf_counter() - t_rounds
+    sides = {k: w.send("done") for k, w in workers.items()}
+    for w in workers.values():
+        w.proc.wait()
+    with open(os.path.join(workdir, "raw.json"), "w") as f:  # what was measured, before any summary
+        json.dump({"sides": sides, "rounds": rounds}, f)
 
+    table = summarize(sides, rounds)
     result = {"editor": args.editor, "source": manifest["source"], "exact_match": manifest["exact_match"],
               "num_cases": manifest["num_cases"], "model_params": manifest["model_params"],
               "mend_fresh": manifest.get("mend_fresh"), "ke_fresh": manifest.get("ke_fresh"), "ft": manifest.get("ft"),
-              "ours": ours, "peer": peer, "agreement": agreement(ours["rows"], peer["rows"]),
-              "ratio": ours["edits_per_s"] / peer["edits_per_s"],
-              "ratio_one_at_a_time": (ours["one_at_a_time_edits_per_s"] or float("nan")) / peer["edits_per_s"],
-              "workdir": workdir, "wall_s": time.perf_counter() - t0}
+              "rounds": args.rounds, "threads": args.threads, "xla_flags": xla_thread_flags(args.threads),
+              "table": table, "ratios": ratios(table), "sides": sides, "round_times": rounds,
+              "agreement": {k: agreement(sides["ours"]["rows"], sides[k]["rows"]) for k in peers},
+              "timed_window_s": window_s, "workdir": workdir, "wall_s": time.perf_counter() - t0,
+              "command": "python benchmarks/compare_peer.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print_table(result)
     if args.json:
         with open(args.json, "w") as f:

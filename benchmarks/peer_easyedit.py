@@ -176,14 +176,66 @@ class FTEditor:
         return inst
 
 
+class MendTransform:
+    """EasyEdit's MEND GradientTransform in eval mode, from an EasyEdit-layout state dict
+    (`mmedit_jax.convert.mend_to_easyedit`): `(u, delta)` rows of one inner param -> `(u~, delta~)`."""
+
+    def __init__(self, state_dict: dict, meta: dict):
+        self.sd, self.meta = {k: torch.as_tensor(v) for k, v in state_dict.items()}, meta
+        self.names = list(meta["inner_params"])
+        self.shapes = [tuple(s) for s in meta["shapes"]]
+        self.sign = -1.0 if meta["descent"] else 1.0
+
+    def _group(self, i):
+        name, shape = self.names[i], self.shapes[i]
+        if self.meta["shared"]:
+            members = [n for n, s in zip(self.names, self.shapes) if s == shape]
+            return f"({shape[0]}, {shape[1]})", members.index(name)
+        return name.replace(".", "#"), None
+
+    def _idmlp(self, prefix, x, mode):
+        i = 0
+        while f"{prefix}.layers.{i}.u" in self.sd:
+            p = f"{prefix}.layers.{i}."
+            h = x @ self.sd[p + "v"].T @ self.sd[p + "u"].T + self.sd[p + "bias"]
+            if mode is not None:
+                h = h * self.sd[p + "mode_scale.weight"][mode] + self.sd[p + "mode_shift.weight"][mode]
+            a = h.clamp(min=0)
+            x = a + x if self.meta["init"] == "id" else a
+            i += 1
+        return x
+
+    def rows(self, i, u, d):
+        """Every row of `u [k, in]`, `d [k, out]` through the transform (no row dropped: batched callers mask)."""
+        group, mode = self._group(i)
+        g = f"mend.{group}"
+        if self.meta["norm"]:
+            u = (u - self.sd[g + ".u_mean"]) / (self.sd[g + ".u_std"] + 1e-7)
+            d = (d - self.sd[g + ".v_mean"]) / (self.sd[g + ".v_std"] + 1e-7)
+        if f"{g}.mlp.layers.0.u" in self.sd:
+            out = self._idmlp(f"{g}.mlp", torch.cat([u, d], -1), mode)
+            return out[:, : u.shape[-1]], out[:, u.shape[-1]:]
+        u_t = self._idmlp(f"{g}.mlp1", u, mode) if f"{g}.mlp1.layers.0.u" in self.sd else u
+        d_t = self._idmlp(f"{g}.mlp2", d, mode) if f"{g}.mlp2.layers.0.u" in self.sd else d
+        return u_t, d_t
+
+    def transform(self, i, u, d):
+        """(u~ [k, in], delta~ [k, out]) of the kept rows (EasyEdit: `any(u) & any(delta)`)."""
+        u, d = u.reshape(-1, u.shape[-1]).float(), d.reshape(-1, d.shape[-1]).float()
+        keep = (u != 0).any(-1) & (d != 0).any(-1)
+        return self.rows(i, u[keep], d[keep])
+
+    def scale(self, i) -> torch.Tensor:
+        """The signed step of inner param i: `W + scale * u~^T delta~`."""
+        return self.sign * self.sd["edit_lrs"][i]
+
+
 class MendEditor:
     """MEND from an EasyEdit-layout state dict (`mmedit_jax.convert.mend_to_easyedit`), applied the EasyEdit way."""
 
     def __init__(self, model, state_dict: dict, meta: dict):
-        self.model, self.sd, self.meta = model, {k: torch.as_tensor(v) for k, v in state_dict.items()}, meta
-        self.names = list(meta["inner_params"])
-        self.shapes = [tuple(s) for s in meta["shapes"]]
-        self.sign = -1.0 if meta["descent"] else 1.0
+        self.model, self.net = model, MendTransform(state_dict, meta)
+        self.names = self.net.names
         # EasyEdit MEND.__init__: no grad up to the first inner param, the rest keeps requires_grad.
         seen = False
         for n, p in model.named_parameters():
@@ -205,42 +257,6 @@ class MendEditor:
     def _bwd_hook(mod, grad_in, grad_out):
         mod.weight.__delta__ = grad_out[0].detach()
 
-    def _group(self, i):
-        name, shape = self.names[i], self.shapes[i]
-        if self.meta["shared"]:
-            members = [n for n, s in zip(self.names, self.shapes) if s == shape]
-            return f"({shape[0]}, {shape[1]})", members.index(name)
-        return name.replace(".", "#"), None
-
-    def _idmlp(self, prefix, x, mode):
-        i = 0
-        while f"{prefix}.layers.{i}.u" in self.sd:
-            p = f"{prefix}.layers.{i}."
-            h = x @ self.sd[p + "v"].T @ self.sd[p + "u"].T + self.sd[p + "bias"]
-            if mode is not None:
-                h = h * self.sd[p + "mode_scale.weight"][mode] + self.sd[p + "mode_shift.weight"][mode]
-            a = h.clamp(min=0)
-            x = a + x if self.meta["init"] == "id" else a
-            i += 1
-        return x
-
-    def transform(self, i, u, d):
-        """(u~ [k, in], delta~ [k, out]) of the kept rows, EasyEdit's GradientTransform.forward in eval mode."""
-        group, mode = self._group(i)
-        g = f"mend.{group}"
-        u, d = u.reshape(-1, u.shape[-1]).float(), d.reshape(-1, d.shape[-1]).float()
-        keep = (u != 0).any(-1) & (d != 0).any(-1)
-        u, d = u[keep], d[keep]
-        if self.meta["norm"]:
-            u = (u - self.sd[g + ".u_mean"]) / (self.sd[g + ".u_std"] + 1e-7)
-            d = (d - self.sd[g + ".v_mean"]) / (self.sd[g + ".v_std"] + 1e-7)
-        if f"{g}.mlp.layers.0.u" in self.sd:
-            out = self._idmlp(f"{g}.mlp", torch.cat([u, d], -1), mode)
-            return out[:, : u.shape[-1]], out[:, u.shape[-1]:]
-        u_t = self._idmlp(f"{g}.mlp1", u, mode) if f"{g}.mlp1.layers.0.u" in self.sd else u
-        d_t = self._idmlp(f"{g}.mlp2", d, mode) if f"{g}.mlp2.layers.0.u" in self.sd else d
-        return u_t, d_t
-
     def edit(self, case) -> _Installed:
         x = case["edit_inner"]
         masked_nll(logits_of(self.model, x), x["labels"]).backward()
@@ -249,8 +265,8 @@ class MendEditor:
         with torch.no_grad():
             for i, n in enumerate(self.names):
                 w = getattr(*self.modules[n]).weight
-                u_t, d_t = self.transform(i, w.__x__, w.__delta__)
-                updates[n] = self.sign * self.sd["edit_lrs"][i] * torch.einsum("bi,bj->ji", u_t, d_t)
+                u_t, d_t = self.net.transform(i, w.__x__, w.__delta__)
+                updates[n] = self.net.scale(i) * torch.einsum("bi,bj->ji", u_t, d_t)
                 del w.__x__, w.__delta__
             inst = _Installed(self.model, self.names)
             for n, upd in updates.items():
@@ -332,6 +348,7 @@ class KEEditor:
 
 
 def edit_and_score(model, editor, case, exact_match: bool) -> dict:
+    """The faithful procedure (`MultimodalTrainer.edit_step`): 2 base forwards, the edit, 5 post-edit forwards."""
     with torch.no_grad():
         base_loc = logits_of(model, case["loc"])
         base_img = logits_of(model, case["loc_image"])
@@ -344,6 +361,84 @@ def edit_and_score(model, editor, case, exact_match: bool) -> dict:
     row = {m: edit_accuracy(post[s], case[s]["labels"], exact_match) for m, s in ACC_INPUT.items()}
     row["t_locality"] = topk_locality(base_loc, post["loc"], 1)
     row["m_locality"] = topk_locality(base_img, post["loc_image"], 10)
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# EasyEdit's per-record procedure as shipped (`MultimodalEditor.edit`, `compute_multimodal_edit_results`): per
+# record the five metric inputs are tokenised and run on the unedited model ("pre": its accuracies and locality
+# logits), the edit runs, then the five inputs are tokenised and run again on the edited model ("post"): 11
+# forwards (9 of them through the vision tower) against the faithful procedure's 8 (6). Images arrive
+# preprocessed (`_prepare_requests` runs the image processor before the loop), as here.
+
+
+def shipped_input(tok, prompt: str, target: str, pixels, image_block: list[int]) -> dict:
+    """One input as `prepare_multimodal_edit` + the BLIP-2 wrapper build it from strings: a leading space on the
+    target, the prompt's length from `tok.encode`, the target ids (the reference tokenises them too; its scores
+    read the wrapper's labels), `prompt + target` tokenised without special tokens, labels = ids with pad ids and
+    the prompt masked; image slots (`image_block`, -100 labels) before the text when there is an image."""
+    target = target if target.startswith(" ") else " " + target
+    prompt_len = len(tok.encode(prompt, add_special_tokens=False))
+    tok(target, add_special_tokens=False, return_tensors="pt")
+    ids = tok(prompt + target, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    labels = ids.masked_fill(ids == tok.pad_token_id, IGNORE)
+    labels[:, :prompt_len] = IGNORE
+    if pixels is not None:
+        block = torch.tensor([image_block], dtype=ids.dtype)
+        ids, labels = torch.cat([block, ids], 1), torch.cat([torch.full_like(block, IGNORE), labels], 1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}
+
+
+def shipped_records(cases: dict, strings: list[dict]) -> list[dict]:
+    """Per case `{input: (prompt, target, pixels [1, 3, H, W] or None)}` and `cond` (the prepared KE condition
+    ids): what `MultimodalEditor._prepare_requests` hands its loop. `strings`: per case `{input: [prompt, target,
+    image id]}` (`compare_peer.save_strings`)."""
+    out = []
+    for i, per_input in enumerate(strings):
+        rec = {"cond": case_inputs(cases, i)["cond"]}
+        for name, (prompt, target, img) in per_input.items():
+            rec[name] = (prompt, target, None if img < 0 else torch.from_numpy(cases["pixels"][img])[None])
+        out.append(rec)
+    return out
+
+
+def check_shipped_tokens(tok, records: list[dict], cases: dict, image_block: list[int]) -> None:
+    """The as-shipped tokenisation must give exactly the prepared arrays (else the two would score other text)."""
+    for i, rec in enumerate(records):
+        want = case_inputs(cases, i)
+        for name in SUB_INPUTS:
+            got = shipped_input(tok, *rec[name], image_block)
+            for field in ("input_ids", "labels"):
+                if not torch.equal(got[field], want[name][field]):
+                    raise ValueError(f"case {i}, {name}: the as-shipped tokenisation gives other {field} than the "
+                                     f"prepared arrays ({got[field].tolist()} vs {want[name][field].tolist()})")
+
+
+def edit_and_score_shipped(model, editor, tok, record: dict, image_block: list[int], exact_match: bool) -> dict:
+    """`MultimodalEditor.edit` for one record (single editing): pre metrics, the edit, post metrics, restore."""
+    x = {name: (lambda name=name: shipped_input(tok, *record[name], image_block)) for name in SUB_INPUTS}
+
+    def results(m):  # compute_multimodal_edit_results: five tokenised forwards, accuracies, locality logits
+        out, logits = {}, {}
+        with torch.no_grad():
+            for name in SUB_INPUTS:
+                inp = x[name]()
+                logits[name] = logits_of(m, inp).detach().cpu()
+                if name in ("loc", "loc_image"):
+                    logits[name] = logits[name].clone()  # the reference's `_demo` variant returns a copy
+                else:
+                    out[name] = (edit_accuracy(logits[name], inp["labels"], exact_match),)
+        return out, logits
+
+    _pre, pre_logits = results(model)
+    inst = editor.edit({"edit_inner": x["edit_inner"](), "cond": record["cond"]})
+    try:
+        post, post_logits = results(model)
+    finally:
+        inst.restore()
+    row = {m: post[s][0] for m, s in ACC_INPUT.items()}
+    row["t_locality"] = topk_locality(pre_logits["loc"], post_logits["loc"], 1)  # attach_topk_locality_metrics
+    row["m_locality"] = topk_locality(pre_logits["loc_image"], post_logits["loc_image"], 10)
     return row
 
 
@@ -407,10 +502,12 @@ def run_peer(model, editor, cases: dict, exact_match: bool = True, limit: int | 
     }
 
 
-def load_model(hf_dir: str):
+def load_model(hf_dir: str, attn: str = "eager"):
+    """transformers' BLIP-2 in float32, eval mode; `attn`: its attention implementation (the reference's own
+    OPT copy computes attention eagerly)."""
     import transformers
 
-    model = transformers.Blip2ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="eager",
+    model = transformers.Blip2ForConditionalGeneration.from_pretrained(hf_dir, attn_implementation=attn,
                                                                        dtype=torch.float32)
     return model.eval()
 
