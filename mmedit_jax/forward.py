@@ -39,6 +39,10 @@ class ModelFns(Protocol):
         """`[N, 3, H, W]` pixels of every distinct image -> what `forward` takes per image, `[N, ...]`."""
         ...
 
+    def encode(self, params, patch, pixel_values: jax.Array) -> jax.Array:
+        """`[B, 3, H, W]` pixels -> the cached image features `forward` takes, `[B, nq, E]`."""
+        ...
+
     def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):
         """-> `(logits [L, V] (or [R, V] at `rows`), captured {site: layer input})`."""
         ...
@@ -168,6 +172,9 @@ class RoutedFns:
 
     def image_table(self, params, pixels: np.ndarray) -> np.ndarray:
         return self.base.image_table(params, pixels)
+
+    def encode(self, params, patch, pixel_values: jax.Array) -> jax.Array:
+        return self.base.encode(params, patch, pixel_values)
 
     def logits(self, params, patch, seq: Seq, image) -> jax.Array:
         return self.forward(params, patch, seq, image)[0]

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from mmedit_jax.case import Case, make_cases
+from mmedit_jax.case import Case, make_cases, take
 from mmedit_jax.convert.text_encoder import load_text_encoder
 from mmedit_jax.data.cases import CaseConfig, ImageTable, build_edit_batch, input_lengths, max_lengths
 from mmedit_jax.data.image import load_image
@@ -27,8 +27,11 @@ from mmedit_jax.editors.mend import make_mend
 from mmedit_jax.editors.serac import make_serac
 from mmedit_jax.forward import Blip2Fns, fns_for
 from mmedit_jax.loading import from_pretrained
+from mmedit_jax.models import presets
 from mmedit_jax.sites import easyedit_site
+from mmedit_jax.training.config import TrainConfig
 from mmedit_jax.training.trainables import KINDS as TRAINABLE  # those `python -m mmedit_jax.train` trains
+from mmedit_jax.training.trainables import build_trainable
 from mmedit_jax.world import assets
 
 EDITORS = ("ft-l", "ft-v", "mend", "ke", "serac", "ike")  # every editor the CLIs and `build_editor` know
@@ -47,10 +50,22 @@ def load_tokenizer(directory: str):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def load_model(model_dir: str, tokenizer_dir: str | None = None, image_size: int | None = None):
+def load_model(model_dir: str, tokenizer_dir: str | None = None, image_size: int | None = None,
+               dtype: str = "float32"):
     """`(Blip2Model, tokenizer)` from a converted or Hugging Face directory (tokenizer files beside the model,
     or in `tokenizer_dir`)."""
-    return from_pretrained(model_dir, image_size=image_size), load_tokenizer(tokenizer_dir or model_dir)
+    return (from_pretrained(model_dir, dtype=dtype, image_size=image_size),
+            load_tokenizer(tokenizer_dir or model_dir))
+
+
+def preset_model(name: str, tokenizer_dir: str, dtype: str = "float32", seed: int = 0):
+    """`(Blip2Model, tokenizer)`: a random-weight BLIP-2 at a preset's real sizes (`models/presets.py`) with the
+    special ids of the tokenizer in `tokenizer_dir` (the built-in world's, for its cases)."""
+    tok = load_tokenizer(tokenizer_dir)
+    image_token = tok.convert_tokens_to_ids("<image>")
+    config = presets.with_tokens(presets.preset(name), image_token, tok.pad_token_id, tok.bos_token_id,
+                                 tok.eos_token_id)
+    return presets.random_model(config, seed, dtype), tok
 
 
 def task_of(data: str, task: str | None = None) -> str:
@@ -222,6 +237,27 @@ def record_meta(record) -> dict:
                                            "m_loc_a")}
     out.update({k: os.path.abspath(getattr(record, k)) for k in ("image", "image_rephrase", "m_loc")})
     return out
+
+
+def fresh_editor(kind: str, model, prepared: Prepared, hparams: dict | None = None, layers: int = 3,
+                 seed: int = 0, stats_cases: int = 8) -> tuple[Editor, Case]:
+    """`(editor, its cases)`: an untrained MEND or KE over fc1/fc2 of the language model's last `layers` layers
+    (EasyEdit's BLIP-2 choice: 3), sized by `hparams` (EasyEdit's defaults: MEND rank 1920), initialised as
+    meta-training starts (`training.trainables`). Its numbers mean nothing; its shapes and FLOPs are real, for
+    timing where no trained editor exists. MEND's input statistics are merged from the edit gradients of the
+    first `stats_cases` cases (the trainer's first step does the same), so its normalisation is non-degenerate."""
+    import jax  # here: the rest of this module runs on the host
+
+    n = model.config.text.num_hidden_layers
+    sites = tuple(f"language_model/layers/{i}/{fc}" for i in range(n - layers, n) for fc in ("fc1", "fc2"))
+    trainable = build_trainable(kind, model, hparams or {}, TrainConfig(inner_params=sites))
+    params, state = trainable.init(jax.random.PRNGKey(seed))
+    cases = cases_for(trainable.fns, model.params, prepared)
+    if kind == "mend":
+        some = take(cases, np.arange(min(stats_cases, len(prepared.meta))))
+        merge = jax.jit(lambda p, st, base, c: trainable.batch_patches(p, st, base, c, True)[1])
+        state = merge(params, state, model.params, some)
+    return trainable.editor(params, state), cases
 
 
 def cases_for(fns: Blip2Fns, params, prepared: Prepared) -> Case:
