@@ -1,6 +1,7 @@
 """Rebuild everything the built-in world ships, from seeds: the pretrained model and the meta-trained editors.
 
-    python -m mmedit_jax.world.build [--work DIR] [--steps 3000] [--editors mend,ke] [--install]
+    python -m mmedit_jax.world.build [--work DIR] [--steps 3000] [--editors mend,ke] [--task vqa|caption] [--install]
+    python -m mmedit_jax.world.build --model mmedit_jax/assets/world/model --task caption --editors mend --install
 
 1. the world's MMEdit files (`assets.ensure_data`; an editor's config may ask for a larger train split with
    `world_n_train`, generated beside it: same eval split, same first train records);
@@ -9,6 +10,10 @@
    the eval split -> `WORK/E_vqa/editor`; where `configs/E_world_finetune.yaml` exists, a second stage
    warm-starts from that editor (`--init-editor`) -> `WORK/E_vqa_finetune/editor`, the one installed;
 4. with `--install`, copies the model and editors into `mmedit_jax/assets/world/` (what `bench` loads).
+`--model DIR` skips step 2 and meta-trains on that pretrained model (the shipped one, to add editors for another
+task); the model itself is then not installed. Where `configs/E_world_{task}.yaml` exists, that task has its own
+recipe: it and `configs/E_world_finetune_{task}.yaml` (if any) replace the files above. A config's
+`world_init_editor` (a path under the repository) warm-starts its first stage from an existing editor.
 Each step is skipped when its output exists, so an interrupted build resumes.
 """
 
@@ -32,6 +37,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STAGES = {"world": "", "world_finetune": "_finetune"}
 
 
+def stage_config(editor: str, stage: str, task: str) -> str:
+    """The config of one stage: `configs/{editor}_{stage}_{task}.yaml` when the task has its own recipe (its own
+    first-stage file), else `configs/{editor}_{stage}.yaml`. The path may not exist (no such stage)."""
+    def path(suffix):
+        return os.path.join(REPO, "configs", f"{editor}_{stage}{suffix}.yaml")
+
+    own = os.path.exists(os.path.join(REPO, "configs", f"{editor}_world_{task}.yaml"))
+    return path(f"_{task}") if own else path("")
+
+
 def train_editor(editor: str, config: str, model_dir: str, out: str, task: str, seed: int, init: str | None):
     train_data = assets.ensure_data(n_train=load_hparams(config).get("world_n_train"))
     train_json = os.path.join(train_data, "vqa_train.json" if task == "vqa" else "caption_train_edit.json")
@@ -53,30 +68,37 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3000, help="pretraining steps")
     ap.add_argument("--editors", default="mend,ke")
     ap.add_argument("--task", default="vqa", choices=("vqa", "caption"))
+    ap.add_argument("--model", help="an existing pretrained world model: skip pretraining (and do not install it)")
     ap.add_argument("--install", action="store_true", help="copy the results into mmedit_jax/assets/world")
     args = ap.parse_args(argv)
 
     data = assets.ensure_data()
-    model_dir = os.path.join(args.work, "pretrain", "model")
+    model_dir = args.model or os.path.join(args.work, "pretrain", "model")
     if not os.path.isdir(model_dir):
+        if args.model:
+            raise SystemExit(f"--model {args.model}: no such directory")
         evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
         pretrain(os.path.join(args.work, "pretrain"), args.seed, args.steps, eval_files=evals, image_root=data)
     editor_dirs = {}
     for editor in [e for e in args.editors.split(",") if e]:
-        init = None
+        init = None  # stage 1: from scratch, or the config's `world_init_editor`; later stages: the previous one
         for stage in STAGES:
-            config = os.path.join(REPO, "configs", f"{editor}_{stage}.yaml")
+            config = stage_config(editor, stage, args.task)
             if stage != "world" and not os.path.exists(config):
                 break
             out = os.path.join(args.work, f"{editor}_{args.task}{STAGES[stage]}")
             editor_dirs[editor] = os.path.join(out, "editor")
+            if stage == "world" and load_hparams(config).get("world_init_editor"):
+                init = os.path.join(REPO, load_hparams(config)["world_init_editor"])
             if not (os.path.isdir(editor_dirs[editor]) and os.path.exists(os.path.join(out, "DONE"))):
                 train_editor(editor, config, model_dir, out, args.task, args.seed, init)
                 open(os.path.join(out, "DONE"), "w").close()
             init = editor_dirs[editor]
     if args.install:
         os.makedirs(assets.ASSETS, exist_ok=True)
-        targets = {"model": model_dir, **{f"{e}_{args.task}": d for e, d in editor_dirs.items()}}
+        targets = {f"{e}_{args.task}": d for e, d in editor_dirs.items()}
+        if not args.model:
+            targets["model"] = model_dir
         for name, src in targets.items():
             dst = os.path.join(assets.ASSETS, name)
             if os.path.exists(dst):
