@@ -17,8 +17,8 @@ Three lines (`api.py`):
 __version__ = "0.1.0"
 
 
-_API = ("from_pretrained", "load_editor", "save_patch", "load_patch", "compose", "Model", "BoundEditor", "EditPatch",
-        "PatchBatch", "PatchMismatch")
+_API = ("from_pretrained", "load_editor", "save_patch", "load_patch", "compose", "Model", "MiniGPT4ApiModel",
+        "BoundEditor", "EditPatch", "PatchBatch", "PatchMismatch")
 
 
 def __getattr__(name):

@@ -9,7 +9,9 @@
 
 `Model` is a `Blip2Model` (everything it does, unchanged: `model(pixel_values, input_ids, attention_mask)`,
 `model.generate(...)`) that also knows its tokenizer, its name and a fingerprint of its config and weights, and
-answers questions the way the benchmark asks them (`answer`). `BoundEditor` is one of the project's editors
+answers questions the way the benchmark asks them (`answer`); `MiniGPT4ApiModel` is the same over a
+`MiniGPT4Model` (its image slots wrapped in `'###Human: <Img>'` / `'</Img> '`, LLaMA's generation positions).
+`BoundEditor` is one of the project's editors
 (`pipeline.build_editor`) bound to one model: `edit` / `edit_batch` build the benchmark's `Case` for each edit
 (`data/cases.py`, `case.make_cases`) and run the editor's pure per-case edit, vmapped over the edits, in one
 compiled program per shape (token lengths padded to `data.cases.DEFAULT_BUCKETS`, the number of edits to a power
@@ -40,12 +42,13 @@ from mmedit_jax.edit_patch import EditPatch, PatchBatch, PatchMismatch, compose,
 from mmedit_jax.edit_patch import load_patch as _load_patch_file
 from mmedit_jax.editors.io import read_spec
 from mmedit_jax.models.blip2 import Blip2Model
+from mmedit_jax.models.minigpt4 import MiniGPT4Model
 from mmedit_jax.sites import get_path, resolve_site
 from mmedit_jax.tree import flatten
 from mmedit_jax.world import assets
 
-__all__ = ["Model", "BoundEditor", "from_pretrained", "load_editor", "save_patch", "load_patch", "compose",
-           "EditPatch", "PatchBatch", "PatchMismatch", "model_fingerprint"]
+__all__ = ["Model", "MiniGPT4ApiModel", "BoundEditor", "from_pretrained", "load_editor", "save_patch", "load_patch",
+           "compose", "EditPatch", "PatchBatch", "PatchMismatch", "model_fingerprint"]
 
 WORLD = "world"  # `from_pretrained("world")`: the shipped world model (a directory named so: pass "./world")
 # The world model was pretrained on answer tokens only (no end-of-sequence token after them), so it never learns
@@ -147,7 +150,10 @@ class Model(Blip2Model):
 
     Everything of `Blip2Model` works unchanged (`model(pixel_values, input_ids, attention_mask, patch=...)`,
     `model.generate(...)`, `.config`, `.params`); a patch passed to them is checked first (`check_patch`).
+    `family`: the model class this one answers for (its module, stacks and compiled programs).
     """
+
+    family = Blip2Model
 
     def __init__(self, config, params, dtype: Any = jnp.float32, remat: bool = False, *, name: str | None = None,
                  source_dir: str | None = None, tokenizer=None, tokenizer_dir: str | None = None,
@@ -168,7 +174,7 @@ class Model(Blip2Model):
         model, so they keep no model's weights alive."""
         key = (self.config, str(self.dtype), bool(remat))
         if key not in _COMPILED:
-            shell = object.__new__(Blip2Model)
+            shell = object.__new__(self.family)
             shell.config, shell.dtype, shell.module, shell.stacks = self.config, self.dtype, self.module, self.stacks
             _COMPILED[key] = dict(
                 shell=shell, forward=jax.jit(shell._forward_impl), encode=jax.jit(shell._encode_impl),
@@ -280,16 +286,25 @@ class Model(Blip2Model):
 
     # ---- answering ----------------------------------------------------------------------------------
 
-    def prompt_ids(self, question: str, with_image: bool, task: str = "vqa", template: str | None = None) -> list:
-        """The token ids the benchmark shows the model for `question` (`data/cases.py`): image slots
-        (`[image_token_index] * num_query_tokens`, when there is an image) + the templated text tokenized
-        without special tokens (no BOS). E-VQA's template is `VQA_TEMPLATE`, E-IC's the identity."""
+    def case_config(self, task: str = "vqa", buckets=DEFAULT_BUCKETS) -> CaseConfig:
+        """How the benchmark turns this model's inputs into ids (`data/cases.py`): its image slots, and around
+        them MiniGPT-4's wrapper pieces tokenized with this model's tokenizer (`pipeline.image_wrapper`)."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        return CaseConfig(task=task, num_query_tokens=self.config.num_query_tokens,
+                          image_token_id=self.config.image_token_index, buckets=buckets,
+                          **pipeline.image_wrapper(self.config, self.tokenizer))
+
+    def prompt_ids(self, question: str, with_image: bool, task: str = "vqa", template: str | None = None) -> list:
+        """The token ids the benchmark shows the model for `question` (`data/cases.py`): the image block, when
+        there is an image (`[image_token_index] * num_query_tokens`; MiniGPT-4: wrapped in its prompt pieces) +
+        the templated text tokenized without special tokens (no BOS). E-VQA's template is `VQA_TEMPLATE`, E-IC's
+        the identity."""
+        cfg = self.case_config(task)
         if template is None:
             template = VQA_TEMPLATE if task == "vqa" else "{}"
         ids = list(self.tokenizer(template.format(question), add_special_tokens=False)["input_ids"])
-        return ([int(self.config.image_token_index)] * self.config.num_query_tokens if with_image else []) + ids
+        return ([int(i) for i in cfg.image_block] if with_image else []) + ids
 
     def decode_answer(self, tokens, max_words: int | None = None) -> str:
         """Generated ids -> the answer: cut at the end-of-sequence token, special tokens dropped, the first
@@ -368,17 +383,16 @@ class Model(Blip2Model):
             pixels = np.concatenate([pixels, np.repeat(pixels[-1:], b - n, axis=0)])
         if per_edit:
             deltas = pad_batch(deltas, b) if deltas else deltas
-            fn = self._each_fn(pixels is not None, max_new)
+            fn = self._each_fn(pixels is not None, max_new, pad)
             return np.asarray(fn(self.params, pixels, input_ids, mask, deltas))[:n]
-        return super().generate(pixels, input_ids, mask, max_new_tokens=max_new, patch=deltas)[:n]
+        return super().generate(pixels, input_ids, mask, max_new_tokens=max_new, patch=deltas, pad_token_id=pad)[:n]
 
-    def _each_fn(self, has_pixels: bool, max_new: int):
+    def _each_fn(self, has_pixels: bool, max_new: int, pad: int):
         """Generation with one patch per row: `vmap` over (pixels, ids, mask, patch) of one-row generation."""
-        key = (has_pixels, max_new)
+        key = (has_pixels, max_new, pad)
         if key not in self._generate_each:
             text = self.config.text
             eos = None if text.eos_token_id is None else int(text.eos_token_id)
-            pad = int(text.pad_token_id or 0)
             shell = self._shell
 
             def one(params, px, ids, mask, patch):
@@ -390,9 +404,20 @@ class Model(Blip2Model):
         return self._generate_each[key]
 
 
+class MiniGPT4ApiModel(Model, MiniGPT4Model):
+    """`Model` over a `MiniGPT4Model` (EasyEdit's MiniGPT-4): the benchmark's ids wrap the image slots in
+    `'###Human: <Img>'` / `'</Img> '` (`case_config`), and generation takes LLaMA's positions (the module's)."""
+
+    family = MiniGPT4Model
+
+
+API_CLASSES = {Blip2Model: Model, MiniGPT4Model: MiniGPT4ApiModel}  # the model classes this API answers for
+
+
 def from_pretrained(path: str | os.PathLike = WORLD, dtype: Any = jnp.float32, image_size: int | None = None,
                     verify: bool | None = None, tokenizer=None) -> Model:
-    """A `Model`: "world" (the shipped world model), or a converted or Hugging Face BLIP-2 directory
+    """A `Model`: "world" (the shipped world model), or a converted or Hugging Face BLIP-2 directory, or a
+    converted MiniGPT-4 one (`python -m mmedit_jax.convert minigpt4`; a `MiniGPT4ApiModel`)
     (`loading.from_pretrained`: `dtype`, `image_size`, `verify` as there).
 
     tokenizer: a directory or a tokenizer object; default the tokenizer files beside the model (loaded on
@@ -405,12 +430,14 @@ def from_pretrained(path: str | os.PathLike = WORLD, dtype: Any = jnp.float32, i
         raise FileNotFoundError(f"the built-in world model is missing ({directory}); rebuild it with "
                                 "`python -m mmedit_jax.world.build`")
     base = loading.from_pretrained(directory, dtype=dtype, image_size=image_size, verify=verify)
-    if type(base) is not Blip2Model:  # `Model` (question answering, editors by image and text) is BLIP-2's only
+    api_class = API_CLASSES.get(type(base))
+    if api_class is None:  # question answering and editing by image and text need an image-text model
         raise ValueError(f"{path} holds a {base.config.model_type} model: mmedit_jax.from_pretrained serves BLIP-2 "
-                         f"models; load it with mmedit_jax.loading.from_pretrained (-> {type(base).__name__})")
+                         f"and MiniGPT-4 models; load it with mmedit_jax.loading.from_pretrained "
+                         f"(-> {type(base).__name__})")
     tok_obj = None if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     tok_dir = os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else directory
-    model = Model.wrap(base, name=WORLD if world else path, source_dir=directory, tokenizer=tok_obj,
+    model = api_class.wrap(base, name=WORLD if world else path, source_dir=directory, tokenizer=tok_obj,
                        tokenizer_dir=tok_dir)
     if model.is_world:
         model.answer_words = dict(WORLD_ANSWER_WORDS)
@@ -489,8 +516,7 @@ class BoundEditor:
             records.append(MMEditRecord(index=i, src=p, pred="" if preds is None else str(preds[i]), alt=t,
                                         rephrase=p, image=key, image_rephrase=key, loc=p, loc_ans=t, m_loc=key,
                                         m_loc_q=p, m_loc_a=t))
-        cfg = CaseConfig(task=self.task, num_query_tokens=model.config.num_query_tokens,
-                         image_token_id=model.config.image_token_index, buckets=self.buckets)
+        cfg = model.case_config(self.task, self.buckets)
         table = ImageTable(pixels.__getitem__)
         batch = build_edit_batch(records, model.tokenizer, table, cfg)
         used = int(batch.edit.attention_mask.sum(-1).max())

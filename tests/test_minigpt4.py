@@ -6,6 +6,8 @@ directory, the `{'model': {'llama_proj.*'}}` .pth file, a LLaMA directory)."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +76,7 @@ def reference_image(parts, pixels):
     vision = blip.vision_model
     vision.post_layernorm.eps = 1e-5  # LAVIS's ln_vision
     with torch.no_grad():
-        feats = vision(pixel_values=torch.from_numpy(pixels)).last_hidden_state
+        feats = vision(pixel_values=torch.from_numpy(pixels).to(proj.weight.dtype)).last_hidden_state
         queries = blip.query_tokens.expand(feats.shape[0], -1, -1)
         q = blip.qformer(query_embeds=queries, encoder_hidden_states=feats,
                          encoder_attention_mask=torch.ones(feats.shape[:2], dtype=torch.long)).last_hidden_state
@@ -83,7 +85,7 @@ def reference_image(parts, pixels):
 
 def reference_logits(parts, pixels, texts):
     """EasyEdit's `MiniGPT4.forward`: wrapped image ‖ right-padded text, mask ones over the image block,
-    positions arange."""
+    positions arange. Logits float32 (whatever the parts' dtype)."""
     llama = parts[2]
     emb = llama.get_input_embeddings()
     length = max(len(t) for t in texts)
@@ -95,7 +97,7 @@ def reference_logits(parts, pixels, texts):
         wrap = lambda x: emb(torch.tensor([x] * b))  # noqa: E731
         embeds = torch.cat([wrap(BEFORE), img, wrap(AFTER), emb(ids)], dim=1)
         full_mask = torch.cat([torch.ones(b, len(BEFORE) + NQ + len(AFTER), dtype=torch.long), mask], dim=1)
-        return llama(inputs_embeds=embeds, attention_mask=full_mask).logits.numpy(), full_mask.numpy()
+        return llama(inputs_embeds=embeds, attention_mask=full_mask).logits.float().numpy(), full_mask.numpy()
 
 
 def our_batch(config, texts):
@@ -132,6 +134,26 @@ def test_logits_match_the_easyedit_splice(world):
     close(got, want)
     np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(want, -1))
     close(model.encode_image(pixels), reference_image(parts, pixels).numpy())
+
+
+def test_bfloat16_within_tolerance(world):
+    """bfloat16 parameters and compute against the same reference in bfloat16 and in float32 (tolerances as
+    `test_llama`'s bfloat16 test), at every real position."""
+    import copy
+
+    parts, _, model = world
+    bf16 = MiniGPT4Model(model.config, jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.params),
+                         dtype=jnp.bfloat16)
+    pixels = pixels_of()
+    ids, mask = our_batch(model.config, TEXTS)
+    got = np.asarray(bf16(pixels, ids, mask)).astype(np.float32)
+    want32, _ = reference_logits(parts, pixels, TEXTS)
+    want16, _ = reference_logits([copy.deepcopy(p).to(torch.bfloat16) for p in parts], pixels, TEXTS)
+    keep = mask.astype(bool)
+    close(got[keep], want16[keep], rel=0.03)
+    close(got[keep], want32[keep], rel=0.05)
+    assert (got.argmax(-1)[keep] == want32.argmax(-1)[keep]).mean() >= 0.85
+    assert (got.argmax(-1)[keep] == want16.argmax(-1)[keep]).mean() >= 0.85
 
 
 def test_text_only_is_the_bare_llama(world):
@@ -371,14 +393,16 @@ def test_cases_wrap_the_image_as_easyedit(world):
         "language_model/layers/2/mlp/up_proj", "language_model/layers/2/mlp/down_proj")
 
 
-def test_api_from_pretrained_says_where_minigpt4_loads(world, tmp_path):
+def test_api_from_pretrained_takes_minigpt4_and_refuses_a_bare_llama(world, tmp_path):
     import mmedit_jax
     from mmedit_jax import checkpoint
 
-    _, _, model = world
+    _, paths, model = world
     checkpoint.save_model(tmp_path / "m", model.config, model.params)
-    with pytest.raises(ValueError, match="minigpt4 model.*loading.from_pretrained"):
-        mmedit_jax.from_pretrained(tmp_path / "m")
+    loaded = mmedit_jax.from_pretrained(tmp_path / "m", tokenizer=WordTokenizer())
+    assert isinstance(loaded, mmedit_jax.MiniGPT4ApiModel) and loaded.config == model.config
+    with pytest.raises(ValueError, match="llama model.*loading.from_pretrained"):
+        mmedit_jax.from_pretrained(paths["llama"])
 
 
 def test_the_vision_side_of_a_flan_t5_blip2(world, tmp_path):
@@ -400,3 +424,63 @@ def test_the_vision_side_of_a_flan_t5_blip2(world, tmp_path):
     assert config == model.config
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(model.params)):
         np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# The notebook API (`mmedit_jax.from_pretrained`, `load_editor`, `answer`) on a converted MiniGPT-4.
+
+
+@pytest.fixture(scope="module")
+def api_model(tmp_path_factory):
+    """A tiny random MiniGPT-4 saved as a converted checkpoint (the world model's tokenizer, its vocabulary),
+    loaded by `mmedit_jax.from_pretrained`."""
+    import mmedit_jax as mj
+    from mmedit_jax import checkpoint, pipeline
+    from mmedit_jax.models.config import LlamaConfig, MiniGPT4Config, QFormerConfig, VisionConfig
+    from mmedit_jax.world import assets
+
+    tok = pipeline.load_tokenizer(os.path.join(assets.ASSETS, "model"))
+    config = MiniGPT4Config(
+        vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=16, patch_size=8, post_layernorm_eps=1e-5),
+        qformer=QFormerConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                              encoder_hidden_size=16),
+        text=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        num_query_tokens=4)
+    path = tmp_path_factory.mktemp("minigpt4_api") / "model"
+    checkpoint.save_model(path, config, MiniGPT4Model.init(config, jax.random.PRNGKey(0)).params)
+    return mj.from_pretrained(path, tokenizer=tok)
+
+
+def test_api_answers_and_edits_minigpt4(api_model, tmp_path):
+    import mmedit_jax as mj
+    from mmedit_jax import pipeline
+
+    model = api_model
+    assert isinstance(model, mj.MiniGPT4ApiModel) and isinstance(model, MiniGPT4Model)
+    wrap = pipeline.image_wrapper(model.config, model.tokenizer)
+    assert wrap["image_before"] and wrap["image_after"]
+    q = "What color are the shapes?"
+    ids = model.prompt_ids(q, True)  # EasyEdit's wrapper around the slots, then the templated question
+    assert ids == [*wrap["image_before"], *[model.config.image_token_index] * 4, *wrap["image_after"],
+                   *model.tokenizer("Question: " + q + " Short answer:", add_special_tokens=False)["input_ids"]]
+    image = (np.random.default_rng(0).uniform(size=(20, 24, 3)) * 255).astype(np.uint8)
+    before = model.answer(image, q, max_words=1)
+
+    target = "purple" if before != "purple" else "green"
+    editor = mj.load_editor("ft-l", model, hparams={"num_steps": 20, "edit_lr": 0.05})
+    assert editor.editor.hparams.inner_params == ("language_model/layers/1/mlp/up_proj",
+                                                  "language_model/layers/1/mlp/down_proj")
+    patch = editor.edit(image, q, target)
+    assert model.answer(image, q, patch=patch, max_words=1) == target
+    assert model.answer(image, q, max_words=1) == before  # the model itself is unchanged
+    path = mj.save_patch(patch, tmp_path / "p.safetensors")
+    assert model.answer(image, q, patch=mj.load_patch(path, model), max_words=1) == target
+
+    # Another MiniGPT-4 (other weights): the patch is refused, naming both models.
+    other = mj.MiniGPT4ApiModel.wrap(MiniGPT4Model.init(model.config, jax.random.PRNGKey(1)), name="other",
+                                     tokenizer=model.tokenizer)
+    with pytest.raises(mj.PatchMismatch, match=r"model '.*model'.*'other'"):
+        other.answer(image, q, patch=patch)

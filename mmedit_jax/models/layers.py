@@ -229,16 +229,29 @@ def run_stack(
     if remat:
         body = jax.checkpoint(body)
 
+    def indexed(c, x):  # a part of the stack: its units' weights read from the whole stack by index
+        i, unit_x = x
+        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked_params)
+        return body(c, (p, *unit_x))
+
     ys_parts, captured = [], {}
     for s, e in segments:
         seg = lambda t: jax.tree.map(lambda a: a[s:e], t)  # noqa: B023 (used immediately)
-        xs = (seg(stacked_params), _stack(unit_deltas[s:e]), _stack(unit_taps[s:e]),
-              None if per_unit_xs is None else seg(per_unit_xs))
+        unit_x = (_stack(unit_deltas[s:e]), _stack(unit_taps[s:e]), None if per_unit_xs is None else seg(per_unit_xs))
         if e - s == 1:  # one unit: called directly, so it may change the carry's shape (rows of the last layer)
-            carry, (ys, cap) = body(carry, jax.tree.map(lambda a: a[0], xs))
+            unit_p = jax.tree.map(lambda a: a[s], stacked_params)  # noqa: B023
+            carry, (ys, cap) = body(carry, (unit_p, *jax.tree.map(lambda a: a[0], unit_x)))
             ys, cap = jax.tree.map(lambda a: a[None], (ys, cap))
+        elif e - s == num_units:
+            carry, (ys, cap) = jax.lax.scan(body, carry, (stacked_params, *unit_x))
+        elif not (unit_deltas[s] or unit_taps[s]):
+            # An unedited part (the layers below the first edited one): not `stacked_params[s:e]`, a slice is a
+            # copy of those layers' weights (at 7B, LLaMA's layers 0-28 are 11 GB in bfloat16); indexing the
+            # whole stack inside the loop copies nothing. (An edited part is usually differentiated: there the
+            # per-unit weights are kept for the backward pass whichever way they are read, so it is sliced.)
+            carry, (ys, cap) = jax.lax.scan(indexed, carry, (jnp.arange(s, e), unit_x))
         else:
-            carry, (ys, cap) = jax.lax.scan(body, carry, xs)
+            carry, (ys, cap) = jax.lax.scan(body, carry, (seg(stacked_params), *unit_x))
         ys_parts.append(ys)
         for rel, x in cap.items():
             for j, u in enumerate(range(s, e)):
