@@ -100,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--plot", help="PNG: throughput against E, and the metric bars (needs the `plot` extra)")
     ap.add_argument("--profile", help="write a jax.profiler trace of one steady call here")
     ap.add_argument("--device", choices=("cpu", "gpu", "tpu"), help="JAX platform (default: JAX's choice)")
-    ap.add_argument("--cache-dir", help="where the built-in world's files are generated")
+    flags.add_world(ap)
     ap.add_argument("--out", help="also write the quality run's per-case rows, summary and bench.json here (a run "
                     "directory for `python -m mmedit_jax.report`)")
     ap.add_argument("--no-prefix-cache", action="store_true",
@@ -111,6 +111,8 @@ def main(argv=None):
         ap.error("--plot needs matplotlib: pip install -e '.[plot]' (or drop --plot)")
     if args.model and not (args.data and args.image_root):
         ap.error("--model needs --data and --image-root")
+    if args.model and args.family != "blip2":
+        ap.error("--family picks the built-in world's model: drop it with --model")
     if args.device:
         jax.config.update("jax_platforms", args.device)
     batches = [int(b) for b in args.batches.split(",")]
@@ -122,7 +124,8 @@ def main(argv=None):
         ckpt = args.editor_ckpt
     else:
         say("built-in world: generating its data on first use", t_start)
-        model_dir, tok_dir, data, image_root, shipped = pipeline.world_inputs(args.task, args.cache_dir)
+        model_dir, tok_dir, data, image_root, shipped = pipeline.world_inputs(args.task, args.cache_dir,
+                                                                               args.family)
         rephrase_root, ckpt = image_root, args.editor_ckpt or shipped.get(args.editor)
     say(f"loading the model from {model_dir}", t_start)
     model, tok = pipeline.load_model(model_dir, tok_dir, image_size=args.image_size)
