@@ -9,6 +9,7 @@ import pytest
 
 from mmedit_jax import bench, evaluate, pipeline
 from mmedit_jax.data.mmedit import load_mmedit
+from mmedit_jax.loading import from_pretrained
 from mmedit_jax.models.minigpt4 import MiniGPT4Model
 from mmedit_jax.world import assets, build, dataset, pretrain
 
@@ -82,8 +83,6 @@ def test_pretraining_encodes_cases_as_the_evaluation_does(world):
 
 
 def test_pretrain_writes_a_loadable_minigpt4(world, tmp_path):
-    from mmedit_jax.loading import from_pretrained
-
     report = pretrain.pretrain(str(tmp_path), steps=2, batch_size=4, eval_files=[world.files["vqa_eval"]],
                                image_root=world.root, log_every=1, size="test", family="minigpt4")
     assert report["family"] == "minigpt4" and set(report["accuracy"])
@@ -105,5 +104,6 @@ def test_shipped_minigpt4_world_mend_edits(tmp_path):
     assert s["reliability"] >= 75 and s["t_generality"] >= 75, s
     assert s["t_locality"] >= 80 and s["m_locality"] >= 60, s
     assert s["pre_reliability"] < 50, s  # the edit targets are counterfactual: the model did not say them before
-    with open(os.path.join(out, "run.json")) as f:
-        assert "world_minigpt4" in json.dumps(json.load(f))
+    model_dir, _, _, _, shipped = pipeline.world_inputs(family="minigpt4")
+    assert model_dir == SHIPPED and set(shipped) == {"mend"}
+    assert isinstance(from_pretrained(model_dir), MiniGPT4Model)
