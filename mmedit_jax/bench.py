@@ -113,7 +113,7 @@ def main(argv=None):
     ap.add_argument("--plot", help="PNG: throughput against E, and the metric bars (needs the `plot` extra)")
     ap.add_argument("--profile", help="write a jax.profiler trace of one steady call here")
     ap.add_argument("--device", choices=("cpu", "gpu", "tpu"), help="JAX platform (default: JAX's choice)")
-    ap.add_argument("--cache-dir", help="where the built-in world's files are generated")
+    flags.add_world(ap)
     ap.add_argument("--out", help="also write the quality run's per-case rows, summary and bench.json here (a run "
                     "directory for `python -m mmedit_jax.report`)")
     ap.add_argument("--preset", choices=sorted(presets.PRESETS),
@@ -135,6 +135,8 @@ def main(argv=None):
         ap.error("--out and --plot show the quality run: drop --no-quality")
     if args.preset and args.model:
         ap.error("--preset builds its own random model: drop --model")
+    if args.family != "blip2" and (args.model or args.preset):
+        ap.error("--family picks the built-in world's model: drop it with --model or --preset")
     if args.device:
         jax.config.update("jax_platforms", args.device)
     batches = [int(b) for b in args.batches.split(",")]
@@ -146,7 +148,8 @@ def main(argv=None):
         ckpt = args.editor_ckpt
     else:
         say("built-in world: generating its data on first use", t_start)
-        model_dir, tok_dir, data, image_root, shipped = pipeline.world_inputs(args.task, args.cache_dir)
+        model_dir, tok_dir, data, image_root, shipped = pipeline.world_inputs(args.task, args.cache_dir,
+                                                                               args.family)
         rephrase_root, ckpt = image_root, args.editor_ckpt or shipped.get(args.editor)
     if args.preset:
         say(f"preset {args.preset}: random weights in {args.dtype}", t_start)

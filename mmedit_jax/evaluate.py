@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--no-resume", action="store_true", help="start over instead of skipping written cases")
     ap.add_argument("--strict", action="store_true", help="stop at the first bad record")
     ap.add_argument("--world", action="store_true", help="the built-in world: shipped model, editors and eval split")
-    ap.add_argument("--cache-dir", help="with --world: where its files are generated")
+    flags.add_world(ap)
     ap.add_argument("--demo", action="store_true", help="synthetic data and a tiny random BLIP-2")
     ap.add_argument("--demo-records", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -51,6 +51,8 @@ def main(argv=None):
         ap.error("--sequential runs one edit at a time on one device: drop --mesh")
     if sum(map(bool, (args.world, args.demo, args.model))) != 1:
         ap.error("choose one of --world, --demo or --model DIR (with --data and --image-root)")
+    if args.family != "blip2" and not args.world:
+        ap.error("--family picks the built-in world's model: use it with --world")
     editor_name = args.editor or ("mend" if args.world else "ft-l" if args.demo else None)
     if editor_name is None:
         ap.error("--editor is required with --model (one of " + ", ".join(pipeline.EDITORS) + ")")
@@ -61,7 +63,8 @@ def main(argv=None):
         data, image_root, rephrase_root, task = paths.json_path, paths.image_root, paths.rephrase_image_root, "vqa"
     else:
         if args.world:
-            model_dir, tok_dir, data, image_root, shipped = pipeline.world_inputs(args.task or "vqa", args.cache_dir)
+            model_dir, tok_dir, data, image_root, shipped = pipeline.world_inputs(args.task or "vqa", args.cache_dir,
+                                                                               args.family)
             rephrase_root, editor_ckpt = image_root, editor_ckpt or shipped.get(editor_name)
         elif not (args.data and args.image_root):
             ap.error("--model needs --data and --image-root")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mmedit_jax.pipeline import EDITORS
+from mmedit_jax.world.assets import ASSETS_OF
 
 
 def add_editor(ap: argparse.ArgumentParser, default: str | None = None, choices=EDITORS) -> None:
@@ -27,6 +28,13 @@ def add_data(ap: argparse.ArgumentParser, default_model: str) -> None:
     ap.add_argument("--sentence-encoder", help="IKE: all-MiniLM-L6-v2 directory (weights and tokenizer; default: "
                                                "TF-IDF over the model's tokens)")
     ap.add_argument("--limit", type=int, help="only the first N records of the file (before filtering, as `size`)")
+
+
+def add_world(ap: argparse.ArgumentParser) -> None:
+    """The built-in world's options."""
+    ap.add_argument("--cache-dir", help="where the built-in world's files are generated")
+    ap.add_argument("--family", choices=tuple(ASSETS_OF), default="blip2",
+                    help="the built-in world's model: BLIP-2-shaped (default) or MiniGPT-4-shaped")
 
 
 def add_scoring(ap: argparse.ArgumentParser) -> None:

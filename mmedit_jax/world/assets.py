@@ -1,10 +1,11 @@
 """The built-in world as the bench's default: shipped model and editors, and data generated on first use.
 
 Shipped with the package (small files, `mmedit_jax/assets/world/`): the pretrained world BLIP-2 with its
-tokenizer (`model/`), and meta-trained editors (`mend_vqa/`, `ke_vqa/`, ...). The MMEdit files are not shipped:
-they are regenerated, deterministically, into a cache directory (`$MMEDIT_JAX_CACHE` or
-`~/.cache/mmedit_jax`) the first time they are needed (about two seconds). `python -m mmedit_jax.world.build`
-remakes everything shipped from seeds.
+tokenizer (`model/`), and meta-trained editors (`mend_vqa/`, `ke_vqa/`, ...); the MiniGPT-4-shaped world model
+and its editors likewise in `mmedit_jax/assets/world_minigpt4/` (family "minigpt4"); both read the same data.
+The MMEdit files are not shipped: they are regenerated, deterministically, into a cache directory
+(`$MMEDIT_JAX_CACHE` or `~/.cache/mmedit_jax`) the first time they are needed (about two seconds).
+`python -m mmedit_jax.world.build` remakes everything shipped from seeds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import tempfile
 
 from mmedit_jax.world.dataset import FILE_NAMES, write_world
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "world")
+_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+ASSETS_OF = {"blip2": os.path.join(_ROOT, "world"), "minigpt4": os.path.join(_ROOT, "world_minigpt4")}  # by family
+ASSETS = ASSETS_OF["blip2"]
 WORLD = dict(seed=0, n_train=512, n_eval=128, image_size=32)  # the shipped editors were trained on this
 
 
@@ -67,12 +70,22 @@ def ensure_data(cache_dir: str | None = None, n_train: int | None = None) -> str
     return data_dir
 
 
-def ensure(task: str = "vqa", cache_dir: str | None = None, assets: str = ASSETS) -> World:
-    """Paths of the built-in world for `task` ("vqa" | "caption"); clear errors when something is missing."""
+def assets_dir(family: str = "blip2") -> str:
+    """Where the world model of `family` ("blip2" | "minigpt4") and its editors are shipped."""
+    if family not in ASSETS_OF:
+        raise ValueError(f"no built-in world model of family {family!r}; choose one of {tuple(ASSETS_OF)}")
+    return ASSETS_OF[family]
+
+
+def ensure(task: str = "vqa", cache_dir: str | None = None, assets: str | None = None,
+           family: str = "blip2") -> World:
+    """Paths of the built-in world for `task` ("vqa" | "caption") and model `family` (shipped in
+    `assets_dir(family)` unless `assets` says where); clear errors when something is missing."""
+    assets = assets or assets_dir(family)
     model_dir = os.path.join(assets, "model")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"the built-in world model is missing ({model_dir}); rebuild it with "
-                                "`python -m mmedit_jax.world.build`")
+                                f"`python -m mmedit_jax.world.build --family {family} --install`")
     data_dir = ensure_data(cache_dir)
     ckpts = {name.removesuffix(f"_{task}"): os.path.join(assets, name) for name in sorted(os.listdir(assets))
              if name.endswith(f"_{task}") and os.path.isdir(os.path.join(assets, name))}

@@ -1,18 +1,22 @@
 """Rebuild everything the built-in world ships, from seeds: the pretrained model and the meta-trained editors.
 
-    python -m mmedit_jax.world.build [--work DIR] [--steps 3000] [--editors mend,ke] [--task vqa|caption] [--install]
+    python -m mmedit_jax.world.build [--family blip2|minigpt4] [--work DIR] [--steps N] [--editors mend,ke]
+                                     [--task vqa|caption] [--install]
     python -m mmedit_jax.world.build --model mmedit_jax/assets/world/model --task caption --editors mend --install
 
 1. the world's MMEdit files (`assets.ensure_data`; an editor's config may ask for a larger train split with
    `world_n_train`, generated beside it: same eval split, same first train records);
-2. `world.pretrain` -> `WORK/pretrain/model` (+ `pretrain_report.json` with held-out accuracy);
+2. `world.pretrain` of the family's model -> `WORK/pretrain/model` (+ `pretrain_report.json` with held-out
+   accuracy);
 3. `python -m mmedit_jax.train --editor E --config configs/E_world.yaml` on the E-VQA train split, validated on
    the eval split -> `WORK/E_vqa/editor`; where `configs/E_world_finetune.yaml` exists, a second stage
-   warm-starts from that editor (`--init-editor`) -> `WORK/E_vqa_finetune/editor`, the one installed;
-4. with `--install`, copies the model and editors into `mmedit_jax/assets/world/` (what `bench` loads).
+   warm-starts from that editor (`--init-editor`) -> `WORK/E_vqa_finetune/editor`, the one installed (for the
+   MiniGPT-4 family the configs are `E_world_minigpt4.yaml` and `E_world_minigpt4_finetune.yaml`);
+4. with `--install`, copies the model and editors into the family's assets (`mmedit_jax/assets/world/`,
+   `mmedit_jax/assets/world_minigpt4/`: what `bench --family` loads).
 `--model DIR` skips step 2 and meta-trains on that pretrained model (the shipped one, to add editors for another
-task); the model itself is then not installed. Where `configs/E_world_{task}.yaml` exists, that task has its own
-recipe: it and `configs/E_world_finetune_{task}.yaml` (if any) replace the files above. A config's
+task); the model itself is then not installed. Where `configs/E_{world}_{task}.yaml` exists, that task has its own
+recipe: it and `configs/E_{world}_finetune_{task}.yaml` (if any) replace the files above. A config's
 `world_init_editor` (a path under the repository) warm-starts its first stage from an existing editor.
 Each step is skipped when its output exists, so an interrupted build resumes.
 """
@@ -27,24 +31,23 @@ import sys
 
 from mmedit_jax.editors.hparams import load_hparams
 from mmedit_jax.world import assets
-from mmedit_jax.world.pretrain import pretrain
+from mmedit_jax.world.pretrain import FAMILIES, pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # Training stages of each editor: config suffix -> run-directory suffix. A later stage runs only where its config
 # exists, warm-started from the previous stage's editor.
-STAGES = {"world": "", "world_finetune": "_finetune"}
+STAGES = {"": "", "_finetune": "_finetune"}
+WORLD_CONFIG = {"blip2": "world", "minigpt4": "world_minigpt4"}  # configs/{editor}_{this}{stage}[_{task}].yaml
+DEFAULTS = {"blip2": ("runs/world_build", "mend,ke", 3000), "minigpt4": ("runs/world_build_minigpt4", "mend", 1000)}
 
 
-def stage_config(editor: str, stage: str, task: str) -> str:
-    """The config of one stage: `configs/{editor}_{stage}_{task}.yaml` when the task has its own recipe (its own
-    first-stage file), else `configs/{editor}_{stage}.yaml`. The path may not exist (no such stage)."""
-    def path(suffix):
-        return os.path.join(REPO, "configs", f"{editor}_{stage}{suffix}.yaml")
-
-    own = os.path.exists(os.path.join(REPO, "configs", f"{editor}_world_{task}.yaml"))
-    return path(f"_{task}") if own else path("")
+def stage_config(editor: str, world: str, stage: str, task: str) -> str:
+    """The config of one stage: `configs/{editor}_{world}{stage}_{task}.yaml` when the task has its own recipe (its
+    own first-stage file), else `configs/{editor}_{world}{stage}.yaml`. The path may not exist (no such stage)."""
+    own = os.path.exists(os.path.join(REPO, "configs", f"{editor}_{world}_{task}.yaml"))
+    return os.path.join(REPO, "configs", f"{editor}_{world}{stage}{f'_{task}' if own else ''}.yaml")
 
 
 def train_editor(editor: str, config: str, model_dir: str, out: str, task: str, seed: int, init: str | None):
@@ -63,51 +66,56 @@ def train_editor(editor: str, config: str, model_dir: str, out: str, task: str, 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mmedit_jax.world.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="runs/world_build")
+    ap.add_argument("--family", default="blip2", choices=FAMILIES, help="the world model's family")
+    ap.add_argument("--work", help="default: runs/world_build (blip2), runs/world_build_minigpt4 (minigpt4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=3000, help="pretraining steps")
-    ap.add_argument("--editors", default="mend,ke")
+    ap.add_argument("--steps", type=int, help="pretraining steps (default: 3000 for blip2, 1000 for minigpt4)")
+    ap.add_argument("--editors", help="default: mend,ke (blip2), mend (minigpt4)")
     ap.add_argument("--task", default="vqa", choices=("vqa", "caption"))
     ap.add_argument("--model", help="an existing pretrained world model: skip pretraining (and do not install it)")
-    ap.add_argument("--install", action="store_true", help="copy the results into mmedit_jax/assets/world")
+    ap.add_argument("--install", action="store_true", help="copy the results into the family's assets")
     args = ap.parse_args(argv)
+    work, editors, steps = DEFAULTS[args.family]
+    work, editors, steps = args.work or work, args.editors or editors, args.steps or steps
 
     data = assets.ensure_data()
-    model_dir = args.model or os.path.join(args.work, "pretrain", "model")
+    model_dir = args.model or os.path.join(work, "pretrain", "model")
     if not os.path.isdir(model_dir):
         if args.model:
             raise SystemExit(f"--model {args.model}: no such directory")
         evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
-        pretrain(os.path.join(args.work, "pretrain"), args.seed, args.steps, eval_files=evals, image_root=data)
+        pretrain(os.path.join(work, "pretrain"), args.seed, steps, eval_files=evals, image_root=data,
+                 family=args.family)
     editor_dirs = {}
-    for editor in [e for e in args.editors.split(",") if e]:
+    for editor in [e for e in editors.split(",") if e]:
         init = None  # stage 1: from scratch, or the config's `world_init_editor`; later stages: the previous one
         for stage in STAGES:
-            config = stage_config(editor, stage, args.task)
-            if stage != "world" and not os.path.exists(config):
+            config = stage_config(editor, WORLD_CONFIG[args.family], stage, args.task)
+            if stage and not os.path.exists(config):
                 break
-            out = os.path.join(args.work, f"{editor}_{args.task}{STAGES[stage]}")
+            out = os.path.join(work, f"{editor}_{args.task}{STAGES[stage]}")
             editor_dirs[editor] = os.path.join(out, "editor")
-            if stage == "world" and load_hparams(config).get("world_init_editor"):
+            if not stage and load_hparams(config).get("world_init_editor"):
                 init = os.path.join(REPO, load_hparams(config)["world_init_editor"])
             if not (os.path.isdir(editor_dirs[editor]) and os.path.exists(os.path.join(out, "DONE"))):
                 train_editor(editor, config, model_dir, out, args.task, args.seed, init)
                 open(os.path.join(out, "DONE"), "w").close()
             init = editor_dirs[editor]
     if args.install:
-        os.makedirs(assets.ASSETS, exist_ok=True)
+        installed = assets.assets_dir(args.family)
+        os.makedirs(installed, exist_ok=True)
         targets = {f"{e}_{args.task}": d for e, d in editor_dirs.items()}
         if not args.model:
             targets["model"] = model_dir
         for name, src in targets.items():
-            dst = os.path.join(assets.ASSETS, name)
+            dst = os.path.join(installed, name)
             if os.path.exists(dst):
                 shutil.rmtree(dst)
             shutil.copytree(src, dst)
             print(f"installed {dst}")
-        report = os.path.join(args.work, "pretrain", "pretrain_report.json")
+        report = os.path.join(work, "pretrain", "pretrain_report.json")
         if os.path.exists(report):
-            shutil.copy2(report, os.path.join(assets.ASSETS, "pretrain_report.json"))
+            shutil.copy2(report, os.path.join(installed, "pretrain_report.json"))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
-"""Pretrain a small BLIP-2 on the built-in world, so that it knows what later gets edited.
+"""Pretrain a small BLIP-2 or MiniGPT-4 on the built-in world, so that it knows what later gets edited.
 
-    python -m mmedit_jax.world.pretrain --out DIR [--seed 0] [--steps 3000]
+    python -m mmedit_jax.world.pretrain --out DIR [--family blip2|minigpt4] [--seed 0] [--steps 3000]
 
-Trains a tokenizer on the world's text, then every parameter of a small BLIP-2 (same modules as the real one:
-EVA-style ViT, Q-Former, OPT) with AdamW on the answer tokens of an endless stream of freshly rendered scenes
-(questions in every phrasing, captions) and encyclopaedia facts. Reports held-out accuracy (exact match of
-the whole answer, teacher-forced, as the metrics score it) on the eval split's unseen scenes and on the facts,
-and writes `DIR/model` (a converted checkpoint with the tokenizer beside it). Reproducible from the seed.
+Trains a tokenizer on the world's text, then every parameter of a small model of the family (same modules as the
+real one: EVA-style ViT, Q-Former, then OPT for BLIP-2, `llama_proj` + LLaMA for MiniGPT-4, whose prompt wrapper
+goes around the image slots as in evaluation) with AdamW on the answer tokens of an endless stream of freshly
+rendered scenes (questions in every phrasing, captions) and encyclopaedia facts. Reports held-out accuracy (exact
+match of the whole answer, teacher-forced, as the metrics score it) on the eval split's unseen scenes and on the
+facts, and writes `DIR/model` (a converted checkpoint with the tokenizer beside it). Reproducible from the seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -28,10 +30,22 @@ from mmedit_jax.data.image import load_image, preprocess_image
 from mmedit_jax.data.tokenizer import train_bpe_tokenizer
 from mmedit_jax.losses import masked_nll
 from mmedit_jax.models.blip2 import Blip2Model
-from mmedit_jax.models.config import Blip2Config, OPTConfig, QFormerConfig, VisionConfig
+from mmedit_jax.models.config import (
+    Blip2Config,
+    LlamaConfig,
+    MiniGPT4Config,
+    OPTConfig,
+    QFormerConfig,
+    VisionConfig,
+)
+from mmedit_jax.models.minigpt4 import MiniGPT4Model
+from mmedit_jax.pipeline import image_wrapper
 from mmedit_jax.world.dataset import VQA_TEMPLATE, pretraining_stream, world_texts
 
+FAMILIES = ("blip2", "minigpt4")
 SEQ_LEN = 32  # the longest world input is 8 image slots + 17 text tokens
+# MiniGPT-4 wraps the slots in '###Human: <Img>' ... '</Img> ' (10 more tokens with its tokenizer: at most 35).
+SEQ_LENS = {"blip2": SEQ_LEN, "minigpt4": 40}
 
 
 SIZES = {  # (vision width, vision layers, Q-Former width, Q-Former layers, text width, text layers)
@@ -55,13 +69,43 @@ def world_config(tok, image_size: int = 32, num_query_tokens: int = 8, size: str
     )
 
 
-def build_tokenizer(out_dir: str | None):
+def minigpt4_config(tok, image_size: int = 32, num_query_tokens: int = 8, size: str = "world") -> MiniGPT4Config:
+    """The world model, MiniGPT-4-shaped: BLIP-2's vision side and Q-Former, `llama_proj`, a small LLaMA (SwiGLU
+    at about 8/3 of the width, as LLaMA's; untied head) and MiniGPT-4's prompt wrapper around the image slots."""
+    blip2 = world_config(tok, image_size, num_query_tokens, size)
+    tw, tl = SIZES[size][4:]
+    return MiniGPT4Config(
+        vision=dataclasses.replace(blip2.vision, post_layernorm_eps=1e-5),  # MiniGPT-4's `ln_vision`
+        qformer=blip2.qformer,
+        text=LlamaConfig(vocab_size=len(tok), hidden_size=tw, intermediate_size=tw * 11 // 4, num_hidden_layers=tl,
+                         num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        num_query_tokens=num_query_tokens,
+    )
+
+
+CONFIG_OF = {"blip2": world_config, "minigpt4": minigpt4_config}
+MODEL_OF = {"blip2": Blip2Model, "minigpt4": MiniGPT4Model}
+
+
+def build_tokenizer(out_dir: str | None, family: str = "blip2"):
+    """The world's BPE tokenizer; MiniGPT-4's also learns its prompt wrapper (so '###Human: <Img>' is a few
+    tokens, not bytes)."""
     texts = world_texts()
+    if family == "minigpt4":
+        wrapper = MiniGPT4Config()
+        texts += [wrapper.prompt_before, wrapper.prompt_after] * 64
     return train_bpe_tokenizer(texts * 4, vocab_size=640, out_dir=out_dir)
 
 
-def encode_examples(examples, tok, config: Blip2Config, image_size: int):
-    """Examples -> (pixels [B, 3, S, S], input_ids, attention_mask, labels), fixed length SEQ_LEN."""
+def case_config(config, tok) -> CaseConfig:
+    """How the world's inputs are encoded for `config`'s family: as `pipeline.prepare_data` encodes them."""
+    return CaseConfig(task="vqa", num_query_tokens=config.num_query_tokens, image_token_id=config.image_token_index,
+                      **image_wrapper(config, tok))
+
+
+def encode_examples(examples, tok, config, image_size: int, length: int = SEQ_LEN):
+    """Examples -> (pixels [B, 3, S, S], input_ids, attention_mask, labels), fixed length `length`."""
     arrays = {}
     inputs = []
     for i, ex in enumerate(examples):
@@ -71,14 +115,13 @@ def encode_examples(examples, tok, config: Blip2Config, image_size: int):
             arrays[key] = preprocess_image(Image.fromarray(ex.image, "RGB"), image_size)
         inputs.append(TextInput(ex.prompt, ex.target, key))
     table = ImageTable(lambda k: arrays[k])
-    cfg = CaseConfig(task="vqa", num_query_tokens=config.num_query_tokens, image_token_id=config.image_token_index)
-    tb = encode_inputs(inputs, tok, table, cfg, length=SEQ_LEN, name="pretrain")
+    tb = encode_inputs(inputs, tok, table, case_config(config, tok), length=length, name="pretrain")
     blank = np.zeros((3, image_size, image_size), np.float32)
     pixels = np.stack([table.array(int(j)) if j >= 0 else blank for j in tb.image_ids])
     return pixels, tb.input_ids, tb.attention_mask, tb.labels
 
 
-def make_train_step(model: Blip2Model, optimizer):
+def make_train_step(model, optimizer):
     module = model.module
 
     def loss_fn(params, pixels, ids, mask, labels):
@@ -94,15 +137,14 @@ def make_train_step(model: Blip2Model, optimizer):
     return step
 
 
-def exact_match_accuracy(model: Blip2Model, params, tok, inputs: list[TextInput], image_size: int,
-                         batch_size: int = 64) -> float:
+def exact_match_accuracy(model, params, tok, inputs: list[TextInput], image_size: int, batch_size: int = 64,
+                         length: int = SEQ_LEN) -> float:
     """Fraction of inputs whose whole target is the teacher-forced argmax (Reliability's `exact_match`)."""
-    cfg = CaseConfig(task="vqa", num_query_tokens=model.config.num_query_tokens,
-                     image_token_id=model.config.image_token_index)
+    cfg = case_config(model.config, tok)
     table = ImageTable(lambda p: load_image(p, image_size))
     hits = []
     for start in range(0, len(inputs), batch_size):
-        tb = encode_inputs(inputs[start:start + batch_size], tok, table, cfg, length=SEQ_LEN, name="eval")
+        tb = encode_inputs(inputs[start:start + batch_size], tok, table, cfg, length=length, name="eval")
         blank = np.zeros((3, image_size, image_size), np.float32)
         pixels = np.stack([table.array(int(j)) if j >= 0 else blank for j in tb.image_ids])
         logits = np.asarray(model(pixels, tb.input_ids, tb.attention_mask, params=params))
@@ -132,12 +174,15 @@ def held_out_inputs(eval_json: str, image_root: str) -> dict[str, list[TextInput
 
 def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3,
              image_size: int = 32, eval_files=(), image_root: str | None = None, log_every: int = 250,
-             size: str = "world"):
+             size: str = "world", family: str = "blip2"):
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
     os.makedirs(out_dir, exist_ok=True)
     model_dir = os.path.join(out_dir, "model")
-    tok = build_tokenizer(None)
-    config = world_config(tok, image_size, size=size)
-    model = Blip2Model.init(config, jax.random.PRNGKey(seed))
+    tok = build_tokenizer(None, family)
+    config = CONFIG_OF[family](tok, image_size, size=size)
+    model = MODEL_OF[family].init(config, jax.random.PRNGKey(seed))
+    length = SEQ_LENS[family]
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr * 0.02)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
     params, opt_state = model.params, optimizer.init(model.params)
@@ -145,7 +190,7 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
     stream = pretraining_stream(seed, image_size)
     t0, t_compiled, losses = time.perf_counter(), None, []
     for step in range(steps):
-        batch = encode_examples([next(stream) for _ in range(batch_size)], tok, config, image_size)
+        batch = encode_examples([next(stream) for _ in range(batch_size)], tok, config, image_size, length)
         params, opt_state, loss = step_fn(params, opt_state, *batch)
         if step == 0:
             loss.block_until_ready()
@@ -156,12 +201,12 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
             print(f"step {step + 1}/{steps}  loss {recent:.4f}  {time.perf_counter() - t0:.0f}s", flush=True)
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t_compiled
-    report = {"steps": steps, "batch_size": batch_size, "seed": seed, "train_s": train_s,
+    report = {"family": family, "steps": steps, "batch_size": batch_size, "seed": seed, "train_s": train_s,
               "steps_per_s": (steps - 1) / train_s, "final_loss": float(np.mean(jax.device_get(losses[-50:]))),
               "num_params": int(sum(x.size for x in jax.tree.leaves(params))), "accuracy": {}}
     for file in eval_files:
         for name, inputs in held_out_inputs(file, image_root).items():
-            acc = exact_match_accuracy(model, params, tok, inputs, image_size)
+            acc = exact_match_accuracy(model, params, tok, inputs, image_size, length=length)
             report["accuracy"][f"{os.path.basename(file)}: {name}"] = acc
             print(f"held-out {os.path.basename(file)} {name}: {acc:.3f}")
     checkpoint.save_model(model_dir, config, jax.device_get(params), overwrite=True)
@@ -176,6 +221,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mmedit_jax.world.pretrain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--family", default="blip2", choices=FAMILIES, help="the world model's family")
     ap.add_argument("--data", help="a world directory (python -m mmedit_jax.world.generate) for held-out accuracy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=3000)
@@ -186,7 +232,8 @@ def main(argv=None):
     if args.data:
         files = [os.path.join(args.data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")
                  if os.path.exists(os.path.join(args.data, f))]
-    pretrain(args.out, args.seed, args.steps, args.batch_size, args.lr, eval_files=files, image_root=args.data)
+    pretrain(args.out, args.seed, args.steps, args.batch_size, args.lr, eval_files=files, image_root=args.data,
+             family=args.family)
 
 
 if __name__ == "__main__":
