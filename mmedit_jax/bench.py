@@ -108,7 +108,8 @@ def main(argv=None):
     ap.set_defaults(task="vqa")
     flags.add_scoring(ap)
     ap.add_argument("--batches", default="1,8,32,64", help="vmapped batch sizes to time")
-    ap.add_argument("--repeats", type=int, default=5, help="steady calls per batch size (E = 1 gets 4x)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="steady calls per batch size (E = 1 gets 4x, unless 1 is asked for)")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--plot", help="PNG: throughput against E, and the metric bars (needs the `plot` extra)")
     ap.add_argument("--profile", help="write a jax.profiler trace of one steady call here")
@@ -206,8 +207,8 @@ def main(argv=None):
     peaks = [throughput.matmul_peak_gflops(dtype=peak_dtype)]
     rows = []
     for b in batches:
-        say(f"throughput: E={b} (compiling, then {args.repeats * (4 if b == 1 else 1)} timed calls)", t_start)
-        reps = args.repeats * (4 if b == 1 else 1)
+        reps = args.repeats * (4 if b == 1 and args.repeats > 1 else 1)
+        say(f"throughput: E={b} (compiling, then {reps} timed calls)", t_start)
         idx = np.minimum(np.arange(b), n - 1)  # the cases the step times (the last repeated past the split)
         images = throughput.BatchImages.of(prepared.batch, prepared.pixels, idx)
         timing = throughput.time_edit_step(editor, model.params, cases, b, reps, exact_match, timed_fns, images)

@@ -239,6 +239,14 @@ def record_meta(record) -> dict:
     return out
 
 
+def fresh_trainable(kind: str, model, hparams: dict | None = None, layers: int = 3):
+    """The MEND or KE trainable (`training.trainables`) over fc1/fc2 of the language model's last `layers` layers;
+    `model.params` may be abstract (shapes only)."""
+    n = model.config.text.num_hidden_layers
+    sites = tuple(f"language_model/layers/{i}/{fc}" for i in range(n - layers, n) for fc in ("fc1", "fc2"))
+    return build_trainable(kind, model, hparams or {}, TrainConfig(inner_params=sites))
+
+
 def fresh_editor(kind: str, model, prepared: Prepared, hparams: dict | None = None, layers: int = 3,
                  seed: int = 0, stats_cases: int = 8) -> tuple[Editor, Case]:
     """`(editor, its cases)`: an untrained MEND or KE over fc1/fc2 of the language model's last `layers` layers
@@ -248,9 +256,7 @@ def fresh_editor(kind: str, model, prepared: Prepared, hparams: dict | None = No
     first `stats_cases` cases (the trainer's first step does the same), so its normalisation is non-degenerate."""
     import jax  # here: the rest of this module runs on the host
 
-    n = model.config.text.num_hidden_layers
-    sites = tuple(f"language_model/layers/{i}/{fc}" for i in range(n - layers, n) for fc in ("fc1", "fc2"))
-    trainable = build_trainable(kind, model, hparams or {}, TrainConfig(inner_params=sites))
+    trainable = fresh_trainable(kind, model, hparams, layers)
     params, state = trainable.init(jax.random.PRNGKey(seed))
     cases = cases_for(trainable.fns, model.params, prepared)
     if kind == "mend":

@@ -77,13 +77,18 @@ def set_path(tree, path: tuple[str, ...], value):
 
 
 def kernel_of(params, site: str, stacks: Mapping[str, int]):
-    """The `[in, out]` kernel a site edits; a KeyError names a site the model does not have."""
+    """The `[in, out]` kernel a site edits; a KeyError names a site the model does not have. Abstract parameters
+    (`jax.ShapeDtypeStruct`s, which do not index) give the kernel's shape and dtype."""
     path, idx = resolve_site(site, stacks)
     leaf = get_path(params, path, site)
     if idx is not None and idx >= leaf.shape[0]:  # jax indexing would clamp silently
         raise KeyError(f"site {site!r}: layer out of range (the stack {'/'.join(path[:2])!r} holds "
                        f"{leaf.shape[0]} units)")
-    return leaf if idx is None else leaf[idx]
+    if idx is None:
+        return leaf
+    if not hasattr(leaf, "__getitem__"):  # an abstract leaf: its unit's shape
+        return type(leaf)(leaf.shape[1:], leaf.dtype)
+    return leaf[idx]
 
 
 def unit_entries(table: Mapping[str, Any], prefix: str, num_units: int, per_unit: int) -> list[dict[str, Any]]:

@@ -46,6 +46,11 @@ def test_floor_parts_by_hand(setup):
     whole = 3 * cfg.num_hidden_layers * layer_flops(L["edit"], cfg) * 4
     assert 0 < least.flops["edit"] < whole
     assert least.as_dict()["floor_gflop_per_edit"] == pytest.approx(least.total / 1e9 / 4)
+    # Abstract parameters (shapes only: how benchmarks/flops_at_shape.py counts a model too big to hold) count
+    # the same.
+    shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    abstract = dataclasses.replace(editor, editor_params=shapes(editor.editor_params))
+    assert floor.flop_floor(abstract, shapes(model.params), batch, k, 5, 123.0).flops == least.flops
 
 
 def test_timed_step_encodes_images_and_stays_above_the_floor(setup):

@@ -73,7 +73,8 @@ def flop_floor(editor: Editor, params, cases: Case, prefix_layer: int | None, im
     """The floor of one step over `cases` (a host batch `[E]` with cached features, as the step runs it).
 
     `images`: distinct images of the batch; `image_flops`: matmul FLOPs of encoding them (`throughput`'s timed
-    encoder). None where the editor's forward cannot start at a layer (pixels, SERAC's memory, IKE's context).
+    encoder). `params` and `editor.editor_params` may be abstract (`jax.ShapeDtypeStruct`s). None where the
+    editor's forward cannot start at a layer (pixels, SERAC's memory, IKE's context).
     """
     fns = editor.fns
     if not fns.supports_prefix:
@@ -81,30 +82,32 @@ def flop_floor(editor: Editor, params, cases: Case, prefix_layer: int | None, im
     k = prefix_layer or 0
     one = take(cases, 0)
     E = int(jax.tree.leaves(cases)[0].shape[0])
-    flops = lambda f, *args: matmul_flops(jax.make_jaxpr(f)(*args))  # noqa: E731
-    hidden = {name: jax.eval_shape(lambda c, n=name: fns.prefix(params, c.seq(n), c.image(n), k), one)
+    ep = editor.editor_params
+    # Parameters enter as arguments, never as closed-over constants: they may be abstract (`ShapeDtypeStruct`s,
+    # shapes without memory), which counts the floor of a model too big to hold.
+    flops = lambda f, *args: matmul_flops(jax.make_jaxpr(f)(params, *args))  # noqa: E731
+    hidden = {name: jax.eval_shape(lambda p, c, n=name: fns.prefix(p, c.seq(n), c.image(n), k), params, one)
               for name in INPUT_NAMES}
-    patch = jax.eval_shape(lambda c, h: editor.edit(editor.editor_params, params, c, {}, prefix=(h, k))
-                           if editor.resumes else editor.edit(editor.editor_params, params, c, {}),
-                           one, hidden["edit"])
+
+    def edit(p, e, c, h):
+        return editor.edit(e, p, c, {}, prefix=(h, k)) if editor.resumes else editor.edit(e, p, c, {})
+
+    patch = jax.eval_shape(edit, params, ep, one, hidden["edit"])
     distinct = distinct_inputs(cases)
     parts = dict.fromkeys(PARTS, 0.0)
     parts["images"] = float(image_flops)
     for name in INPUT_NAMES:
-        per = flops(lambda c, n=name: fns.prefix(params, c.seq(n), c.image(n), k), one)
+        per = flops(lambda p, c, n=name: fns.prefix(p, c.seq(n), c.image(n), k), one)
         parts["prefix"] += distinct[name] * per
     for name in LOCALITY_INPUTS:
-        per = flops(lambda c, h, n=name: fns.resume_logits(params, {}, c.seq(n), h, k), one, hidden[name])
+        per = flops(lambda p, c, h, n=name: fns.resume_logits(p, {}, c.seq(n), h, k), one, hidden[name])
         parts["pre_locality"] += distinct[name] * per
-        parts["post"] += E * flops(lambda c, h, p, n=name: fns.resume_logits(params, p, c.seq(n), h, k),
+        parts["post"] += E * flops(lambda p, c, h, d, n=name: fns.resume_logits(p, d, c.seq(n), h, k),
                                    one, hidden[name], patch)
     for name in ACCURACY_INPUTS:
-        parts["post"] += E * flops(lambda c, h, p, n=name: teacher_forced(fns, params, p, c.seq(n), c.image(n),
-                                                                          prefix=(h, k))[0],
+        parts["post"] += E * flops(lambda p, c, h, d, n=name: teacher_forced(fns, p, d, c.seq(n), c.image(n),
+                                                                             prefix=(h, k))[0],
                                    one, hidden[name], patch)
-    if editor.resumes:
-        parts["edit"] = E * flops(lambda c, h: editor.edit(editor.editor_params, params, c, {}, prefix=(h, k)),
-                                  one, hidden["edit"])
-    else:  # the editor runs its input from the embeddings: its unedited layers are counted in its edit
-        parts["edit"] = E * flops(lambda c: editor.edit(editor.editor_params, params, c, {}), one)
+    # Without `resumes` the editor runs its input from the embeddings: its unedited layers count in its edit.
+    parts["edit"] = E * flops(edit, ep, one, hidden["edit"])
     return Floor(E, parts, dict(distinct, images=images))
