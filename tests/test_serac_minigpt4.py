@@ -78,23 +78,26 @@ def test_edit_routes_to_the_counterfactual_and_locality_to_the_base(world, serac
     case = jax.tree.map(jnp.asarray, take(pipeline.editor_cases(editor, model.params, prepared), 0))
     patch = editor.edit(params, model.params, case, {})
     hard = dataclasses.replace(tr.spec.cfg, hard_routing=True)
-    fns = editor.fns
-    for name, want_s in (("edit", 1.0), ("loc", None)):
-        seq, image = getattr(case, name), case.image(name)
+    fns, mem = editor.fns, patch["memory"]
+
+    @jax.jit
+    def sides(seq, image):
+        """`(s*, hard-routed output, counterfactual logits, base logits)` of one query."""
         s, _ = fns.route(model.params, patch, seq, image)
         base = fns.base.logits(model.params, {}, seq, image)
         embeds = image
         if image is not None and fns.base.uses_pixels:
             embeds = fns.base.encode(model.params, {}, image[None])[0]
-        out = SN.serac_logits(hard, patch["net"], patch["memory"], seq, embeds, base)
-        mem = patch["memory"]
+        out = SN.serac_logits(hard, patch["net"], mem, seq, embeds, base)
         cf = SN.counterfactual_logits(hard, patch["net"], mem.ctx_ids[0], mem.ctx_mask[0], seq, embeds)
-        if want_s is not None:
-            assert float(s) == pytest.approx(want_s)
-            np.testing.assert_array_equal(np.asarray(out), np.asarray(cf))
-        else:
-            assert float(s) < 0.5
-            np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
+        return s, out, cf, base
+
+    s, out, cf, _ = sides(case.edit, case.image("edit"))
+    assert float(s) == pytest.approx(1.0)  # identical text: distance 0
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(cf))
+    s, out, _, base = sides(case.loc, case.image("loc"))
+    assert float(s) < 0.5
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(base))
 
 
 def test_counterfactual_sees_wrapped_image_then_context_then_query(world, serac):
