@@ -231,6 +231,12 @@ def image_wrapper(config, tok) -> dict:
     return {k: tuple(tok(v, add_special_tokens=False)["input_ids"]) if v else () for k, v in pieces.items()}
 
 
+def image_wrap(config, tok) -> tuple[int, int]:
+    """How many tokens `image_wrapper`'s pieces take before and after the image slots (SERAC's `image_wrap`)."""
+    pieces = image_wrapper(config, tok)
+    return len(pieces["image_before"]), len(pieces["image_after"])
+
+
 def record_meta(record) -> dict:
     """What a run's per-case row says of its record: index, the texts, and the three images' paths (absolute)."""
     out = {k: getattr(record, k) for k in ("index", "src", "pred", "alt", "rephrase", "loc", "loc_ans", "m_loc_q",

@@ -83,7 +83,8 @@ def main(argv=None):
         if args.val_data:
             val_records = pipeline.load_split(args.val_data, task, args.image_root, args.rephrase_image_root).records
     cfg = training.TrainConfig.from_hparams(hparams, **overrides)
-    trainable = training.build_trainable(args.editor, model, hparams, cfg)
+    trainable = training.build_trainable(args.editor, model, hparams, cfg,
+                                         image_wrap=pipeline.image_wrap(model.config, tok))
     train_prepared = pipeline.prepare_data(train_records, tok, model, task)
     train_cases = pipeline.cases_for(trainable.fns, model.params, train_prepared)
     val_cases, val_meta = None, None

@@ -11,9 +11,11 @@ counterfactual model with its image projection, the memory, and the mixture of b
   dropped): SERAC_MULTI caches the edit's `text_input`, and its classifier compares it with the query's
   `text_input` (also prompt + answer), so a query identical to an edit has `s* = 1` exactly (generic SERAC's
   `x_e [SEP] y_e [SEP]` memory text is commented out in SERAC_MULTI's `build_cls_cache_inputs`).
-* Counterfactual: an OPT decoder on `[projected image] + ctx[c*] + query` (image first, as SERAC_MULTI
-  prepends its projected query outputs): built by permuting `concat(ctx, query)` so the query's image slots
-  come first; padding anywhere is masked and positions come from `cumsum(mask)`, so shapes stay static. The
+* Counterfactual: an OPT or LLaMA decoder (its config's family; EasyEdit: `opt-125m` for BLIP-2, the same
+  Vicuna for MiniGPT-4) on `[projected image] + ctx[c*] + query` (image first, as SERAC_MULTI
+  prepends its projected query outputs; MiniGPT-4's wrapper tokens travel with the image, `image_wrap`, as
+  SERAC_MULTI reuses the base model's `prompt_wrap`): built by permuting `concat(ctx, query)` so the query's
+  image block comes first; padding anywhere is masked and positions come from `cumsum(mask)`, so shapes stay static. The
   logits are gathered back to the query's own positions, aligned with its labels. Deviation, stated: the
   context and query are concatenated as token ids (no decode / re-encode round trip), so each keeps the BOS
   the base tokenizer gave it (the reference tokenises `ctx + " " + query` as one string without special tokens).
@@ -42,7 +44,8 @@ from flax import struct
 from mmedit_jax.case import Seq
 from mmedit_jax.models.bert import TextEncoder, cls_embedding
 from mmedit_jax.models.blip2 import splice_image_embeds
-from mmedit_jax.models.config import BertConfig, DistilBertConfig, OPTConfig
+from mmedit_jax.models.config import BertConfig, DistilBertConfig, LlamaConfig, OPTConfig
+from mmedit_jax.models.llama import LlamaDecoder
 from mmedit_jax.models.opt import OPTDecoder
 
 SCALE = 1.0  # the reference's `scale` buffer (never learned)
@@ -53,16 +56,21 @@ EPS = float(np.finfo(np.float32).eps)  # the reference's `eps` default in `SERAC
 class SeracConfig:
     """The static layout of a SERAC editor (hashable).
 
-    classifier / counterfactual: the two networks' configs. image_width: E of the base model's image embeddings
-    (the projection's input). image_token_id: the base model's image placeholder id in `input_ids`.
+    classifier / counterfactual: the two networks' configs; the counterfactual's family follows its config
+    (`OPTConfig` -> `OPTDecoder`, `LlamaConfig` -> `LlamaDecoder`). image_width: E of the base model's image
+    embeddings (the projection's input). image_token_id: the base model's image placeholder id in `input_ids`.
+    image_wrap: `(before, after)`, how many wrapper tokens surround the image slots in an image query
+    (MiniGPT-4's `'###Human: <Img>'` / `'</Img> '`; BLIP-2 has none): they belong to the image block, which the
+    classifier's text and the memory's context leave out and the counterfactual sees first.
     hard_routing: the SERAC paper's `s* > 0.5` switch (EasyEdit: `supervised and not soft_weighting`) instead of
     the soft mixture. square / cos / bound_embeds: EasyEdit's distance keys.
     """
 
     classifier: DistilBertConfig | BertConfig
-    counterfactual: OPTConfig
+    counterfactual: OPTConfig | LlamaConfig
     image_width: int
     image_token_id: int
+    image_wrap: tuple[int, int] = (0, 0)
     hard_routing: bool = False
     square: bool = True
     cos: bool = False
@@ -71,14 +79,41 @@ class SeracConfig:
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["classifier_kind"] = "distilbert" if isinstance(self.classifier, DistilBertConfig) else "bert"
+        out["counterfactual_kind"] = "llama" if isinstance(self.counterfactual, LlamaConfig) else "opt"
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> SeracConfig:
+        """The config `to_json` wrote; editors saved before the LLaMA counterfactual (no `counterfactual_kind`,
+        no `image_wrap`) read as OPT with no wrapper."""
         d = dict(d)
         kind = d.pop("classifier_kind", "distilbert")
         cls_cfg = (DistilBertConfig if kind == "distilbert" else BertConfig)(**d.pop("classifier"))
-        return cls(classifier=cls_cfg, counterfactual=OPTConfig(**d.pop("counterfactual")), **d)
+        cf_kind = d.pop("counterfactual_kind", "opt")
+        if cf_kind not in COUNTERFACTUALS:
+            raise ValueError(f"SERAC: unknown counterfactual kind {cf_kind!r} (expected one of "
+                             f"{sorted(COUNTERFACTUALS)})")
+        cf_cfg = COUNTERFACTUALS[cf_kind][0](**d.pop("counterfactual"))
+        wrap = tuple(int(n) for n in d.pop("image_wrap", (0, 0)))
+        return cls(classifier=cls_cfg, counterfactual=cf_cfg, image_wrap=wrap, **d)
+
+    @property
+    def counterfactual_width(self) -> int:
+        """The counterfactual's input embedding width (OPT's `word_embed_proj_dim`, LLaMA's `hidden_size`)."""
+        cf = self.counterfactual
+        return cf.embed_dim if isinstance(cf, OPTConfig) else cf.hidden_size
+
+
+# The counterfactual's families: saved kind -> (config class, decoder).
+COUNTERFACTUALS = {"opt": (OPTConfig, OPTDecoder), "llama": (LlamaConfig, LlamaDecoder)}
+
+
+def counterfactual_decoder(cfg: SeracConfig):
+    """The counterfactual's Linen decoder, of the family its config names."""
+    for config_cls, decoder in COUNTERFACTUALS.values():
+        if isinstance(cfg.counterfactual, config_cls):
+            return decoder(cfg.counterfactual)
+    raise TypeError(f"SERAC: no counterfactual decoder for {type(cfg.counterfactual).__name__}")
 
 
 @struct.dataclass
@@ -117,9 +152,9 @@ def init_serac(rng, cfg: SeracConfig, counterfactual_params=None, classifier_par
         ids = jnp.zeros((1, 4), jnp.int32)
         classifier_params = TextEncoder(cfg.classifier).init(k_cls, ids)["params"]
     if counterfactual_params is None:
-        emb = jnp.zeros((1, 4, cfg.counterfactual.embed_dim), jnp.float32)
-        counterfactual_params = OPTDecoder(cfg.counterfactual).init(k_cf, emb, jnp.ones((1, 4), jnp.int32))["params"]
-    d_in, d_out = cfg.image_width, cfg.counterfactual.embed_dim
+        emb = jnp.zeros((1, 4, cfg.counterfactual_width), jnp.float32)
+        counterfactual_params = counterfactual_decoder(cfg).init(k_cf, emb, jnp.ones((1, 4), jnp.int32))["params"]
+    d_in, d_out = cfg.image_width, cfg.counterfactual_width
     kernel = (jnp.eye(d_in, dtype=jnp.float32) if d_in == d_out
               else 0.02 * jax.random.normal(k_proj, (d_in, d_out), jnp.float32))
     return {"classifier": classifier_params, "counterfactual": counterfactual_params,
@@ -130,15 +165,30 @@ def init_serac(rng, cfg: SeracConfig, counterfactual_params=None, classifier_par
 # Scope classifier and routing.
 
 
+def image_block(cfg: SeracConfig, ids: jax.Array) -> jax.Array:
+    """`[L]` bool: the image slots of `ids [L]` and the `cfg.image_wrap` wrapper tokens around them (all False
+    for a text-only input)."""
+    is_image = ids == cfg.image_token_id
+    if cfg.image_wrap == (0, 0):
+        return is_image
+    before, after = cfg.image_wrap
+    pos = jnp.arange(ids.shape[0])
+    first = jnp.min(jnp.where(is_image, pos, ids.shape[0]))
+    last = jnp.max(jnp.where(is_image, pos, -1))
+    return jnp.any(is_image) & (pos >= first - before) & (pos <= last + after)
+
+
 def text_tokens(cfg: SeracConfig, seq: Seq) -> tuple[jax.Array, jax.Array]:
-    """An input's text tokens, packed to the front: `(ids [L], mask [L])` (image slots and padding dropped)."""
-    keep = seq.attention_mask.astype(bool) & (seq.input_ids != cfg.image_token_id)
+    """An input's text tokens, packed to the front: `(ids [L], mask [L])` (the image block and padding
+    dropped)."""
+    keep = seq.attention_mask.astype(bool) & ~image_block(cfg, seq.input_ids)
     order = jnp.argsort(~keep, stable=True)
     return seq.input_ids[order], keep[order].astype(jnp.int32)
 
 
 def embed(cfg: SeracConfig, classifier_params, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """The classifier embedding `[D]` of one text `ids [L]` (packed to the front): its [CLS] state."""
+    ids = jnp.clip(ids, 0, cfg.classifier.vocab_size - 1)  # MiniGPT-4's image id is one past the vocabulary
     h, _ = TextEncoder(cfg.classifier).apply({"params": classifier_params}, ids[None], mask[None])
     e = cls_embedding(h)[0]
     return jnp.tanh(e) if cfg.bound_embeds else e
@@ -194,25 +244,31 @@ def write_memory(cfg: SeracConfig, net: dict, edit: Seq) -> Memory:
 
 def counterfactual_logits(cfg: SeracConfig, net: dict, ctx_ids: jax.Array, ctx_mask: jax.Array, seq: Seq,
                           image: jax.Array | None) -> jax.Array:
-    """Counterfactual logits `[L, V]` at the query's positions, for `[projected image] + ctx + query`.
+    """Counterfactual logits `[L, V]` at the query's positions, for `[image block] + ctx + query text`.
 
-    ctx_ids / ctx_mask `[Lc]`; seq: the query (`[nq]` image slots + text + right padding); image: the base
-    model's embeddings of the query's image `[nq, E_base]` (None for a text-only query).
+    ctx_ids / ctx_mask `[Lc]`; seq: the query (its image block, `[nq]` image slots with any wrapper tokens, then
+    text + right padding); image: the base model's embeddings of the query's image `[nq, E_base]` (None for a
+    text-only query). OPT takes its positions from the mask itself; LLaMA is given `cumsum(mask) - 1`, the
+    positions of the same sequence without its padding.
     """
     lc = ctx_ids.shape[0]
     ids = jnp.concatenate([ctx_ids, seq.input_ids])
     mask = jnp.concatenate([ctx_mask.astype(jnp.int32), seq.attention_mask.astype(jnp.int32)])
-    is_image = jnp.concatenate([jnp.zeros((lc,), bool), seq.input_ids == cfg.image_token_id])
-    order = jnp.argsort(~is_image, stable=True)  # image slots first, then the context, then the query's text
+    is_image = jnp.concatenate([jnp.zeros((lc,), bool), image_block(cfg, seq.input_ids)])
+    order = jnp.argsort(~is_image, stable=True)  # the image block first, then the context, then the query's text
     where_now = jnp.argsort(order)[lc:]  # the query's positions in the permuted sequence
     ids, mask = ids[order], mask[order]
-    decoder = OPTDecoder(cfg.counterfactual)
+    decoder = counterfactual_decoder(cfg)
     params = {"params": net["counterfactual"]}
     embeds = decoder.apply(params, jnp.clip(ids, 0, cfg.counterfactual.vocab_size - 1)[None], method="embed")
     if image is not None:
         projected = image.astype(jnp.float32) @ net["projection"]["kernel"] + net["projection"]["bias"]
         embeds = splice_image_embeds(embeds, ids[None], projected[None], cfg.image_token_id)
-    logits, _ = decoder.apply(params, embeds, mask[None])
+    if isinstance(decoder, LlamaDecoder):
+        positions = jnp.maximum(jnp.cumsum(mask) - 1, 0)[None]
+        logits, _ = decoder.apply(params, embeds, mask[None], positions=positions)
+    else:
+        logits, _ = decoder.apply(params, embeds, mask[None])
     return logits[0][where_now]
 
 

@@ -129,9 +129,12 @@ def serac_trainable(spec: SeracSpec, fns: SeracFns, counterfactual_params=None, 
     )
 
 
-def serac_config_from_hparams(model, hparams: dict, classifier=None) -> SN.SeracConfig:
-    """SERAC's layout for a `Blip2Model`: the counterfactual model's config is the base language model's (the
-    built-in default: a copy of it, as EasyEdit's `opt-125m` shares BLIP-2 OPT's tokenizer), the classifier a
+def serac_config_from_hparams(model, hparams: dict, classifier=None,
+                              image_wrap: tuple[int, int] = (0, 0)) -> SN.SeracConfig:
+    """SERAC's layout for a `Blip2Model` or `MiniGPT4Model`: the counterfactual model's config is the base language
+    model's (OPT or LLaMA; the built-in default: a copy of it, as EasyEdit's `opt-125m` shares BLIP-2 OPT's
+    tokenizer and its MiniGPT-4 SERAC copies the Vicuna itself), `image_wrap` the wrapper token counts around the
+    image slots (`pipeline.image_wrap`; MiniGPT-4's prompt pieces), the classifier a
     DistilBERT over the base tokenizer's ids (`cls_dim`, `cls_layers`, `cls_heads`: our keys, for the small
     worlds) unless `classifier` is given. Routing from EasyEdit's keys: hard only when `supervised` and not
     `soft_weighting`."""
@@ -148,20 +151,21 @@ def serac_config_from_hparams(model, hparams: dict, classifier=None) -> SN.Serac
             hidden_dim=4 * dim, pad_token_id=text.pad_token_id)
     return SN.SeracConfig(
         classifier=classifier, counterfactual=text, image_width=text.hidden_size,
-        image_token_id=int(model.config.image_token_index),
+        image_token_id=int(model.config.image_token_index), image_wrap=tuple(int(n) for n in image_wrap),
         hard_routing=bool(hparams.get("supervised", False)) and not bool(hparams.get("soft_weighting", False)),
         square=bool(hparams.get("square", True)), cos=bool(hparams.get("cos", False)),
         bound_embeds=bool(hparams.get("bound_embeds", False)))
 
 
-def build_trainable(kind: str, model, hparams: dict, cfg: TrainConfig, feature_cache: bool = True) -> Trainable:
-    """A MEND, KE or SERAC trainable for a `Blip2Model` (SERAC: `serac_config_from_hparams`, the counterfactual
-    model starting from the base language model's weights). MEND / KE: their sites from `cfg.inner_params`
-    (EasyEdit names or ours, checked against the model), its sizes from `hparams`, its forward from
+def build_trainable(kind: str, model, hparams: dict, cfg: TrainConfig, feature_cache: bool = True,
+                    image_wrap: tuple[int, int] = (0, 0)) -> Trainable:
+    """A MEND, KE or SERAC trainable for a `Blip2Model` (SERAC: `serac_config_from_hparams` with `image_wrap`,
+    the counterfactual model starting from the base language model's weights). MEND / KE: their sites from
+    `cfg.inner_params` (EasyEdit names or ours, checked against the model), its sizes from `hparams`, its forward from
     `forward.fns_for` (pixels when a site is on the vision side or `feature_cache` is off, cached image
     embeddings otherwise)."""
     if kind == "serac":
-        spec = SeracSpec(serac_config_from_hparams(model, hparams))
+        spec = SeracSpec(serac_config_from_hparams(model, hparams, image_wrap=image_wrap))
         return serac_trainable(spec, SeracFns(fns_for(model, (), feature_cache), spec.cfg),
                                counterfactual_params=model.params["language_model"])
     sites = resolve_sites(cfg.inner_params, model.params, model.stacks)
