@@ -1,4 +1,4 @@
-"""Conversion time and peak host memory for a large random BLIP-2 checkpoint.
+"""Conversion time and peak host memory for a large random BLIP-2 (or LLaMA / Vicuna) checkpoint.
 
 Builds a Hugging Face BLIP-2 directory (config.json + sharded model.safetensors + index) of random weights,
 written tensor by tensor with a small safetensors writer so building it never holds the model in memory
@@ -12,7 +12,10 @@ The issue's target: peak <= ~1.5x the checkpoint size.
 
   python benchmarks/convert_memory.py --preset opt-1.3b --workdir /tmp/convbench --json benchmarks/convert_memory.json
 Presets: tiny (seconds, for a smoke run), opt-125m, opt-1.3b (ViT-g + Q-Former + OPT-1.3B, ~9.6 GB float32),
-opt-2.7b (the blip2-opt-2.7b shapes, ~15 GB float32: needs ~23 GB RAM at 1.5x).
+opt-2.7b (the blip2-opt-2.7b shapes, ~15 GB float32: needs ~23 GB RAM at 1.5x); LLaMA directories (what MiniGPT-4's
+language model converts from, `python -m mmedit_jax.convert --hf-dir` on a LLaMA directory): llama-tiny, vicuna-7b
+(Vicuna-7B's shapes, 13.5 GB in float16; `--runs convert --out-dtype bfloat16`: the in-memory loads of a 7B model
+do not fit a 24 GB host).
 """
 
 from __future__ import annotations
@@ -63,12 +66,20 @@ PRESETS = {
         num_query_tokens=32,
     ),
 }
+LLAMA_PRESETS = {  # transformers.LlamaConfig kwargs
+    "llama-tiny": dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64),
+    "vicuna-7b": dict(vocab_size=32001, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048),
+}
 ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
 
 
 def hf_config(preset: str):
     import transformers
 
+    if preset in LLAMA_PRESETS:
+        return transformers.LlamaConfig(pad_token_id=0, bos_token_id=1, eos_token_id=2, **LLAMA_PRESETS[preset])
     kw = dict(PRESETS[preset])
     text = dict(model_type="opt", vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=None,
                 pad_token_id=1, bos_token_id=2, eos_token_id=2)
@@ -83,10 +94,12 @@ def checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
     import torch
     import transformers
 
+    llama = isinstance(config, transformers.LlamaConfig)
     with torch.device("meta"):
-        model = transformers.Blip2ForConditionalGeneration(config)
+        model = (transformers.LlamaForCausalLM if llama else transformers.Blip2ForConditionalGeneration)(config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    shapes.pop("language_model.lm_head.weight")  # tied to embed_tokens; save_pretrained leaves it out
+    if not llama:  # LLaMA's lm_head is its own tensor (untied), and saved
+        shapes.pop("language_model.lm_head.weight")  # tied to embed_tokens; save_pretrained leaves it out
     return shapes
 
 
@@ -178,7 +191,7 @@ BASELINE = "import jax, jax.numpy as jnp, orbax.checkpoint, mmedit_jax.loading, 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="opt-1.3b", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="opt-1.3b", choices=sorted(PRESETS) + sorted(LLAMA_PRESETS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--workdir", default="/tmp/mmedit_convert_bench")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -187,6 +200,7 @@ def main():
     parser.add_argument("--child-build", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-engine", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")
+    parser.add_argument("--out-dtype", choices=["float32", "bfloat16"], help="the convert run's stored dtype")
     args = parser.parse_args()
     if args.child_engine:
         return engine_child(*args.child_engine)
@@ -211,7 +225,8 @@ def main():
             "engine": [py, os.path.abspath(__file__), "--child-engine", "save", ckpt, engine_out],
             "engine_restore": [py, os.path.abspath(__file__), "--child-engine", "restore", ckpt, engine_out],
             "engine_memory": [py, os.path.abspath(__file__), "--child-engine", "memory", ckpt, engine_out],
-            "convert": [py, "-m", "mmedit_jax.convert", "--hf-dir", ckpt, "--out", out],
+            "convert": [py, "-m", "mmedit_jax.convert", "--hf-dir", ckpt, "--out", out]
+            + (["--dtype", args.out_dtype] if args.out_dtype else []),
             "hf_load": [py, "-c", LOAD, ckpt],
             "conv_load": [py, "-c", LOAD, out]}
     wanted = args.runs.split(",")
@@ -240,9 +255,9 @@ def main():
                            "engine": "engine with identity rules streamed into the part-wise Orbax save",
                            "engine_restore": "restore_params of that save (no model code)",
                            "engine_memory": "engine into a numpy tree, then to_device (no model code)",
-                           "convert": "python -m mmedit_jax.convert (blip2_rules + Orbax save)",
+                           "convert": "python -m mmedit_jax.convert (the model's rules + Orbax save)",
                            "hf_load": "from_pretrained(HF dir)", "conv_load": "from_pretrained(converted dir)"},
-              "preset": args.preset, "dtype": args.dtype, "checkpoint_bytes": size,
+              "preset": args.preset, "dtype": args.dtype, "out_dtype": args.out_dtype, "checkpoint_bytes": size,
               "checkpoint_gib": round(size / 2**30, 3), "build_s": round(build_s, 1),
               "builder_peak_rss_gib": round(build_rss / 2**30, 3), "runs": results,
               "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
