@@ -11,6 +11,7 @@ language model at a layer, for the frozen-prefix cache (only with cached embeddi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol
 
 import flax.linen as nn
@@ -79,6 +80,11 @@ class Blip2Fns:
     def supports_prefix(self) -> bool:
         return not self.pixels
 
+    @functools.cached_property
+    def _encode_unpatched(self):
+        """`encode` without a patch, jitted once per `Blip2Fns` (`image_table` runs per split and per round)."""
+        return jax.jit(lambda p, x: self.encode(p, {}, x))
+
     def encode(self, params, patch, pixel_values: jax.Array) -> jax.Array:
         """`[B, 3, H, W]` -> projected query outputs `[B, nq, E]`."""
         nhwc = jnp.transpose(pixel_values, (0, 2, 3, 1))
@@ -94,7 +100,7 @@ class Blip2Fns:
             raise ValueError(f"images {np.nonzero(bad)[0][:10].tolist()} of the table hold NaN or inf pixels")
         if self.pixels:
             return pixels
-        encode = jax.jit(lambda p, x: self.encode(p, {}, x))
+        encode = self._encode_unpatched
         out = []
         for start in range(0, len(pixels), batch_size):
             chunk = pixels[start : start + batch_size]
