@@ -62,6 +62,38 @@ def test_yaml_gives_a_llama_counterfactual_copying_the_base(world, serac):
     np.testing.assert_array_equal(params["projection"]["kernel"], np.eye(cfg.image_width))
 
 
+def test_one_train_step_moves_only_the_counterfactuals_last_layer(world, serac):
+    """EasyEdit's MiniGPT-4 SERAC trains the classifier and only Vicuna's last layer ('31' in the name): after an
+    Adam step every other counterfactual parameter is bit-identical (its layers get zero gradient, its embeddings,
+    norm and head carry no optimiser state), while the last layer, the classifier and the projection move."""
+    model, _, prepared, _ = world
+    tr, params, editor, _ = serac
+    last = model.config.text.num_hidden_layers - 1
+    assert tr.spec.cfg.trained_layers == 1
+    cfg = T.TrainConfig.from_hparams({"alg": "SERAC", "lr": 1e-3, "accumulate_bs": 1})
+    labels = tr.labels(params)
+    assert {labels["counterfactual"]["embed_tokens"]["embedding"], labels["counterfactual"]["layers"]["mlp"]
+            ["down_proj"]["kernel"]} == {"frozen", "net"}
+    tx = T.make_optimizer(cfg, labels)
+    ts = T.init_train_state(tr, tx, 0)
+    batch = jax.tree.map(jnp.asarray, take(pipeline.editor_cases(editor, model.params, prepared), np.arange(2)))
+    new, m = T.make_train_step(tr, cfg, tx)(ts, model.params, batch, jnp.ones(2, bool))
+    assert bool(m["finite"]) and float(m["grad_norm"]) > 0
+    before, after = ts["params"], new["params"]
+    moved = lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
+    for path, a in jax.tree_util.tree_flatten_with_path(before["counterfactual"])[0]:
+        b = dict(jax.tree_util.tree_flatten_with_path(after["counterfactual"])[0])[path]
+        if jax.tree_util.keystr(path).startswith("['layers']"):
+            np.testing.assert_array_equal(np.asarray(a)[:last], np.asarray(b)[:last])
+        else:
+            np.testing.assert_array_equal(a, b)
+    cf_moved = [moved(a[last], b[last]) for a, b in zip(jax.tree.leaves(before["counterfactual"]["layers"]),
+                                                         jax.tree.leaves(after["counterfactual"]["layers"]))]
+    assert sum(cf_moved) >= len(cf_moved) - 1, cf_moved  # every last-layer matrix (a norm may see no gradient)
+    assert any(moved(a, b) for a, b in zip(jax.tree.leaves(before["classifier"]), jax.tree.leaves(after["classifier"])))
+    assert moved(before["projection"]["kernel"], after["projection"]["kernel"])
+
+
 def test_save_load_round_trip_keeps_the_family(serac):
     tr, params, editor, out = serac
     cfg, loaded = io.load_serac(out)

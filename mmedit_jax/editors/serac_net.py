@@ -64,6 +64,9 @@ class SeracConfig:
     classifier's text and the memory's context leave out and the counterfactual sees first.
     hard_routing: the SERAC paper's `s* > 0.5` switch (EasyEdit: `supervised and not soft_weighting`) instead of
     the soft mixture. square / cos / bound_embeds: EasyEdit's distance keys.
+    trained_layers: how many of the counterfactual's last decoder layers train (None: all its parameters). EasyEdit's
+    MiniGPT-4 SERAC trains only the Vicuna parameters whose name holds '31', i.e. its last layer (1); its embeddings,
+    final norm and head stay frozen with the other layers.
     """
 
     classifier: DistilBertConfig | BertConfig
@@ -75,6 +78,14 @@ class SeracConfig:
     square: bool = True
     cos: bool = False
     bound_embeds: bool = False
+    trained_layers: int | None = None
+
+    def __post_init__(self):
+        if self.trained_layers is not None and self.counterfactual is not None:
+            total = self.counterfactual.num_hidden_layers
+            if not 1 <= self.trained_layers <= total:
+                raise ValueError(f"SERAC: trained_layers must be in 1..{total} (the counterfactual's layers), "
+                                 f"got {self.trained_layers}")
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -259,16 +270,24 @@ def counterfactual_logits(cfg: SeracConfig, net: dict, ctx_ids: jax.Array, ctx_m
     where_now = jnp.argsort(order)[lc:]  # the query's positions in the permuted sequence
     ids, mask = ids[order], mask[order]
     decoder = counterfactual_decoder(cfg)
-    params = {"params": net["counterfactual"]}
-    embeds = decoder.apply(params, jnp.clip(ids, 0, cfg.counterfactual.vocab_size - 1)[None], method="embed")
+    cf = net["counterfactual"]
+    frozen = cf if cfg.trained_layers is None else jax.lax.stop_gradient(cf)
+    embeds = decoder.apply({"params": frozen}, jnp.clip(ids, 0, cfg.counterfactual.vocab_size - 1)[None],
+                           method="embed")
     if image is not None:
         projected = image.astype(jnp.float32) @ net["projection"]["kernel"] + net["projection"]["bias"]
         embeds = splice_image_embeds(embeds, ids[None], projected[None], cfg.image_token_id)
-    if isinstance(decoder, LlamaDecoder):
-        positions = jnp.maximum(jnp.cumsum(mask) - 1, 0)[None]
-        logits, _ = decoder.apply(params, embeds, mask[None], positions=positions)
-    else:
-        logits, _ = decoder.apply(params, embeds, mask[None])
+    llama = isinstance(decoder, LlamaDecoder)
+    where = {"positions": jnp.maximum(jnp.cumsum(mask) - 1, 0)[None]} if llama else {}
+    if cfg.trained_layers is None:
+        logits, _ = decoder.apply({"params": cf}, embeds, mask[None], **where)
+        return logits[0][where_now]
+    # Only the last `trained_layers` layers train: the frozen layers run as a prefix without gradients, and the
+    # rest resume with the stack's own (differentiated) leaves, so only their slices get non-zero gradients.
+    start = cfg.counterfactual.num_hidden_layers - cfg.trained_layers
+    h = decoder.apply({"params": frozen}, embeds, mask[None], stop=start, method="prefix", **where)
+    tail = {**frozen, "layers": cf["layers"]}
+    logits, _ = decoder.apply({"params": tail}, h, mask[None], start=start, method="resume", **where)
     return logits[0][where_now]
 
 

@@ -35,12 +35,13 @@ from mmedit_jax.training.trainables import Trainable
 
 
 def make_optimizer(cfg: TrainConfig, labels) -> optax.GradientTransformation:
-    """Clip (global norm, all trained parameters) -> Adam (`lr`; MEND's edit lrs `lr_lr`), every
-    `accumulate_bs` steps on the mean gradient (`optax.MultiSteps`)."""
+    """Clip (global norm, all trained parameters) -> Adam (`lr`; MEND's edit lrs `lr_lr`; leaves labelled
+    "frozen" never move), every `accumulate_bs` steps on the mean gradient (`optax.MultiSteps`)."""
     lr_lr = cfg.lr if cfg.lr_lr is None else cfg.lr_lr
     inner = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.multi_transform({"net": optax.adam(cfg.lr), "edit_lr": optax.adam(lr_lr)}, labels),
+        optax.multi_transform({"net": optax.adam(cfg.lr), "edit_lr": optax.adam(lr_lr),
+                               "frozen": optax.set_to_zero()}, labels),
     )
     return optax.MultiSteps(inner, every_k_schedule=cfg.accumulate_bs)
 

@@ -124,9 +124,20 @@ def serac_trainable(spec: SeracSpec, fns: SeracFns, counterfactual_params=None, 
     return Trainable(
         name="serac", spec=spec, fns=fns, init=init, batch_patches=batch_patches,
         make_editor=lambda p, st, check: make_serac(spec.cfg, fns.base, p),
-        labels=lambda p: jax.tree.map(lambda _: "net", p),
+        labels=lambda p: serac_labels(spec.cfg, p),
         save=lambda d, p, st: io.save_serac(d, spec.cfg, jax.device_get(p)),
     )
+
+
+def serac_labels(cfg: SN.SeracConfig, params: dict) -> dict:
+    """Optax labels: "net" for what trains; with `cfg.trained_layers`, "frozen" (no update, no Adam state) on the
+    counterfactual's leaves outside its layer stack. The stack itself stays "net": its frozen layers get exactly
+    zero gradients (`serac_net.counterfactual_logits`), so Adam leaves them unchanged."""
+    labels = jax.tree.map(lambda _: "net", params)
+    if cfg.trained_layers is not None:
+        labels["counterfactual"] = {k: (v if k == "layers" else jax.tree.map(lambda _: "frozen", v))
+                                    for k, v in labels["counterfactual"].items()}
+    return labels
 
 
 def serac_config_from_hparams(model, hparams: dict, classifier=None,
@@ -137,7 +148,9 @@ def serac_config_from_hparams(model, hparams: dict, classifier=None,
     image slots (`pipeline.image_wrap`; MiniGPT-4's prompt pieces), the classifier a
     DistilBERT over the base tokenizer's ids (`cls_dim`, `cls_layers`, `cls_heads`: our keys, for the small
     worlds) unless `classifier` is given. Routing from EasyEdit's keys: hard only when `supervised` and not
-    `soft_weighting`."""
+    `soft_weighting`. What of the counterfactual trains: `cntr_trained_layers` (our key: a count of last layers, or
+    `all`), by default EasyEdit's choice, only the last layer for `model_name: minigpt4` (its '31' name filter on
+    Vicuna's 32 layers) and everything otherwise."""
     text = model.config.text
     if int(hparams.get("dist_heads", 1)) != 1:
         raise ValueError("SERAC: dist_heads > 1 is not implemented (every EasyEdit config uses 1)")
@@ -149,7 +162,9 @@ def serac_config_from_hparams(model, hparams: dict, classifier=None,
             vocab_size=text.vocab_size, max_position_embeddings=text.max_position_embeddings,
             n_layers=int(hparams.get("cls_layers", 2)), n_heads=int(hparams.get("cls_heads", 4)), dim=dim,
             hidden_dim=4 * dim, pad_token_id=text.pad_token_id)
+    trained = hparams.get("cntr_trained_layers", 1 if hparams.get("model_name") == "minigpt4" else None)
     return SN.SeracConfig(
+        trained_layers=None if trained in (None, "all") else int(trained),
         classifier=classifier, counterfactual=text, image_width=text.hidden_size,
         image_token_id=int(model.config.image_token_index), image_wrap=tuple(int(n) for n in image_wrap),
         hard_routing=bool(hparams.get("supervised", False)) and not bool(hparams.get("soft_weighting", False)),
