@@ -288,7 +288,10 @@ def tiny_case(model, fns, seed=3):
                 jnp.zeros(4, jnp.int32), jnp.ones(4, jnp.int32))
 
 
-def test_ft_and_mend_edit_and_score(world):
+def test_ft_l_ft_v_mend_and_ke_edit_and_score(world):
+    """Every weight editor runs on MiniGPT-4 as on BLIP-2: FT-L, MEND and KE on the LLaMA MLP projections
+    EasyEdit's minigpt4 hparams name, FT-V on the Q-Former (cached image embeddings for the LLaMA sites, pixels
+    for the vision side); each patch is finite and non-zero, and one program scores them all."""
     from mmedit_jax import pipeline
     from mmedit_jax.eval.scoring import post_scores, pre_outputs
     from mmedit_jax.sites import easyedit_site, resolve_sites
@@ -300,6 +303,11 @@ def test_ft_and_mend_edit_and_score(world):
     assert sites == ("language_model/layers/2/mlp/down_proj", "language_model/layers/2/mlp/up_proj")
     assert easyedit_site("llama_proj.weight") == "llama_proj"
     ft = pipeline.build_editor("ft-l", model, {"inner_params": LLAMA_MLP, "num_steps": 2, "edit_lr": 0.05})
+    ft_v = pipeline.build_editor("ft-v", model, {"inner_params": ["Qformer"], "num_steps": 2, "edit_lr": 0.05})
+    assert ft_v.uses_pixels and all(s.startswith("qformer/layers/") for s in ft_v.hparams.inner_params)
+    ke = build_trainable("ke", model, {"lstm_hidden": 8, "condition_dim": 8, "hidden_dim": 8},
+                         TrainConfig(inner_params=tuple(LLAMA_MLP)))
+    ke_editor = ke.editor(ke.init(jax.random.PRNGKey(1))[0], {})
     mend = build_trainable("mend", model, {"rank": 4}, TrainConfig(inner_params=tuple(LLAMA_MLP)))
     mend_params, _ = mend.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
@@ -311,20 +319,30 @@ def test_ft_and_mend_edit_and_score(world):
     assert not ft.uses_pixels and not mend_editor.uses_pixels  # LLaMA sites: cached image embeddings
     case = tiny_case(model, ft.fns)
 
-    @jax.jit
-    def run(editor_params, params, case):
-        patches = {"ft": ft.edit(None, params, case, {}), "mend": mend_editor.edit(editor_params, params, case, {})}
-        return patches, post_scores(ft.fns, params, patches["ft"], case, pre_outputs(ft.fns, params, case))
+    pixel_case = tiny_case(model, ft_v.fns)
 
-    patches, scores = run(mend_editor.editor_params, model.params, case)
+    @jax.jit
+    def run(editor_params, params, case, pixel_case):
+        patches = {"ft": ft.edit(None, params, case, {}), "mend": mend_editor.edit(editor_params[0], params, case, {}),
+                   "ke": ke_editor.edit(editor_params[1], params, case, {}),
+                   "ft-v": ft_v.edit(None, params, pixel_case, {})}
+        scores = {"ft": post_scores(ft.fns, params, patches["ft"], case, pre_outputs(ft.fns, params, case)),
+                  "ft-v": post_scores(ft_v.fns, params, patches["ft-v"], pixel_case,
+                                      pre_outputs(ft_v.fns, params, pixel_case))}
+        return patches, scores
+
+    patches, scores = run((mend_editor.editor_params, ke_editor.editor_params), model.params, case, pixel_case)
     for name, patch in patches.items():
-        assert set(patch) == set(sites), name
+        assert set(patch) == set(ft_v.hparams.inner_params if name == "ft-v" else sites), name
         for site, p in patch.items():
             dense = np.asarray(p.dense())
             assert dense.shape == kernel_shape(model, site) and np.isfinite(dense).all(), (name, site)
-        assert np.abs(np.asarray(patch[sites[0]].dense())).max() > 0, name
-    for key in ("reliability", "t_generality", "m_generality", "t_locality", "m_locality"):
-        assert 0.0 <= float(scores[key]) <= 1.0, key
+        assert max(np.abs(np.asarray(p.dense())).max() for p in patch.values()) > 0, name
+    for name in scores:
+        for key in ("reliability", "t_generality", "m_generality", "t_locality", "m_locality"):
+            assert 0.0 <= float(scores[name][key]) <= 1.0, (name, key)
+    # FT-V edits the vision side only: text-only locality is untouched
+    assert float(scores["ft-v"]["t_locality"]) == 1.0
 
 
 def kernel_shape(model, site):

@@ -403,7 +403,7 @@ results_dir: ./results
 
     mc = MN.MendConfig.from_hparams(hp)
     assert (mc.rank, mc.n_hidden, mc.combine, mc.norm, mc.shared, mc.edit_lr) == (1920, 1, True, True, True, 1e-4)
-    for name in ("mend_blip2.yaml", "ke_blip2.yaml"):
+    for name in ("mend_blip2.yaml", "ke_blip2.yaml", "mend_minigpt4.yaml", "ke_minigpt4.yaml"):
         hp = load_hparams(os.path.join(os.path.dirname(__file__), "..", "configs", name))
         cfg = T.TrainConfig.from_hparams(hp)
         assert len(cfg.inner_params) == 6 and cfg.max_iters == 30000
