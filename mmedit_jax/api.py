@@ -41,10 +41,10 @@ from mmedit_jax.data.mmedit import TASKS, MMEditRecord
 from mmedit_jax.edit_patch import EditPatch, PatchBatch, PatchMismatch, compose, save_patch
 from mmedit_jax.edit_patch import load_patch as _load_patch_file
 from mmedit_jax.editors.io import read_spec
+from mmedit_jax.eval import records
 from mmedit_jax.models.blip2 import Blip2Model
 from mmedit_jax.models.minigpt4 import MiniGPT4Model
 from mmedit_jax.sites import get_path, resolve_site
-from mmedit_jax.tree import flatten
 from mmedit_jax.world import assets
 
 __all__ = ["Model", "MiniGPT4ApiModel", "BoundEditor", "from_pretrained", "load_editor", "save_patch", "load_patch",
@@ -115,28 +115,12 @@ def _as_list(x, n: int, what: str) -> list:
 
 
 def model_fingerprint(config, params, full_below: int = 1 << 20, samples: int = 4096) -> str:
-    """sha256 over the config and the weights: every parameter's name, shape and dtype; the values of every
-    leaf of at most `full_below` entries; `samples` entries at fixed positions of each larger leaf.
-
-    So a different config, a different checkpoint, or any change to a small leaf (the world model: every leaf)
-    gives another fingerprint; a change confined to a few entries of a large matrix may go unnoticed. Cost: one
-    device-to-host copy of the small leaves and the samples (a 2.7B model: well under a second on a CPU)."""
+    """sha256 over the config and the weights (`records.hash_params`: names, shapes, dtypes; small leaves whole,
+    `samples` fixed entries of each larger one). So a different config, a different checkpoint, or any change to a
+    small leaf (the world model: every leaf) gives another fingerprint; a change confined to a few entries of a
+    large matrix may go unnoticed."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str).encode())
-    flat = flatten(params)
-    for name in sorted(flat):
-        x = flat[name]
-        h.update(f"{name}|{tuple(x.shape)}|{x.dtype}|".encode())
-        if x.size <= full_below:
-            h.update(np.ascontiguousarray(np.asarray(x)).tobytes())
-        else:
-            idx = np.sort(np.random.default_rng(x.size).choice(x.size, samples, replace=False))
-            h.update(np.asarray(_gather(x, jnp.asarray(idx))).tobytes())
-    return h.hexdigest()
-
-
-@jax.jit
-def _gather(x, idx):
-    return x.reshape(-1)[idx]
+    return records.hash_params(h, params, full_below, samples).hexdigest()
 
 
 def _delta_shape(d) -> tuple[int, int]:

@@ -49,7 +49,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int)
     ap.add_argument("--init-editor", help="warm start: a trained editor directory (same config and sites), e.g. "
                     "the shipped world editor, fine-tuned with a fresh optimiser")
-    ap.add_argument("--no-resume", action="store_true", help="start over (removes nothing but ignores checkpoints)")
+    ap.add_argument("--no-resume", action="store_true",
+                    help="start over: the previous run's outputs in --out move to --out/replaced-<time>/")
     ap.add_argument("--demo", action="store_true", help="synthetic data and a tiny random BLIP-2")
     ap.add_argument("--demo-records", type=int, default=64)
     ap.add_argument("--no-progress", action="store_true")
@@ -91,13 +92,19 @@ def main(argv=None):
     if val_records:
         val_prepared = pipeline.prepare_data(val_records, tok, model, task)
         val_cases, val_meta = pipeline.cases_for(trainable.fns, model.params, val_prepared), val_prepared.meta
-    records.write_json(args.out, "train_config.json", {
-        "editor": args.editor, "train": cfg.as_json(), "editor_spec": dataclasses.asdict(trainable.spec.cfg),
-        "sites": list(trainable.spec.sites)})
+    def write_config():  # once the directory is this run's (a refused resume leaves the other run's file alone)
+        records.write_json(args.out, "train_config.json", {
+            "editor": args.editor, "train": cfg.as_json(), "editor_spec": dataclasses.asdict(trainable.spec.cfg),
+            "sites": list(trainable.spec.sites)})
+
     init = training.load_editor_state(args.init_editor, args.editor) if args.init_editor else None
-    result = training.train(trainable, cfg, model.params, train_cases, args.out, val_cases=val_cases,
-                            val_meta=val_meta, progress=not args.no_progress, resume=not args.no_resume,
-                            tensorboard=not args.no_tensorboard, mesh=mesh_from_flag(args.mesh), init=init)
+    try:
+        result = training.train(trainable, cfg, model.params, train_cases, args.out, val_cases=val_cases,
+                                val_meta=val_meta, progress=not args.no_progress, resume=not args.no_resume,
+                                tensorboard=not args.no_tensorboard, mesh=mesh_from_flag(args.mesh), init=init,
+                                on_claim=write_config)
+    except records.RunMismatch as e:
+        raise SystemExit(f"error: {e}") from None
     last = [r for r in result.history if r.get("split") != "val"]
     if result.resumed_from is not None:
         print(f"resumed from step {result.resumed_from}")

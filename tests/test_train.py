@@ -15,6 +15,7 @@ from mmedit_jax.editors import io
 from mmedit_jax.editors import ke as KE
 from mmedit_jax.editors import ke_net as KN
 from mmedit_jax.editors.hparams import load_hparams
+from mmedit_jax.eval import records
 from mmedit_jax.losses import answer_nll
 from mmedit_jax.sites import kernel_of, resolve_sites
 
@@ -285,6 +286,45 @@ def test_killed_run_resumes_to_the_same_result(world, ke_tr, tmp_path):
     assert os.path.exists(tmp_path / "a" / "editor" / "params.npz")
     # The killed and the resumed run (its state restored from a checkpoint) reused the first run's compiled step.
     assert T.step_program(tr, CFG)[1]._cache_size() == compiled
+
+
+def test_resume_only_into_its_own_run(world, ke_tr, tmp_path):
+    """A resume into a directory another run wrote (here: another lr) is refused naming what differs, as are
+    checkpoints with no fingerprint; a run killed before its first checkpoint starts over without its old rows;
+    a resume may run longer (`max_iters` is not part of the fingerprint)."""
+    model, _, cases, _ = world
+    out = str(tmp_path / "run")
+
+    def kill(step, row):
+        if step == 2:  # before the first checkpoint (ckpt_interval 3)
+            raise Killed
+
+    with pytest.raises(Killed):
+        T.train(ke_tr, CFG, model.params, cases, out, progress=False, tensorboard=False, on_step=kill)
+    assert [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+    with pytest.raises(records.RunMismatch, match=r"config\.lr: "):
+        T.train(ke_tr, dataclasses_replace(CFG, lr=1e-3), model.params, cases, out, progress=False,
+                tensorboard=False)
+    with pytest.raises(records.RunMismatch, match="train_cases"):
+        T.train(ke_tr, CFG, model.params, jax.tree.map(lambda a: a[::-1], cases), out, progress=False,
+                tensorboard=False)
+    done = T.train(ke_tr, CFG, model.params, cases, out, progress=False, tensorboard=False)
+    assert done.resumed_from is None
+    assert [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
+    longer = T.train(ke_tr, dataclasses_replace(CFG, max_iters=6), model.params, cases, out, progress=False,
+                     tensorboard=False)
+    assert longer.resumed_from == 5 and int(longer.state["step"]) == 6
+    os.remove(os.path.join(out, records.RUN_FILE))
+    with pytest.raises(records.RunMismatch, match="proves"):
+        T.train(ke_tr, CFG, model.params, cases, out, progress=False, tensorboard=False)
+    # --no-resume starts over and claims the directory; the old run's files are set aside, not deleted
+    again = T.train(ke_tr, CFG, model.params, cases, out, progress=False, tensorboard=False, resume=False)
+    assert again.resumed_from is None and int(again.state["step"]) == 5
+    assert os.path.exists(os.path.join(out, records.RUN_FILE))
+    aside = [d for d in os.listdir(out) if d.startswith("replaced-")]
+    assert len(aside) == 1 and os.path.isdir(os.path.join(out, aside[0], "checkpoints"))
+    assert len(open(os.path.join(out, aside[0], "metrics.jsonl")).readlines()) == 6
+    assert T.train(ke_tr, CFG, model.params, cases, out, progress=False, tensorboard=False).resumed_from == 5
 
 
 def test_warm_start_continues_from_a_saved_editor(world, mend_tr, tmp_path):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from mmedit_jax.case import ACCURACY_INPUTS, METRICS, SPEC
+from mmedit_jax.tree import flatten
 
 HEADERS = dict(zip(METRICS, ("Rel.", "T-Gen.", "M-Gen.", "T-Loc.", "M-Loc.")))  # the paper's column names
 PRE_METRICS = tuple(SPEC[name].metric for name in ACCURACY_INPUTS)  # what the unedited model scores too
@@ -88,6 +89,29 @@ def digest_tree(tree) -> str:
     return h.hexdigest()
 
 
+def hash_params(h, params, full_below: int = 1 << 20, samples: int = 4096):
+    """Feeds `params` into the hashlib object `h` and returns it: every parameter's name, shape and dtype; the
+    values of every leaf of at most `full_below` entries; `samples` entries at fixed positions of each larger leaf.
+    A different checkpoint, or any change to a small leaf, changes the digest; a change confined to a few entries
+    of a large matrix may not. Cost: one host copy of the small leaves and the samples (a 2.7B model: well under a
+    second on a CPU)."""
+    flat = flatten(params)
+    for name in sorted(flat):
+        x = flat[name]
+        h.update(f"{name}|{tuple(x.shape)}|{x.dtype}|".encode())
+        if x.size <= full_below:
+            h.update(np.ascontiguousarray(np.asarray(x)).tobytes())
+        else:
+            idx = np.sort(np.random.default_rng(x.size).choice(x.size, samples, replace=False))
+            h.update(np.asarray(_gather(x, idx)).tobytes())
+    return h
+
+
+@jax.jit
+def _gather(x, idx):
+    return x.reshape(-1)[idx]
+
+
 def digest_path(path: str | None, full_bytes: int = 1 << 24) -> str | None:
     """Identity of a file or directory: sha256 over each file's relative path and size, with the whole content
     of files up to `full_bytes` and the first and last MiB of larger ones (model weights: reading every byte of a
@@ -113,16 +137,16 @@ def digest_path(path: str | None, full_bytes: int = 1 << 24) -> str | None:
     return h.hexdigest()
 
 
-def claim_run(out_dir: str, fingerprint: Mapping, resume: bool) -> bool:
+def claim_run(out_dir: str, fingerprint: Mapping, resume: bool, rows_file: str = "cases.jsonl") -> bool:
     """Marks `out_dir` as this run's (`run.json`), or checks that it already is. Returns whether rows written
     before may be kept (a resume).
 
-    With `resume`, a directory holding rows but no fingerprint, or another run's fingerprint, is refused with
-    a `RunMismatch` naming every entry that differs; without `resume` the caller starts over and the fingerprint
-    is rewritten.
+    With `resume`, a directory holding rows (`rows_file`) but no fingerprint, or another run's fingerprint, is
+    refused with a `RunMismatch` naming every entry that differs; without `resume` the caller starts over and the
+    fingerprint is rewritten.
     """
     fingerprint = json.loads(json.dumps(dict(fingerprint), default=str))  # as it reads back from the file
-    path, rows = os.path.join(out_dir, RUN_FILE), os.path.join(out_dir, "cases.jsonl")
+    path, rows = os.path.join(out_dir, RUN_FILE), os.path.join(out_dir, rows_file)
     if resume and os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)

@@ -4,7 +4,10 @@ The data order is a pure function of (seed, epoch) (`batch_indices`), so a resum
 uninterrupted one would and ends with bit-identical parameters. Checkpoints (`mmedit_jax.checkpoint`, orbax,
 atomic) hold the whole training state (editor parameters, optimiser state, statistics, step, skipped count, RNG,
 early-stopping state) plus JSON metadata (data position, config); on resume, metric rows written after the
-restored step are cut from `metrics.jsonl` (`eval.records.read_rows`).
+restored step are cut from `metrics.jsonl` (`eval.records.read_rows`). A run claims its directory with a
+fingerprint (`run.json`, `run_fingerprint`: editor, config, base weights, training cases, warm start); a resume
+into a directory another run wrote, or into checkpoints no fingerprint vouches for, is refused, naming what
+differs; a run stopped before its first checkpoint starts over and drops its own earlier rows.
 
 Validation scores the first `val_steps` cases with the evaluation harness's programs (`eval.steps`: the five
 metrics, summarised by `eval.records.summarize`) on the editor as it stands (`Trainable.editor`), plus the
@@ -15,6 +18,7 @@ objective in eval mode, the reference's early-stopping value. `objective: lagran
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import time
@@ -117,10 +121,45 @@ class TrainResult:
     resumed_from: int | None
 
 
+# Config entries a resumed run may change: how long it runs and how often it logs, validates and saves.
+RESUMABLE = ("max_iters", "log_interval", "val_interval", "ckpt_interval", "max_to_keep", "early_stop_patience")
+
+
+def run_fingerprint(trainable: Trainable, cfg: TrainConfig, base_params, train_cases: Case, init=None) -> dict:
+    """What makes a training run itself (`run.json`; a resume into a directory written by another run is
+    refused, naming what differs): the editor and its layout, the config but its `RESUMABLE` entries, the base
+    model's weights (`records.hash_params`), the training cases' arrays, and the warm-start editor."""
+    config = {f"config.{k}": v for k, v in cfg.as_json().items() if k not in RESUMABLE}  # a mismatch names the key
+    sampled = lambda tree: records.hash_params(hashlib.sha256(), tree).hexdigest()  # noqa: E731
+    return {"editor": trainable.name, "layout": hashlib.sha256(repr(trainable.spec).encode()).hexdigest(),
+            **config, "base_model": sampled(base_params), "train_cases": records.digest_tree(train_cases),
+            "init_editor": None if init is None else sampled(init)}
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "tensorboard", "editor", records.RUN_FILE, "train_config.json")
+
+
+def set_aside(out_dir: str) -> str | None:
+    """Starting over (`resume=False`) in a directory a run wrote: its outputs move to `out_dir/replaced-<UTC time>/`
+    (nothing is deleted, and the new run's checkpoints never mix with the old ones). Returns that directory."""
+    present = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out_dir, n))]
+    if not present:
+        return None
+    dest = os.path.join(out_dir, time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime()))
+    while os.path.exists(dest):
+        dest += "+"
+    os.makedirs(dest)
+    for name in present:
+        os.replace(os.path.join(out_dir, name), os.path.join(dest, name))
+    print(f"train: starting over in {out_dir}; the previous run's {', '.join(present)} moved to {dest}", flush=True)
+    return dest
+
+
 def train(trainable: Trainable, cfg: TrainConfig, base_params, train_cases: Case, out_dir: str | None, *,
           val_cases: Case | None = None, val_meta=None, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None, resume: bool = True, mesh=None,
-          tensorboard: bool = True, init: tuple | None = None) -> TrainResult:
+          tensorboard: bool = True, init: tuple | None = None,
+          on_claim: Callable[[], None] | None = None) -> TrainResult:
     """Trains for `cfg.max_iters` steps (or until early stopping), resuming from `out_dir/checkpoints`.
 
     `train_cases`: host `Case` with a leading `[n_train]` axis (`case.make_cases`, images as `trainable.fns`
@@ -134,7 +173,8 @@ def train(trainable: Trainable, cfg: TrainConfig, base_params, train_cases: Case
     step runs (XLA inserts the reductions, e.g. for the shared statistics and the mean gradient).
 
     `init = (params, editor_state)` warm-starts from a trained editor (`load_editor_state`) with a fresh
-    optimiser; a checkpoint in `out_dir` still takes precedence when resuming.
+    optimiser; a checkpoint in `out_dir` still takes precedence when resuming. `on_claim()` runs once `out_dir` is
+    this run's (after the fingerprint check, before the first step): the CLI writes its own files there.
     """
     # Imported here: orbax is slow to import and only runs that write checkpoints need it.
     from mmedit_jax.checkpoint import CheckpointManager
@@ -148,9 +188,22 @@ def train(trainable: Trainable, cfg: TrainConfig, base_params, train_cases: Case
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        if not resume:
+            set_aside(out_dir)
         mngr = CheckpointManager(os.path.join(out_dir, "checkpoints"), max_to_keep=cfg.max_to_keep,
                                  save_interval_steps=1)
-        if resume and mngr.latest_step() is not None:
+        has_checkpoint = mngr.latest_step() is not None
+        fingerprint = run_fingerprint(trainable, cfg, base_params, train_cases, init)
+        ours = records.claim_run(out_dir, fingerprint, resume, rows_file="metrics.jsonl")
+        if resume and has_checkpoint and not ours:
+            raise records.RunMismatch(f"{out_dir}/checkpoints holds checkpoints but no {records.RUN_FILE} proves "
+                                      "they are this run's: use another --out, or --no-resume to start over")
+        if on_claim is not None:
+            on_claim()
+        if resume and not has_checkpoint and os.path.exists(metrics_path):
+            # this run, stopped before its first checkpoint: it starts again from step 0, so its rows go
+            records.read_rows(metrics_path, keep=lambda r: False)
+        if resume and has_checkpoint:
             ts, meta = mngr.restore(template=ts)
             # Orbax hands back arrays committed to a device; as uncommitted ones (like a fresh state's) they hit
             # the train step's compiled program instead of triggering a second compilation.
@@ -160,8 +213,6 @@ def train(trainable: Trainable, cfg: TrainConfig, base_params, train_cases: Case
                 raise ValueError(f"checkpoint in {out_dir} was written for n_train={meta.get('n_train')}, "
                                  f"batch_size={meta.get('batch_size')}; this run has {n_train}, {cfg.batch_size}")
             records.read_rows(metrics_path, keep=lambda r: int(r.get("step", 0)) <= resumed_from)
-        elif not resume and os.path.exists(metrics_path):
-            os.remove(metrics_path)
 
     place = sharding.place_batch(mesh, cfg.batch_size)
     if mesh is not None:
