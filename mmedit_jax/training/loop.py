@@ -133,7 +133,7 @@ def run_fingerprint(trainable: Trainable, cfg: TrainConfig, base_params, train_c
     sampled = lambda tree: records.hash_params(hashlib.sha256(), tree).hexdigest()  # noqa: E731
     return {"editor": trainable.name, "layout": hashlib.sha256(repr(trainable.spec).encode()).hexdigest(),
             **config, "base_model": sampled(base_params), "train_cases": records.digest_tree(train_cases),
-            "init_editor": None if init is None else sampled(init)}
+            "init_editor": None if init is None else records.digest_tree(init)}
 
 
 RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "tensorboard", "editor", records.RUN_FILE, "train_config.json")
