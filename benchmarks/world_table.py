@@ -58,9 +58,14 @@ def entry(r: dict, source: str) -> dict:
     """One table entry from the bench's result (its `--json`): quality, pre-edit accuracy, throughput, peak."""
     out = {k: r.get(k) for k in ("quality", "pre_edit", "exact_match", "num_cases", "matmul_peak_gflops",
                                  "matmul_peak_readings", "device", "jax", "wall_s")}
-    out["throughput"] = [{k: row[k] for k in ("batch", "edits_per_s", "speedup", "compile_s", "p50_ms")}
-                         for row in r["throughput"]]
-    out["edits_per_s"] = {str(row["batch"]): row["edits_per_s"] for row in r["throughput"]}
+    out["throughput"] = [{k: row[k] for k in ("batch", "edits_per_s", "cached_edits_per_s", "speedup", "compile_s",
+                                              "p50_ms") if k in row} for row in r["throughput"]]
+    # The table compares features cached for every editor alike (bench runs before image encoding was counted
+    # report only that); runs that also encode the images in the timed step keep that figure beside it.
+    out["edits_per_s"] = {str(row["batch"]): row.get("cached_edits_per_s", row["edits_per_s"])
+                          for row in r["throughput"]}
+    if any("cached_edits_per_s" in row for row in r["throughput"]):
+        out["edits_per_s_images_encoded"] = {str(row["batch"]): row["edits_per_s"] for row in r["throughput"]}
     out["source"] = source
     return out
 
