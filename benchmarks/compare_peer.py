@@ -117,7 +117,7 @@ def last_ffn_shapes(model, layers: int) -> dict:
 
 
 def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, perturb: float = 0.0,
-               stats_from: str = "data"):
+               stats_from: str = "data", rank: int = 64):
     """A freshly initialised MEND over the last `layers` OPT layers' fc1/fc2, with normalisation statistics merged
     from the edit gradients of the given cases (`stats_from="data"`; a fresh MEND has none) or drawn at random
     (`"random"`, for tests: no extra compile). `perturb > 0` makes the networks' `up` matrices nonzero (an untrained
@@ -130,7 +130,7 @@ def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, pertu
     from mmedit_jax.forward import Blip2Fns
 
     shapes = last_ffn_shapes(model, layers)
-    spec = MN.mend_spec(MN.MendConfig(rank=64), shapes)
+    spec = MN.mend_spec(MN.MendConfig(rank=rank), shapes)
     params, stats = MN.init_mend(jax.random.PRNGKey(seed), spec)
     if perturb:
         leaves, tree = jax.tree_util.tree_flatten_with_path(params["nets"])
@@ -139,12 +139,7 @@ def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, pertu
                for (path, x), k in zip(leaves, keys)]
         params = {**params, "nets": jax.tree_util.tree_unflatten(tree, new)}
     if stats_from == "random":
-        rng = np.random.default_rng(seed)
-        moments = lambda d: {"count": np.float32(100), "mean": rng.normal(0, 0.1, d).astype(np.float32),  # noqa: E731
-                             "m2": (99 * rng.uniform(0.5, 2.0, d) ** 2).astype(np.float32)}
-        stats = {k: {"u": moments(spec.group_shape(k)[0]), "delta": moments(spec.group_shape(k)[1])}
-                 for k, _ in spec.groups}
-        return spec, params, stats
+        return spec, params, MN.random_stats(spec, seed)
     fns = Blip2Fns(model.module)  # the language model's sites: cached image embeddings
     cases = make_cases(cases_batch, fns.image_table(model.params, pixels))
     sites = tuple(shapes)
@@ -386,10 +381,7 @@ class OursSide:
         self.meta = manifest["meta"]
         self.batch, self.pixels = cases_from_npz(manifest["cases"])
         self.n, self.em, self.batches = manifest["num_cases"], manifest["exact_match"], tuple(batches)
-        fns = self.editor.fns
         self.chunk = min(chunk, len(self.pixels))
-        # A model that runs pixels in its forward (vision-side edits) pays for images inside the steps.
-        self.encode = None if fns.pixels else jax.jit(lambda p, x: fns.encode(p, {}, x))
         t0 = time.perf_counter()
         cases = self.cases()
         self.compile_s = {"image_table": time.perf_counter() - t0}
@@ -402,17 +394,9 @@ class OursSide:
         self.rows, self.means = self.quality(cases) if self.batches else self.quality(cases, 4)
 
     def table(self) -> np.ndarray:
-        """Every distinct image encoded once, `[N_images, nq, D]` on the host (or the pixels themselves)."""
-        if self.encode is None:
-            return self.pixels
-        out, c = [], self.chunk
-        for start in range(0, len(self.pixels), c):
-            part = self.pixels[start : start + c]
-            k = len(part)
-            if k < c:
-                part = np.concatenate([part, np.repeat(part[-1:], c - k, axis=0)])
-            out.append(np.asarray(self.encode(self.model.params, part))[:k])
-        return np.concatenate(out)
+        """Every distinct image encoded once, `[N_images, nq, D]` on the host (or the pixels themselves, for a model
+        that runs pixels in its forward: vision-side edits pay for images inside the steps)."""
+        return self.editor.fns.image_table(self.model.params, self.pixels, batch_size=self.chunk)
 
     def cases(self):
         from mmedit_jax.case import make_cases

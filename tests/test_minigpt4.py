@@ -293,6 +293,7 @@ def test_ft_l_ft_v_mend_and_ke_edit_and_score(world):
     EasyEdit's minigpt4 hparams name, FT-V on the Q-Former (cached image embeddings for the LLaMA sites, pixels
     for the vision side); each patch is finite and non-zero, and one program scores them all."""
     from mmedit_jax import pipeline
+    from mmedit_jax.editors import mend_net as MN
     from mmedit_jax.eval.scoring import post_scores, pre_outputs
     from mmedit_jax.sites import easyedit_site, resolve_sites
     from mmedit_jax.training.config import TrainConfig
@@ -310,11 +311,7 @@ def test_ft_l_ft_v_mend_and_ke_edit_and_score(world):
     ke_editor = ke.editor(ke.init(jax.random.PRNGKey(1))[0], {})
     mend = build_trainable("mend", model, {"rank": 4}, TrainConfig(inner_params=tuple(LLAMA_MLP)))
     mend_params, _ = mend.init(jax.random.PRNGKey(0))
-    rng = np.random.default_rng(0)
-    moments = lambda d: {"count": np.float32(100), "mean": rng.normal(0, 0.1, d).astype(np.float32),  # noqa: E731
-                         "m2": (99 * rng.uniform(0.5, 2.0, d) ** 2).astype(np.float32)}
-    stats = {k: {"u": moments(mend.spec.group_shape(k)[0]), "delta": moments(mend.spec.group_shape(k)[1])}
-             for k, _ in mend.spec.groups}  # a trained MEND's input statistics (a fresh one's are empty)
+    stats = MN.random_stats(mend.spec)  # like a trained MEND's input statistics (a fresh one's are empty)
     mend_editor = mend.editor(mend_params, stats)
     assert not ft.uses_pixels and not mend_editor.uses_pixels  # LLaMA sites: cached image embeddings
     case = tiny_case(model, ft.fns)

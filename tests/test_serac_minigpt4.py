@@ -81,8 +81,9 @@ def test_one_train_step_moves_only_the_counterfactuals_last_layer(world, serac):
     assert bool(m["finite"]) and float(m["grad_norm"]) > 0
     before, after = ts["params"], new["params"]
     moved = lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
+    after_leaves = dict(jax.tree_util.tree_flatten_with_path(after["counterfactual"])[0])
     for path, a in jax.tree_util.tree_flatten_with_path(before["counterfactual"])[0]:
-        b = dict(jax.tree_util.tree_flatten_with_path(after["counterfactual"])[0])[path]
+        b = after_leaves[path]
         if jax.tree_util.keystr(path).startswith("['layers']"):
             np.testing.assert_array_equal(np.asarray(a)[:last], np.asarray(b)[:last])
         else:

@@ -9,13 +9,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from benchmarks import compare_peer
 from mmedit_jax import patch as P
 from mmedit_jax import pipeline
 from mmedit_jax.data.mmedit import load_mmedit
 from mmedit_jax.demo import demo_setup
-from mmedit_jax.editors import mend_net as MN
 from mmedit_jax.editors.mend import make_mend
 from mmedit_jax.forward import Blip2Fns
 from mmedit_jax.sites import kernel_of
@@ -69,21 +68,11 @@ def train_world(out_dir: str):
     return model, fns, pipeline.cases_for(fns, model.params, prepared), prepared.meta
 
 
-def fresh_mend(model, layers=(2, 3), seed=0):
-    """An untrained MEND on fc1/fc2 of `layers`, its `up` matrices and statistics random (an identity network
-    with empty statistics would make every patch nearly the raw gradient)."""
-    sites = [f"language_model/layers/{i}/{n}" for i in layers for n in ("fc1", "fc2")]
-    spec = MN.mend_spec(MN.MendConfig(rank=4), {s: kernel_of(model.params, s, model.stacks).shape for s in sites})
-    params, _ = MN.init_mend(jax.random.PRNGKey(seed), spec)
-    leaves, tree = jax.tree_util.tree_flatten_with_path(params["nets"])
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    leaves = [0.1 * jax.random.normal(k, x.shape) if str(p[-1].key) == "up" else x for (p, x), k in zip(leaves, keys)]
-    params = {**params, "nets": jax.tree_util.tree_unflatten(tree, leaves)}
-    rng = np.random.default_rng(seed)
-    moments = lambda d: {"count": np.float32(100), "mean": rng.normal(0, 0.1, d).astype(np.float32),  # noqa: E731
-                         "m2": (99 * rng.uniform(0.5, 2.0, d) ** 2).astype(np.float32)}
-    stats = {k: {"u": moments(spec.group_shape(k)[0]), "delta": moments(spec.group_shape(k)[1])}
-             for k, _ in spec.groups}
+def fresh_mend(model, seed=0):
+    """An untrained MEND (rank 4) on fc1/fc2 of the last two OPT layers, its `up` matrices and statistics random
+    (an identity network with empty statistics would make every patch nearly the raw gradient)."""
+    spec, params, stats = compare_peer.fresh_mend(model, None, None, layers=2, seed=seed, perturb=0.1,
+                                                  stats_from="random", rank=4)
     return make_mend(spec, Blip2Fns(model.module), params, stats)
 
 

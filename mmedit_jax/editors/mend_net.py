@@ -52,6 +52,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NORM_EPS = 1e-7  # added to the std, as in the reference
 
@@ -201,6 +202,19 @@ def init_stats(spec: MendSpec) -> dict:
         i, o = spec.group_shape(key)
         out[key] = {"u": moments(i), "delta": moments(o)}
     return out
+
+
+def random_stats(spec: MendSpec, seed: int = 0) -> dict:
+    """Statistics shaped like a trained MEND's (count 100, means N(0, 0.1), standard deviations in [0.5, 2]), for
+    tests and timing where no trained editor exists: empty ones (`init_stats`) leave the normalisation degenerate."""
+    rng = np.random.default_rng(seed)
+
+    def moments(d):
+        return {"count": np.float32(100), "mean": rng.normal(0, 0.1, d).astype(np.float32),
+                "m2": (99 * rng.uniform(0.5, 2.0, d) ** 2).astype(np.float32)}
+
+    return {k: {"u": moments(spec.group_shape(k)[0]), "delta": moments(spec.group_shape(k)[1])}
+            for k, _ in spec.groups}
 
 
 def init_mend(rng: jax.Array, spec: MendSpec) -> tuple[dict, dict]:
