@@ -38,7 +38,15 @@ from mmedit_jax.case import answer_rows, make_cases, pad_batch, take
 from mmedit_jax.data.cases import DEFAULT_BUCKETS, VQA_TEMPLATE, CaseConfig, ImageTable, build_edit_batch
 from mmedit_jax.data.image import load_image, preprocess_image
 from mmedit_jax.data.mmedit import TASKS, MMEditRecord
-from mmedit_jax.edit_patch import EditPatch, PatchBatch, PatchMismatch, compose, save_patch
+from mmedit_jax.edit_patch import (
+    ContextBatch,
+    ContextPatch,
+    EditPatch,
+    PatchBatch,
+    PatchMismatch,
+    compose,
+    save_patch,
+)
 from mmedit_jax.edit_patch import load_patch as _load_patch_file
 from mmedit_jax.editors.io import read_spec
 from mmedit_jax.eval import records
@@ -48,7 +56,7 @@ from mmedit_jax.sites import get_path, resolve_site
 from mmedit_jax.world import assets
 
 __all__ = ["Model", "MiniGPT4ApiModel", "BoundEditor", "from_pretrained", "load_editor", "save_patch", "load_patch",
-           "compose", "EditPatch", "PatchBatch", "PatchMismatch", "model_fingerprint"]
+           "compose", "EditPatch", "PatchBatch", "ContextPatch", "ContextBatch", "PatchMismatch", "model_fingerprint"]
 
 WORLD = "world"  # `from_pretrained("world")`: the shipped world model (a directory named so: pass "./world")
 # The world model was pretrained on answer tokens only (no end-of-sequence token after them), so it never learns
@@ -229,6 +237,9 @@ class Model(Blip2Model):
         the message names both), or one whose sites this model lacks or whose shapes differ."""
         if patch is None:
             return None
+        if isinstance(patch, (ContextPatch, ContextBatch)):
+            raise TypeError("an in-context edit (IKE) changes no weight: ask under it with model.answer(..., "
+                            "patch=...), which puts its context before the question")
         if isinstance(patch, PatchBatch):
             deltas, made_for, name, editor = patch.stacked, patch.model, patch.model_name, patch.editor
         elif isinstance(patch, dict):
@@ -279,16 +290,17 @@ class Model(Blip2Model):
                           image_token_id=self.config.image_token_index, buckets=buckets,
                           **pipeline.image_wrapper(self.config, self.tokenizer))
 
-    def prompt_ids(self, question: str, with_image: bool, task: str = "vqa", template: str | None = None) -> list:
+    def prompt_ids(self, question: str, with_image: bool, task: str = "vqa", template: str | None = None,
+                   context: Sequence[int] = ()) -> list:
         """The token ids the benchmark shows the model for `question` (`data/cases.py`): the image block, when
         there is an image (`[image_token_index] * num_query_tokens`; MiniGPT-4: wrapped in its prompt pieces) +
-        the templated text tokenized without special tokens (no BOS). E-VQA's template is `VQA_TEMPLATE`, E-IC's
-        the identity."""
+        `context` (an in-context edit's ids, where IKE puts them: `editors.ike.join_context`) + the templated text
+        tokenized without special tokens (no BOS). E-VQA's template is `VQA_TEMPLATE`, E-IC's the identity."""
         cfg = self.case_config(task)
         if template is None:
             template = VQA_TEMPLATE if task == "vqa" else "{}"
         ids = list(self.tokenizer(template.format(question), add_special_tokens=False)["input_ids"])
-        return ([int(i) for i in cfg.image_block] if with_image else []) + ids
+        return ([int(i) for i in cfg.image_block] if with_image else []) + [int(i) for i in context] + ids
 
     def decode_answer(self, tokens, max_words: int | None = None) -> str:
         """Generated ids -> the answer: cut at the end-of-sequence token, special tokens dropped, the first
@@ -312,7 +324,8 @@ class Model(Blip2Model):
         question: a string -> a string; a list of strings -> a list (images then: a list of as many, or one
           image for all; prompts are left-padded to a common length, a multiple of 8).
         patch: an `EditPatch` / patch dict applied to every question, or a `PatchBatch` of as many edits as
-          questions (question i answered under edit i, vmapped).
+          questions (question i answered under edit i, vmapped); an in-context edit (IKE's `ContextPatch`, or a
+          `ContextBatch` of one per question) puts its context between the image and the question.
         task: "vqa" (the prompt is `VQA_TEMPLATE.format(question)`) or "caption" (the question is the caption's
           prefix, as E-IC's "a photo of"); `template` overrides ("{}" for the raw text).
         max_new_tokens: generation budget (default 10 for VQA, 20 for captions).
@@ -328,6 +341,9 @@ class Model(Blip2Model):
         images = [image] if single else _as_list(image, n, "images")
         max_new = int(max_new_tokens or DEFAULT_NEW_TOKENS.get(task, 10))
         words = self.answer_words.get(task) if max_words is None else max_words
+        contexts = self._contexts(patch, n)
+        if contexts is not None:
+            patch = None
         per_edit = isinstance(patch, PatchBatch)
         if per_edit and len(patch) != n:
             raise ValueError(f"a PatchBatch of {len(patch)} edits for {n} questions: pass one edit per question")
@@ -337,13 +353,32 @@ class Model(Blip2Model):
             rows = [i for i in range(n) if (images[i] is not None) == has_image]
             if not rows:
                 continue
-            ids = [self.prompt_ids(questions[i], has_image, task, template) for i in rows]
+            ids = [self.prompt_ids(questions[i], has_image, task, template, () if contexts is None else
+                                   contexts[i].ids) for i in rows]
             row_deltas = take(deltas, np.asarray(rows)) if per_edit else deltas
             tokens = self._generate_rows(ids, [images[i] for i in rows] if has_image else None, row_deltas,
                                          per_edit, max_new)
             for j, i in enumerate(rows):
                 out[i] = self.decode_answer(tokens[j], words)
         return out[0] if single else out
+
+    def _contexts(self, patch, n: int) -> list[ContextPatch] | None:
+        """An in-context edit as one `ContextPatch` per question (None for any other patch), checked to be made
+        for this model (its ids are this model's tokenizer's)."""
+        if isinstance(patch, ContextPatch):
+            contexts = [patch] * n
+        elif isinstance(patch, ContextBatch):
+            if len(patch) != n:
+                raise ValueError(f"a ContextBatch of {len(patch)} edits for {n} questions: pass one edit per question")
+            contexts = list(patch)
+        else:
+            return None
+        for c in contexts:
+            if c.model is not None and c.model != self.fingerprint:
+                raise PatchMismatch(f"this in-context edit was made for model {c.model_name!r} (fingerprint "
+                                    f"{c.model[:16]}), not for model {self.name!r} (fingerprint "
+                                    f"{self.fingerprint[:16]}): its ids are the other model's tokens")
+        return contexts
 
     def _generate_rows(self, ids: list[list[int]], images, deltas, per_edit: bool, max_new: int) -> np.ndarray:
         text = self.config.text
@@ -454,6 +489,7 @@ class BoundEditor:
         self.task = task
         self.source = source
         self.buckets = DEFAULT_BUCKETS
+        self.log: list[str] = []  # what the editor reported (IKE: its bank, and the demos each edit kept)
         self._edit_fn = jax.jit(self._edit_cases)
 
     @property
@@ -480,7 +516,11 @@ class BoundEditor:
         """The benchmark's `Case`s (leading `[E]`, pixels as images) for these edits: an MMEdit record per edit
         with `rephrase` = the prompt, every image = the edit's image, `loc` = the prompt and the target (only
         their shapes matter to an edit), and KE's `cond` = "{pred} >> {target} || {prompt}"; tokens padded to
-        `DEFAULT_BUCKETS`."""
+        `DEFAULT_BUCKETS`; the editor's own per-case inputs added (`Editor.prepare_cases`: IKE's contexts)."""
+        cases, records = self._cases_and_records(images, prompts, targets, preds)
+        return self.editor.prepare_cases(cases, records)
+
+    def _cases_and_records(self, images, prompts, targets, preds):
         model = self.model
         n = len(prompts)
         if not (len(images) == len(targets) == n) or (preds is not None and len(preds) != n):
@@ -511,11 +551,12 @@ class BoundEditor:
         # The answer positions, as the benchmark's edit input carries them, in a width padded to a multiple of 8.
         need = int((batch.edit.labels[:, 1:] != -100).sum(-1).max())
         rows = answer_rows(batch.edit.labels, width=min(-(-need // 8) * 8, batch.edit.labels.shape[-1]))
-        return cases.replace(edit=cases.edit.replace(answer_rows=rows))
+        return cases.replace(edit=cases.edit.replace(answer_rows=rows)), records
 
     def edit_batch(self, images, prompts: Sequence[str], targets: Sequence[str],
-                   preds: Sequence[str] | None = None) -> PatchBatch:
-        """E independent edits in one compiled call -> a `PatchBatch` (`batch[i]` is edit i's `EditPatch`).
+                   preds: Sequence[str] | None = None) -> PatchBatch | ContextBatch:
+        """E independent edits in one compiled call -> a `PatchBatch` (`batch[i]` is edit i's `EditPatch`); for
+        IKE a `ContextBatch` (edit i's demonstrations, retrieved from the bank, as a `ContextPatch`).
 
         `preds`: the model's current answers, for KE's condition "{pred} >> {target} || {prompt}"; default
         (KE only) `model.answer(images, prompts)`. E is padded to a power of two, and token lengths to
@@ -530,13 +571,40 @@ class BoundEditor:
         stacked = self._edit_fn(self.editor.editor_params, self.model.params, cases)
         if _pow2(n) != n:
             stacked = jax.tree.map(lambda a: a[:n], stacked)
+        if "context_ids" in stacked:  # IKE: the edit is its context, kept as text and ids
+            ids, mask = np.asarray(stacked["context_ids"]), np.asarray(stacked["context_mask"]) > 0
+            tok, fp = self.model.tokenizer, self.model.fingerprint
+            return ContextBatch(ContextPatch(tok.decode(row[m].tolist()), tuple(int(i) for i in row[m]),
+                                             editor=self.name, model=fp, model_name=self.model.name,
+                                             edits=((p, t),))
+                                for row, m, p, t in zip(ids, mask, prompts, targets))
         return PatchBatch(stacked, editor=self.name, model=self.model.fingerprint, model_name=self.model.name,
                           edits=tuple(zip(prompts, targets)))
 
-    def edit(self, image, prompt: str, target: str, *, pred: str | None = None) -> EditPatch:
+    def edit(self, image, prompt: str, target: str, *, pred: str | None = None) -> EditPatch | ContextPatch:
         """One edit: the patch that makes the model answer `target` to `prompt` about `image` (a value; the
         model is not changed). `pred` as in `edit_batch`."""
         return self.edit_batch([image], [prompt], [target], None if pred is None else [pred])[0]
+
+
+def _load_ike(model: Model, hparams, task: str, feature_cache: bool, bank, image_root, sentence_encoder):
+    if bank is None:
+        if not model.is_world:
+            raise ValueError("ike needs a demonstration bank: bank= an MMEdit training file (or its records); the "
+                             "world model's default is the world's train split")
+        bank = pipeline.world_train_data(task)
+    notes: list[str] = []
+    records = bank
+    if isinstance(bank, (str, os.PathLike)):
+        root = image_root or os.path.dirname(os.path.abspath(bank))  # the world's images sit beside its files
+        records = pipeline.load_split(os.fspath(bank), task, root, log=notes.append).records
+    # Room for the answer: generation adds up to DEFAULT_NEW_TOKENS[task] positions after the question.
+    limit = model.config.text.max_position_embeddings - DEFAULT_NEW_TOKENS.get(task, 10)
+    editor = pipeline.build_ike(model, model.tokenizer, task, list(records), dict(hparams or {}), sentence_encoder,
+                                feature_cache, log=notes.append, max_positions=limit)
+    bound = BoundEditor(editor, model, task, None if not isinstance(bank, (str, os.PathLike)) else os.fspath(bank))
+    bound.log = notes
+    return bound
 
 
 def shipped_editor(name: str, task: str = "vqa") -> str | None:
@@ -562,13 +630,19 @@ def _check_editor_fits(path: str, model: Model) -> None:
 
 
 def load_editor(name: str, model: Model, path: str | os.PathLike | None = None, hparams=None, *,
-                task: str = "vqa", feature_cache: bool = True) -> BoundEditor:
-    """One of the project's editors (`pipeline.EDITORS`: "ft-l", "ft-v", "mend", "ke") bound to `model`.
+                task: str = "vqa", feature_cache: bool = True, bank=None, image_root: str | None = None,
+                sentence_encoder: str | None = None) -> BoundEditor:
+    """One of the project's editors (`pipeline.EDITORS`: "ft-l", "ft-v", "mend", "ke", "ike") bound to `model`.
 
     path: a trained MEND / KE directory (`python -m mmedit_jax.train`, or `convert mend-easyedit`); default, for
-      the world model, the shipped editor (`assets/world/<name>_<task>`). FT-L / FT-V need none.
+      the world model, the shipped editor (`assets/world/<name>_<task>`). FT-L / FT-V / IKE need none.
     hparams: a dict in EasyEdit's keys, or a YAML file (`editors/hparams.py`); FT's `num_steps`, `edit_lr`,
-      `inner_params`, ...
+      `inner_params`, IKE's `k`, ...
+    bank, image_root, sentence_encoder (IKE): the demonstration bank, an MMEdit training file (or its records;
+      default for the world model: the world's train split), and an all-MiniLM-L6-v2 directory (default: the
+      TF-IDF stand-in, `editors.ike.tfidf_embedder`). Contexts leave room for the answer: they fit the model's
+      positions less the longest question and `DEFAULT_NEW_TOKENS[task]` generated tokens; demos that do not fit
+      are dropped, least similar first (`BoundEditor.log` says how many).
     """
     if not isinstance(model, Model):
         raise TypeError("load_editor takes the model mmedit_jax.from_pretrained returns (it needs the tokenizer); "
@@ -578,11 +652,10 @@ def load_editor(name: str, model: Model, path: str | os.PathLike | None = None, 
         raise ValueError(f"unknown editor {name!r}: choose from {', '.join(pipeline.EDITORS)}")
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if name == "ike":  # its edit reads a per-case context that this API's cases do not build yet
-        raise NotImplementedError("ike is not available through load_editor yet: run `python -m mmedit_jax.evaluate "
-                                  "--editor ike` or `python -m mmedit_jax.bench --editor ike`")
     if isinstance(hparams, (str, os.PathLike)):
         hparams = pipeline.read_hparams(os.fspath(hparams))
+    if name == "ike":
+        return _load_ike(model, hparams, task, feature_cache, bank, image_root, sentence_encoder)
     if name in ("mend", "ke"):
         if path is None:
             path = shipped_editor(name, task) if model.is_world else None

@@ -11,6 +11,8 @@ the program that made it:
   * `PatchBatch`: E independent edits as one stacked patch (every leaf with a leading `[E]` axis, what the
     vmapped editor returns). It is a sequence: `len(batch)`, `batch[i]` (an `EditPatch`), iteration; `.stacked` is
     the `[E]` dict to vmap over.
+  * `ContextPatch` / `ContextBatch`: an in-context edit (IKE) changes no weight; it is the demonstration context
+    that precedes every question asked under it (text and token ids), with the same provenance.
   * `compose`: several independent edits applied at once (the sum of their deltas).
   * `save_patch` / `load_patch`: one safetensors file with the metadata in its header.
 """
@@ -123,9 +125,39 @@ jax.tree_util.register_pytree_node(PatchBatch, lambda b: ((dict(b.stacked),), No
                                    lambda _, children: children[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class ContextPatch:
+    """An in-context edit (IKE): `text`, the demonstrations and the "New Fact" line that precede every question
+    asked under the edit (after its image), and `ids`, that text as the model's tokenizer splits it. Provenance as
+    `EditPatch`'s (`editor`, `model` fingerprint, `model_name`, `edits`); the ids belong to that model's tokenizer."""
+
+    text: str
+    ids: tuple
+    editor: str | None = "ike"
+    model: str | None = None
+    model_name: str | None = None
+    edits: tuple = ()
+
+    def meta(self) -> dict:
+        return {"editor": self.editor, "model": self.model, "model_name": self.model_name, "edits": self.edits}
+
+    def __repr__(self) -> str:
+        return (f"ContextPatch(editor={self.editor!r}, model={self.model_name!r} ({(self.model or '?')[:12]}), "
+                f"edits={list(self.edits)!r}, {len(self.ids)} context tokens)")
+
+
+class ContextBatch(tuple):
+    """E in-context edits: a tuple of `ContextPatch`es (`batch[i]` is edit i); answered one question per edit."""
+
+    def __repr__(self) -> str:
+        name = self[0].model_name if self else None
+        return f"ContextBatch({len(self)} edits, editor='ike', model={name!r})"
+
+
 def provenance(patch) -> dict:
-    """`{"editor", "model", "model_name", "edits"}` of an `EditPatch` / `PatchBatch`; Nones for a plain dict."""
-    if isinstance(patch, (EditPatch, PatchBatch)):
+    """`{"editor", "model", "model_name", "edits"}` of an `EditPatch` / `PatchBatch` / `ContextPatch`; Nones for a
+    plain dict."""
+    if isinstance(patch, (EditPatch, PatchBatch, ContextPatch)):
         return patch.meta()
     return {"editor": None, "model": None, "model_name": None, "edits": ()}
 
@@ -144,6 +176,9 @@ def compose(*patches) -> EditPatch:
     """
     flat = []
     for p in patches:
+        if isinstance(p, (ContextPatch, ContextBatch)):
+            raise TypeError("in-context edits (IKE) do not compose: each is a context for its own questions; answer "
+                            "under one ContextPatch at a time, or a ContextBatch one question per edit")
         flat.extend(p if isinstance(p, PatchBatch) else [p])
     if not flat:
         raise ValueError("compose needs at least one patch")
@@ -192,6 +227,9 @@ def save_patch(patch, path: str | os.PathLike) -> str:
     and `edits` (JSON). Returns the path."""
     from safetensors.numpy import save_file
 
+    if isinstance(patch, (ContextPatch, ContextBatch)):
+        raise TypeError("save_patch writes weight patches; an in-context edit (IKE) is its context: keep "
+                        "patch.text (or rerun editor.edit, which retrieves the same demonstrations)")
     path = os.fspath(path)
     batch = isinstance(patch, PatchBatch)
     deltas = dict(patch.stacked if batch else patch)

@@ -154,9 +154,10 @@ def build_editor(name: str, model, hparams: dict | None = None, editor_ckpt: str
 
 
 def build_ike(model, tok, task: str, bank_records, hparams: dict, sentence_encoder: str | None = None,
-              feature_cache: bool = True, log=print) -> Editor:
+              feature_cache: bool = True, log=print, max_positions: int | None = None) -> Editor:
     """IKE on `model`: the bank of `bank_records` embedded once, with all-MiniLM-L6-v2 (`sentence_encoder`) or
-    the TF-IDF stand-in. `hparams`: `k` (EasyEdit's), `own_demo`, `truncate`, `pad_multiple`."""
+    the TF-IDF stand-in. `hparams`: `k` (EasyEdit's), `own_demo`, `truncate`, `pad_multiple`. Contexts fit
+    `max_positions` (default the model's) beside each case's longest input."""
     if tok is None or not bank_records:
         raise SystemExit("--editor ike needs the model's tokenizer and a demonstration bank (a training split: "
                          "--ike-bank FILE; the built-in world uses its train split)")
@@ -173,8 +174,11 @@ def build_ike(model, tok, task: str, bank_records, hparams: dict, sentence_encod
     bank = ike.build_bank(bank_records, task, embed)
     cfg = ike.config_from_hparams(hparams)
     log(f"IKE: bank of {len(bank.sentences)} sentences from {len(bank_records)} records, k={cfg.k}")
-    return ike.make_ike(fns_for(model, (), feature_cache), model.config.num_query_tokens,
-                        model.config.text.max_position_embeddings, tok, task, bank, embed, cfg, log=log)
+    # The context goes after the whole image block: MiniGPT-4's wrapper closes it ('</Img> ') before the text.
+    image_block = model.config.num_query_tokens + sum(image_wrap(model.config, tok))
+    return ike.make_ike(fns_for(model, (), feature_cache), image_block,
+                        max_positions or model.config.text.max_position_embeddings, tok, task, bank, embed, cfg,
+                        log=log)
 
 
 # --------------------------------------------------------------------------------------------------

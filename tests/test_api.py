@@ -292,3 +292,52 @@ def test_quickstart_example_runs(world):
     assert all(r["before"] != r["target"] for r in rows)
     assert lines[-2] == f"edit_batch: {[t for _, t in quickstart.EDITS]}"
     assert lines[-1].startswith("from edit.safetensors: 'purple'")
+
+
+def test_ike_through_the_api_is_its_context(world, tmp_path):
+    """IKE's edit is a context, not weights: the retrieved demos, the edit's own copy demo and the "New Fact" line
+    (EasyEdit's strings); answering under it runs the model on image ‖ context ‖ question; a batch holds one
+    context per edit; weight-patch paths (the forward, compose, save_patch) and another model refuse it."""
+    import re
+
+    from mmedit_jax.data.cases import VQA_TEMPLATE
+    from mmedit_jax.editors import ike
+
+    model, _, records = world
+    editor = mj.load_editor("ike", model, hparams={"k": 2})
+    a, b = records[2], records[5]
+    patch = editor.edit(a["image"], a["src"], a["alt"])
+    assert isinstance(patch, mj.ContextPatch) and patch.model == model.fingerprint and patch.editor == "ike"
+    p = VQA_TEMPLATE.format(a["src"])
+    assert patch.text.endswith(ike.demo(p, a["alt"], p, a["alt"]) + ike.fact_line(p, a["alt"]))
+    kept = float(re.search(r"kept ([\d.]+) on average", editor.log[-1]).group(1))
+    assert patch.text.count("New Fact: ") == 2 + kept and model.tokenizer.decode(list(patch.ids)) == patch.text
+    # The question after the image block and the context, as the benchmark's in-context forward joins them.
+    ids = model.prompt_ids(a["src"], True, context=patch.ids)
+    block = len(model.case_config().image_block)
+    assert ids[:block] == model.prompt_ids(a["src"], True)[:block] and ids[block:block + len(patch.ids)] == list(
+        patch.ids) and ids[block + len(patch.ids):] == model.prompt_ids(a["src"], False)
+    logits = np.asarray(model(model.pixels(a["image"])[None], np.asarray([ids])))
+    first = model.tokenizer.decode([int(logits[0, -1].argmax())]).strip()
+    answer = model.answer(a["image"], a["src"], patch=patch)
+    assert answer.startswith(first)
+    assert model.answer(None, a["loc"], patch=patch, task="vqa", template="{}") is not None
+    batch = editor.edit_batch([a["image"], b["image"]], [a["src"], b["src"]], [a["alt"], b["alt"]])
+    assert isinstance(batch, mj.ContextBatch) and batch[0] == patch and batch[1].edits == ((b["src"], b["alt"]),)
+    assert model.answer([a["image"], b["image"]], [a["src"], b["src"]], patch=batch) == [
+        answer, model.answer(b["image"], b["src"], patch=batch[1])]
+    with pytest.raises(TypeError, match="model.answer"):
+        model(model.pixels(a["image"])[None], np.asarray([ids]), patch=patch)
+    with pytest.raises(TypeError, match="do not compose"):
+        mj.compose(patch, batch[1])
+    with pytest.raises(TypeError, match="in-context edit"):
+        mj.save_patch(patch, tmp_path / "ike.safetensors")
+    with pytest.raises(ValueError, match="2 edits for 1 questions"):
+        model.answer(a["image"], [a["src"]], patch=batch)
+    import dataclasses
+
+    with pytest.raises(mj.PatchMismatch, match="other model's tokens"):
+        model.answer(a["image"], a["src"], patch=dataclasses.replace(patch, model="0" * 64))
+    stranger = mj.Model(model.config, model.params, name="my model", tokenizer=model.tokenizer)
+    with pytest.raises(ValueError, match="demonstration bank"):
+        mj.load_editor("ike", stranger)

@@ -499,3 +499,28 @@ def test_api_answers_and_edits_minigpt4(api_model, tmp_path):
                                      tokenizer=model.tokenizer)
     with pytest.raises(mj.PatchMismatch, match=r"model '.*model'.*'other'"):
         other.answer(image, q, patch=patch)
+
+
+def test_ike_context_follows_the_whole_image_block(api_model):
+    """IKE on MiniGPT-4: the context goes after `'###Human: <Img>'` ‖ slots ‖ `'</Img> '`, where EasyEdit's prompt
+    puts its text (not after the slots alone, inside the wrapper); the API's question ids and the benchmark's
+    joined input are the same ids."""
+    import mmedit_jax as mj
+    from mmedit_jax.editors.ike import join_context
+    from mmedit_jax.world import assets
+
+    model = api_model
+    w = assets.ensure()
+    editor = mj.load_editor("ike", model, bank=w.train_json, hparams={"k": 1})
+    block = list(model.case_config().image_block)
+    assert editor.editor.fns.image_block == len(block) > model.config.num_query_tokens
+    image = (np.random.default_rng(1).uniform(size=(16, 16, 3)) * 255).astype(np.uint8)
+    q, t = "What shape are the objects?", "circle"
+    patch = editor.edit(image, q, t)
+    cases = editor.cases([image], [q], [t])
+    case = jax.tree.map(lambda a: np.asarray(a[0]), cases)
+    joined = join_context(case.edit, case.context_ids, case.context_mask, editor.editor.fns.image_block)
+    real = np.asarray(joined.input_ids)[np.asarray(joined.attention_mask) > 0].tolist()
+    asked = model.prompt_ids(q, True, context=patch.ids)
+    assert real[:len(block)] == block and real[len(block):len(block) + len(patch.ids)] == list(patch.ids)
+    assert real[:len(asked)] == asked and model.tokenizer.decode(real[len(asked):]).strip() == t

@@ -159,3 +159,77 @@ def test_build_runs_the_finetune_stage_from_the_first_stage_editor(tmp_path, mon
     runs = ["serac_vqa", "serac_vqa_finetune", "serac_vqa_finetune2"]
     assert calls == [("serac", f"serac_world{run[9:]}.yaml", run, None if i == 0 else
                       os.path.join(str(work), runs[i - 1], "editor")) for i, run in enumerate(runs)]
+
+
+def test_in_context_stream_is_ike_shaped():
+    """IKE-shaped pretraining examples: 0..max_demos demos, the own copy demo and the "New Fact" line, then an
+    in-scope input answered with the new fact or an out-of-scope one answered truthfully."""
+    xs = [next(s) for s in [dataset.in_context_stream(3, 32, max_demos=2)] for _ in range(200)]
+    ys = [next(s) for s in [dataset.in_context_stream(3, 32, max_demos=2)] for _ in range(200)]
+    assert [(x.context, x.prompt, x.target) for x in xs] == [(y.context, y.prompt, y.target) for y in ys]
+    facts_q = {f.question: f.answer for f in facts.encyclopaedia()}
+    attribute_of = {w: a for a, ws in (("color", scenes.COLORS), ("shape", scenes.SHAPES), ("count", scenes.COUNTS))
+                    for w in ws}
+    seen = set()
+    for x in xs:
+        assert x.context.endswith("\nPrompt: ")
+        *demos, fact = x.context.split("\n\n")
+        assert 1 <= len(demos) <= 3 and all(d.startswith("New Fact: ") and "\nPrompt: " in d for d in demos)
+        stated = fact[len("New Fact: "):-len("\nPrompt: ")]  # "{p} {t}"
+        assert demos[-1] + "\n\n" == f"New Fact: {stated}\nPrompt: {stated}\n\n"  # the own copy demo
+        if x.image is None:
+            seen.add("loc")
+            assert facts_q[x.prompt] == x.target.strip()
+        elif stated.endswith(x.target):
+            seen.add("in scope")
+            assert x.prompt in dataset.CAPTION_PROMPTS or x.prompt.startswith("Question: ")
+        else:
+            seen.add("m_loc")
+            assert x.prompt.startswith("Question: ")
+            if "Short answer:" in stated:  # E-VQA: another attribute than the edited one
+                assert attribute_of[stated.split()[-1]] != attribute_of[x.target.strip()]
+    assert seen == {"loc", "in scope", "m_loc"}
+
+
+def test_in_context_examples_encode_as_ike_reads_them():
+    """The pretraining layout is IKE's (`editors.ike.join_context`): image slots, the context, then the input; the
+    labels are the answer's tokens only."""
+    from mmedit_jax.world import pretrain
+
+    tok = pretrain.build_tokenizer(None, in_context=True)
+    assert tok.tokenize("New Fact:") == ["New", "ĠFact", ":"]
+    config = pretrain.world_config(tok, size="test", max_positions=pretrain.IN_CONTEXT_POSITIONS)
+    stream = dataset.in_context_stream(1, 32)
+    exs = [next(stream) for _ in range(16)]
+    pixels, ids, mask, labels = pretrain.encode_examples(exs, tok, config, 32)
+    assert ids.shape == (16, pretrain.SEQ_LEN + pretrain.CONTEXT_LEN) and pixels.shape == (16, 3, 32, 32)
+    for ex, row, m, lab in zip(exs, ids, mask, labels):
+        slots = config.num_query_tokens if ex.image is not None else 0
+        assert (row[:slots] == config.image_token_index).all()
+        assert tok.decode(row[slots:][m[slots:] == 1]) == ex.context + ex.prompt + ex.target
+        assert tok.decode(lab[lab != -100]) == ex.target
+
+
+def test_pretrain_in_context_reports_ike_accuracy(world, tmp_path):
+    from mmedit_jax.loading import from_pretrained
+    from mmedit_jax.world.pretrain import IN_CONTEXT_POSITIONS, pretrain
+
+    report = pretrain(str(tmp_path), steps=2, batch_size=4, eval_files=[world.files["vqa_eval"]],
+                      image_root=world.root, log_every=1, size="test", in_context_batch=2)
+    assert report["max_positions"] == IN_CONTEXT_POSITIONS and report["in_context_batch"] == 2
+    in_context = [k for k in report["accuracy"] if "in context" in k]
+    assert len(in_context) == 5 and all(0.0 <= report["accuracy"][k] <= 1.0 for k in in_context)
+    assert from_pretrained(tmp_path / "model").config.text.max_position_embeddings == IN_CONTEXT_POSITIONS
+
+
+def test_build_warm_starts_from_its_own_editors(tmp_path):
+    from mmedit_jax.world import build
+
+    assert build.own_build_of("mmedit_jax/assets/world/ke_vqa", str(tmp_path)) is None
+    for suffix in ("", "_finetune"):
+        (tmp_path / f"ke_vqa{suffix}" / "editor").mkdir(parents=True)
+    (tmp_path / "ke_vqa" / "DONE").touch()
+    assert build.own_build_of("mmedit_jax/assets/world/ke_vqa", str(tmp_path)) == str(tmp_path / "ke_vqa" / "editor")
+    (tmp_path / "ke_vqa_finetune" / "DONE").touch()
+    assert build.own_build_of("mmedit_jax/assets/world/ke_vqa/", str(tmp_path)) == str(
+        tmp_path / "ke_vqa_finetune" / "editor")

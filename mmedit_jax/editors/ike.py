@@ -97,10 +97,14 @@ def query_sentence(record, task: str) -> str:
     return demo(p, t, p, t)
 
 
+def fact_line(fact_prompt: str, fact_target: str) -> str:
+    """The line after the demos, before the queried input: `"New Fact: {p} {t}\\nPrompt: "`."""
+    return f"New Fact: {fact_prompt} {fact_target}\nPrompt: "
+
+
 def context_string(demos: Sequence[str], record, task: str) -> str:
-    """What precedes every post-edit input: `"".join(demos) + "New Fact: {p} {t}\\nPrompt: "`."""
-    p, t = fact_of(record, task)
-    return "".join(demos) + f"New Fact: {p} {t}\nPrompt: "
+    """What precedes every post-edit input: `"".join(demos) + fact_line(p, t)`."""
+    return "".join(demos) + fact_line(*fact_of(record, task))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,24 +281,31 @@ def input_budgets(cases: Case, limit: int) -> np.ndarray:
 # The forward with a context, and the editor.
 
 
+def join_context(seq: Seq, context_ids, context_mask, n: int) -> Seq:
+    """One input `[L]` with its context `[Lc]` after its first `n` positions (the image slots; 0 without an
+    image) -> `[L + Lc]`; the context is never a label. The one layout IKE's inputs have, in evaluation and in
+    the world model's in-context pretraining."""
+    join = lambda a, c: jnp.concatenate([a[:n], jnp.asarray(c).astype(a.dtype), a[n:]])  # noqa: E731
+    labels = jnp.full((context_ids.shape[-1],), -100, jnp.asarray(seq.labels).dtype)
+    return Seq(*(join(jnp.asarray(a), c) for a, c in ((seq.input_ids, context_ids),
+                                                      (seq.attention_mask, context_mask), (seq.labels, labels))))
+
+
 @dataclasses.dataclass(frozen=True)
 class InContextFns(RoutedFns):
     """A `ModelFns` that prepends a context: `patch = {"context_ids": [Lc], "context_mask": [Lc]}` runs
-    `base` on `[image slots][context][text]` (the context after the `num_query_tokens` image slots of an input
+    `base` on `[image block][context][text]` (the context after the `image_block` positions an input
     that shows an image, first otherwise) and returns logits at the input's own L positions; `patch = {}` is
     `base` itself. Weight patches are not taken (IKE changes no weight)."""
 
-    num_query_tokens: int
+    image_block: int  # positions before the text of an input with an image: the slots (MiniGPT-4: and its wrapper)
 
     def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):
         if not patch:
             return self.base.forward(params, {}, seq, image, taps=taps, rows=rows)
-        ctx_ids, ctx_mask = patch["context_ids"], patch["context_mask"]
-        n = self.num_query_tokens if image is not None else 0
-        lc, length = ctx_ids.shape[-1], seq.input_ids.shape[-1]
-        join = lambda a, c: jnp.concatenate([a[:n], c.astype(a.dtype), a[n:]])  # noqa: E731
-        full = Seq(join(seq.input_ids, ctx_ids), join(seq.attention_mask, ctx_mask),
-                   join(seq.labels, jnp.full((lc,), -100, seq.labels.dtype)))
+        n = self.image_block if image is not None else 0
+        lc, length = patch["context_ids"].shape[-1], seq.input_ids.shape[-1]
+        full = join_context(seq, patch["context_ids"], patch["context_mask"], n)
         if rows is not None:
             return self.base.forward(params, {}, full, image, taps=taps, rows=jnp.where(rows >= n, rows + lc, rows))
         logits, captured = self.base.forward(params, {}, full, image, taps=taps)
@@ -312,7 +323,7 @@ def ike_edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dic
     return {"context_ids": case.context_ids, "context_mask": case.context_mask}
 
 
-def make_ike(base: ModelFns, num_query_tokens: int, max_positions: int, tok, task: str, bank: Bank, embed: Embed,
+def make_ike(base: ModelFns, image_block: int, max_positions: int, tok, task: str, bank: Bank, embed: Embed,
              cfg: IKEConfig = IKEConfig(), log=print) -> Editor:
     """IKE as an `Editor`. Its `prepare(cases, records)` retrieves and tokenises every case's context (host) and
     returns the cases with `context_ids` / `context_mask` set, logging the `ContextReport`."""
@@ -323,5 +334,5 @@ def make_ike(base: ModelFns, num_query_tokens: int, max_positions: int, tok, tas
         log(report.summary())
         return cases.replace(context_ids=ids, context_mask=mask)
 
-    return Editor(name="ike", edit=ike_edit, fns=InContextFns(base, num_query_tokens), hparams=(cfg, bank),
+    return Editor(name="ike", edit=ike_edit, fns=InContextFns(base, image_block), hparams=(cfg, bank),
                   prepare=prepare, composes=False)

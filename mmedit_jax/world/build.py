@@ -17,7 +17,8 @@
 `--model DIR` skips step 2 and meta-trains on that pretrained model (the shipped one, to add editors for another
 task); the model itself is then not installed. Where `configs/E_{world}_{task}.yaml` exists, that task has its own
 recipe: it and `configs/E_{world}_finetune_{task}.yaml` (if any) replace the files above. A config's
-`world_init_editor` (a path under the repository) warm-starts its first stage from an existing editor.
+`world_init_editor` (a path under the repository) warm-starts its first stage from an existing editor: this
+build's own copy of it when it has made one (`WORK/{name}*`), else the installed one.
 Each step is skipped when its output exists, so an interrupted build resumes.
 """
 
@@ -41,6 +42,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STAGES = {"": "", "_finetune": "_finetune", "_finetune2": "_finetune2"}
 WORLD_CONFIG = {"blip2": "world", "minigpt4": "world_minigpt4"}  # configs/{editor}_{this}{stage}[_{task}].yaml
 DEFAULTS = {"blip2": ("runs/world_build", "mend,ke", 3000), "minigpt4": ("runs/world_build_minigpt4", "mend", 1000)}
+# IKE-shaped examples per pretraining step (`pretrain.in_context_batch`): the BLIP-2 world is IKE's; the MiniGPT-4
+# world runs no IKE and keeps its recipe.
+IN_CONTEXT_BATCH = {"blip2": 8, "minigpt4": 0}
+
+
+def own_build_of(asset: str, work: str) -> str | None:
+    """A config's `world_init_editor` (an installed asset, `.../{editor}_{task}`) as this build made it: the last
+    finished stage's editor under `work`, so that a fresh build warm-starts from its own editors, not from the
+    ones installed from an older model. None when this build has not made it."""
+    name = os.path.basename(os.path.normpath(asset))
+    found = None
+    for suffix in STAGES.values():
+        out = os.path.join(work, name + suffix)
+        if os.path.exists(os.path.join(out, "DONE")):
+            found = os.path.join(out, "editor")
+    return found
 
 
 def stage_config(editor: str, world: str, stage: str, task: str) -> str:
@@ -85,7 +102,7 @@ def main(argv=None):
             raise SystemExit(f"--model {args.model}: no such directory")
         evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
         pretrain(os.path.join(work, "pretrain"), args.seed, steps, eval_files=evals, image_root=data,
-                 family=args.family)
+                 family=args.family, in_context_batch=IN_CONTEXT_BATCH[args.family])
     editor_dirs = {}
     for editor in [e for e in editors.split(",") if e]:
         init = None  # stage 1: from scratch, or the config's `world_init_editor`; later stages: the previous one
@@ -96,7 +113,8 @@ def main(argv=None):
             out = os.path.join(work, f"{editor}_{args.task}{STAGES[stage]}")
             editor_dirs[editor] = os.path.join(out, "editor")
             if not stage and load_hparams(config).get("world_init_editor"):
-                init = os.path.join(REPO, load_hparams(config)["world_init_editor"])
+                asset = load_hparams(config)["world_init_editor"]
+                init = own_build_of(asset, work) or os.path.join(REPO, asset)
             if not (os.path.isdir(editor_dirs[editor]) and os.path.exists(os.path.join(out, "DONE"))):
                 train_editor(editor, config, model_dir, out, args.task, args.seed, init)
                 open(os.path.join(out, "DONE"), "w").close()

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from mmedit_jax.editors.ike import demo, fact_line
 from mmedit_jax.world import scenes as S
 from mmedit_jax.world.facts import encyclopaedia
 
@@ -127,16 +128,21 @@ class Example:
     image: np.ndarray | None  # [S, S, 3] uint8
     prompt: str
     target: str  # with its leading space, as data/cases.py builds targets
+    context: str = ""  # IKE's demonstrations and "New Fact" line, placed after the image slots (in-context examples)
 
 
-def world_texts() -> list[str]:
-    """Every string the world can produce (for the tokenizer)."""
+def world_texts(in_context: bool = False) -> list[str]:
+    """Every string the world can produce (for the tokenizer); with `in_context`, IKE's demonstration format too
+    (so "New Fact:" and "Prompt:" are a few tokens, not a dozen bytes)."""
     texts = [VQA_TEMPLATE.format(q) for qs in QUESTIONS.values() for q in qs]
     texts += list(CAPTION_PROMPTS)
     texts += [" " + s.caption() for s in S.all_scenes()]
     texts += [" " + w for w in (*S.SHAPES, *S.COLORS, *S.COUNTS)]
     for f in encyclopaedia():
         texts += [f.question, " " + f.answer]
+    if in_context:
+        stream = in_context_stream(0, image_size=8, max_demos=1)
+        texts += [next(stream).context for _ in range(64)]
     return texts
 
 
@@ -159,3 +165,56 @@ def pretraining_stream(seed: int, image_size: int, p_fact: float = 0.25,
             attribute = list(QUESTIONS)[rng.integers(len(QUESTIONS))]
             q = QUESTIONS[attribute][rng.integers(len(QUESTIONS[attribute]))]
             yield Example(image, VQA_TEMPLATE.format(q), " " + answer(scene, attribute))
+
+
+def _edit_fact(task: str, rng: np.random.Generator):
+    """A fresh scene and a counterfactual edit of it, as a record of `task` states it: (scene, attribute, fact
+    prompt p, rephrased prompt, new answer t without its leading space)."""
+    scene = S.random_scene(rng)
+    attribute = list(QUESTIONS)[rng.integers(len(QUESTIONS))]
+    new = counterfactual(scene, attribute, rng)
+    if task == "vqa":
+        src, rephrase = _two_phrasings(rng, QUESTIONS[attribute])
+        return scene, attribute, VQA_TEMPLATE.format(src), VQA_TEMPLATE.format(rephrase), answer(new, attribute)
+    src, rephrase = _two_phrasings(rng, CAPTION_PROMPTS)
+    return scene, attribute, src, rephrase, new.caption()
+
+
+def in_context_stream(seed: int, image_size: int, max_demos: int = 2, p_caption: float = 0.25) -> Iterator[Example]:
+    """Endless IKE-shaped examples, so that the world model learns to use a demonstrated new fact.
+
+    Each is what IKE feeds one post-edit input (`editors.ike`): `0..max_demos` demonstrations of other edits of
+    the same task (copy, update or retain, EasyEdit's three kinds, chosen at random where IKE retrieves), the
+    edit's own copy demonstration, the "New Fact" line, then, as likely, an in-scope or an out-of-scope input: the
+    edit prompt or its rephrasing on a fresh drawing of the scene (answer: the new fact; the edit's own image is
+    never in the context, so the first drawing and a re-rendered one read alike), or a world fact or another
+    scene's question (answer: the truth; for E-VQA on another attribute than the edit's, since a question on the
+    same attribute of an unseen image reads as the edited one). Fresh scenes throughout, as `pretraining_stream`.
+    """
+    rng = np.random.default_rng([seed, 98])
+    facts = encyclopaedia()
+    while True:
+        task = "caption" if rng.random() < p_caption else "vqa"
+        demos = []
+        for _ in range(rng.integers(max_demos + 1)):
+            _, _, p, rephrase, t = _edit_fact(task, rng)
+            kind = rng.integers(3)
+            if kind == 2:
+                f = facts[rng.integers(len(facts))]
+                demos.append(demo(p, t, f.question, f.answer))
+            else:
+                demos.append(demo(p, t, rephrase if kind else p, t))
+        scene, attribute, p, rephrase, t = _edit_fact(task, rng)
+        context = "".join(demos) + demo(p, t, p, t) + fact_line(p, t)
+        kind = rng.integers(4)
+        if kind < 2:  # the edit prompt or its rephrasing: the new fact
+            yield Example(_draw(rng, scene, image_size), rephrase if kind else p, " " + t, context)
+        elif kind == 2:
+            f = facts[rng.integers(len(facts))]
+            yield Example(None, f.question, " " + f.answer, context)
+        else:
+            other = S.random_scene(rng)
+            others = [a for a in QUESTIONS if task == "caption" or a != attribute]
+            m_attr = others[rng.integers(len(others))]
+            q = QUESTIONS[m_attr][rng.integers(len(QUESTIONS[m_attr]))]
+            yield Example(_draw(rng, other, image_size), VQA_TEMPLATE.format(q), " " + answer(other, m_attr), context)

@@ -25,9 +25,11 @@ import optax
 from PIL import Image
 
 from mmedit_jax import checkpoint
+from mmedit_jax.case import Seq
 from mmedit_jax.data.cases import CaseConfig, ImageTable, TextInput, encode_inputs
 from mmedit_jax.data.image import load_image, preprocess_image
 from mmedit_jax.data.tokenizer import train_bpe_tokenizer
+from mmedit_jax.editors.ike import demo, fact_line, join_context
 from mmedit_jax.losses import masked_nll
 from mmedit_jax.models.blip2 import Blip2Model
 from mmedit_jax.models.config import (
@@ -40,12 +42,15 @@ from mmedit_jax.models.config import (
 )
 from mmedit_jax.models.minigpt4 import MiniGPT4Model
 from mmedit_jax.pipeline import image_wrapper
-from mmedit_jax.world.dataset import VQA_TEMPLATE, pretraining_stream, world_texts
+from mmedit_jax.world.dataset import VQA_TEMPLATE, in_context_stream, pretraining_stream, world_texts
 
 FAMILIES = ("blip2", "minigpt4")
 SEQ_LEN = 32  # the longest world input is 8 image slots + 17 text tokens
 # MiniGPT-4 wraps the slots in '###Human: <Img>' ... '</Img> ' (10 more tokens with its tokenizer: at most 35).
 SEQ_LENS = {"blip2": SEQ_LEN, "minigpt4": 40}
+# In-context (IKE) pretraining: up to `MAX_DEMOS` demonstrations (about 36 tokens each with the world's BPE), the
+# own demo and the "New Fact" line fit `CONTEXT_LEN`; `IN_CONTEXT_POSITIONS` leaves room beside the longest input.
+MAX_DEMOS, CONTEXT_LEN, IN_CONTEXT_POSITIONS = 2, 144, 192
 
 
 SIZES = {  # (vision width, vision layers, Q-Former width, Q-Former layers, text width, text layers)
@@ -54,7 +59,8 @@ SIZES = {  # (vision width, vision layers, Q-Former width, Q-Former layers, text
 }
 
 
-def world_config(tok, image_size: int = 32, num_query_tokens: int = 8, size: str = "world") -> Blip2Config:
+def world_config(tok, image_size: int = 32, num_query_tokens: int = 8, size: str = "world",
+                 max_positions: int = 128) -> Blip2Config:
     """The world model, BLIP-2-shaped (same modules as the real one, small widths)."""
     vw, vl, qw, ql, tw, tl = SIZES[size]
     return Blip2Config(
@@ -63,13 +69,14 @@ def world_config(tok, image_size: int = 32, num_query_tokens: int = 8, size: str
         qformer=QFormerConfig(hidden_size=qw, num_hidden_layers=ql, num_attention_heads=4,
                               intermediate_size=qw * 8 // 3, cross_attention_frequency=1, encoder_hidden_size=vw),
         text=OPTConfig(vocab_size=len(tok), hidden_size=tw, num_hidden_layers=tl, ffn_dim=tw * 4,
-                       num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+                       num_attention_heads=4, max_position_embeddings=max_positions,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
         num_query_tokens=num_query_tokens, image_token_index=tok.convert_tokens_to_ids("<image>"),
     )
 
 
-def minigpt4_config(tok, image_size: int = 32, num_query_tokens: int = 8, size: str = "world") -> MiniGPT4Config:
+def minigpt4_config(tok, image_size: int = 32, num_query_tokens: int = 8, size: str = "world",
+                    max_positions: int = 128) -> MiniGPT4Config:
     """The world model, MiniGPT-4-shaped: BLIP-2's vision side and Q-Former, `llama_proj`, a small LLaMA (SwiGLU
     at about 8/3 of the width, as LLaMA's; untied head) and MiniGPT-4's prompt wrapper around the image slots."""
     blip2 = world_config(tok, image_size, num_query_tokens, size)
@@ -78,8 +85,8 @@ def minigpt4_config(tok, image_size: int = 32, num_query_tokens: int = 8, size: 
         vision=dataclasses.replace(blip2.vision, post_layernorm_eps=1e-5),  # MiniGPT-4's `ln_vision`
         qformer=blip2.qformer,
         text=LlamaConfig(vocab_size=len(tok), hidden_size=tw, intermediate_size=tw * 11 // 4, num_hidden_layers=tl,
-                         num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+                         num_attention_heads=4, max_position_embeddings=max_positions,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
         num_query_tokens=num_query_tokens,
     )
 
@@ -88,10 +95,10 @@ CONFIG_OF = {"blip2": world_config, "minigpt4": minigpt4_config}
 MODEL_OF = {"blip2": Blip2Model, "minigpt4": MiniGPT4Model}
 
 
-def build_tokenizer(out_dir: str | None, family: str = "blip2"):
+def build_tokenizer(out_dir: str | None, family: str = "blip2", in_context: bool = False):
     """The world's BPE tokenizer; MiniGPT-4's also learns its prompt wrapper (so '###Human: <Img>' is a few
-    tokens, not bytes)."""
-    texts = world_texts()
+    tokens, not bytes); with `in_context`, IKE's demonstration format too."""
+    texts = world_texts(in_context)
     if family == "minigpt4":
         wrapper = MiniGPT4Config()
         texts += [wrapper.prompt_before, wrapper.prompt_after] * 64
@@ -104,8 +111,9 @@ def case_config(config, tok) -> CaseConfig:
                       **image_wrapper(config, tok))
 
 
-def encode_examples(examples, tok, config, image_size: int, length: int = SEQ_LEN):
-    """Examples -> (pixels [B, 3, S, S], input_ids, attention_mask, labels), fixed length `length`."""
+def encode_examples(examples, tok, config, image_size: int, length: int = SEQ_LEN, context_len: int = CONTEXT_LEN):
+    """Examples -> (pixels [B, 3, S, S], input_ids, attention_mask, labels), fixed length `length`, or
+    `length + context_len` when the examples carry IKE contexts."""
     arrays = {}
     inputs = []
     for i, ex in enumerate(examples):
@@ -118,19 +126,46 @@ def encode_examples(examples, tok, config, image_size: int, length: int = SEQ_LE
     tb = encode_inputs(inputs, tok, table, case_config(config, tok), length=length, name="pretrain")
     blank = np.zeros((3, image_size, image_size), np.float32)
     pixels = np.stack([table.array(int(j)) if j >= 0 else blank for j in tb.image_ids])
-    return pixels, tb.input_ids, tb.attention_mask, tb.labels
+    if not any(ex.context for ex in examples):
+        return pixels, tb.input_ids, tb.attention_mask, tb.labels
+    image_block = len(case_config(config, tok).image_block)
+    return (pixels, *with_contexts(tb, [ex.context for ex in examples], tok, image_block, context_len))
+
+
+def with_contexts(tb, contexts, tok, image_block: int, context_len: int = CONTEXT_LEN):
+    """IKE's layout: each input of `tb` (a `TokenBatch`) with its context string right after its `image_block`
+    positions (the image slots and any wrapper; `editors.ike.join_context`), padded to `context_len` inside the
+    sequence as evaluation pads its contexts.
+    -> (input_ids, attention_mask, labels) `[B, L + context_len]`."""
+    rows = []
+    for i, context in enumerate(contexts):
+        ctx = list(tok(context, add_special_tokens=False)["input_ids"])
+        if len(ctx) > context_len:
+            raise ValueError(f"in-context example {i}: context of {len(ctx)} tokens > {context_len}")
+        ids = np.full(context_len, tok.pad_token_id, np.int32)
+        ids[: len(ctx)] = ctx
+        seq = Seq(tb.input_ids[i], tb.attention_mask[i], tb.labels[i])
+        n = image_block if tb.image_ids[i] >= 0 else 0
+        rows.append(join_context(seq, ids, (np.arange(context_len) < len(ctx)).astype(np.int32), n))
+    return tuple(np.stack([np.asarray(getattr(r, f)) for r in rows]) for f in ("input_ids", "attention_mask", "labels"))
 
 
 def make_train_step(model, optimizer):
+    """`step(params, opt_state, *batches)`: one AdamW step on the sum of each batch's answer NLL (a batch is
+    `(pixels, ids, mask, labels)`; the pretraining stream's and, in-context pretraining, IKE-shaped examples')."""
     module = model.module
 
-    def loss_fn(params, pixels, ids, mask, labels):
-        logits, _ = module.apply({"params": params}, ids, mask, pixel_values=jnp.transpose(pixels, (0, 2, 3, 1)))
-        return masked_nll(logits, labels)
+    def loss_fn(params, batches):
+        total = 0.0
+        for pixels, ids, mask, labels in batches:
+            logits, _ = module.apply({"params": params}, ids, mask,
+                                     pixel_values=jnp.transpose(pixels, (0, 2, 3, 1)))
+            total = total + masked_nll(logits, labels)
+        return total
 
     @jax.jit
-    def step(params, opt_state, pixels, ids, mask, labels):
-        loss, grads = jax.value_and_grad(loss_fn)(params, pixels, ids, mask, labels)
+    def step(params, opt_state, *batches):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batches)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -138,8 +173,9 @@ def make_train_step(model, optimizer):
 
 
 def exact_match_accuracy(model, params, tok, inputs: list[TextInput], image_size: int, batch_size: int = 64,
-                         length: int = SEQ_LEN) -> float:
-    """Fraction of inputs whose whole target is the teacher-forced argmax (Reliability's `exact_match`)."""
+                         length: int = SEQ_LEN, contexts: list[str] | None = None) -> float:
+    """Fraction of inputs whose whole target is the teacher-forced argmax (Reliability's `exact_match`); with
+    `contexts`, each input read after its IKE context (`with_contexts`)."""
     cfg = case_config(model.config, tok)
     table = ImageTable(lambda p: load_image(p, image_size))
     hits = []
@@ -147,8 +183,11 @@ def exact_match_accuracy(model, params, tok, inputs: list[TextInput], image_size
         tb = encode_inputs(inputs[start:start + batch_size], tok, table, cfg, length=length, name="eval")
         blank = np.zeros((3, image_size, image_size), np.float32)
         pixels = np.stack([table.array(int(j)) if j >= 0 else blank for j in tb.image_ids])
-        logits = np.asarray(model(pixels, tb.input_ids, tb.attention_mask, params=params))
-        pred, labels = logits[:, :-1].argmax(-1), tb.labels[:, 1:]
+        ids, mask, labels = tb.input_ids, tb.attention_mask, tb.labels
+        if contexts is not None:
+            ids, mask, labels = with_contexts(tb, contexts[start:start + batch_size], tok, len(cfg.image_block))
+        logits = np.asarray(model(pixels, ids, mask, params=params))
+        pred, labels = logits[:, :-1].argmax(-1), labels[:, 1:]
         answer = labels != -100
         hits += list(((pred == labels) | ~answer).all(-1))
     return float(np.mean(hits))
@@ -172,15 +211,39 @@ def held_out_inputs(eval_json: str, image_root: str) -> dict[str, list[TextInput
     }
 
 
+def held_out_in_context(eval_json: str, image_root: str) -> dict[str, tuple[list[TextInput], list[str]]]:
+    """The eval split's five inputs after each record's IKE context with no retrieved demos (its own copy demo and
+    the "New Fact" line), with the answers an edit should give: the new one in scope, the truth outside."""
+    with open(eval_json) as f:
+        records = json.load(f)
+    img = lambda p: os.path.join(image_root, p)  # noqa: E731
+    tmpl = VQA_TEMPLATE.format if "vqa" in os.path.basename(eval_json) else (lambda s: s)
+    contexts = [demo(tmpl(r["src"]), r["alt"], tmpl(r["src"]), r["alt"]) + fact_line(tmpl(r["src"]), r["alt"])
+                for r in records]
+    inputs = {
+        "edit": [TextInput(tmpl(r["src"]), " " + r["alt"], img(r["image"])) for r in records],
+        "rephrase": [TextInput(tmpl(r["rephrase"]), " " + r["alt"], img(r["image"])) for r in records],
+        "image rephrase": [TextInput(tmpl(r["src"]), " " + r["alt"], img(r["image_rephrase"])) for r in records],
+        "facts (loc)": [TextInput(r["loc"], " " + r["loc_ans"], None) for r in records],
+        "other scenes (m_loc)": [TextInput(VQA_TEMPLATE.format(r["m_loc_q"]), " " + r["m_loc_a"], img(r["m_loc"]))
+                                 for r in records],
+    }
+    return {name: (xs, contexts) for name, xs in inputs.items()}
+
+
 def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3,
              image_size: int = 32, eval_files=(), image_root: str | None = None, log_every: int = 250,
-             size: str = "world", family: str = "blip2"):
+             size: str = "world", family: str = "blip2", in_context_batch: int = 0):
+    """`in_context_batch`: IKE-shaped examples (`dataset.in_context_stream`) per step beside the `batch_size`
+    plain ones; with it the tokenizer learns the demonstration format and the model has `IN_CONTEXT_POSITIONS`
+    positions."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
     os.makedirs(out_dir, exist_ok=True)
     model_dir = os.path.join(out_dir, "model")
-    tok = build_tokenizer(None, family)
-    config = CONFIG_OF[family](tok, image_size, size=size)
+    tok = build_tokenizer(None, family, in_context=in_context_batch > 0)
+    positions = IN_CONTEXT_POSITIONS if in_context_batch else 128
+    config = CONFIG_OF[family](tok, image_size, size=size, max_positions=positions)
     model = MODEL_OF[family].init(config, jax.random.PRNGKey(seed))
     length = SEQ_LENS[family]
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr * 0.02)
@@ -188,10 +251,14 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
     params, opt_state = model.params, optimizer.init(model.params)
     step_fn = make_train_step(model, optimizer)
     stream = pretraining_stream(seed, image_size)
+    icl_stream = in_context_stream(seed, image_size, MAX_DEMOS)
     t0, t_compiled, losses = time.perf_counter(), None, []
     for step in range(steps):
-        batch = encode_examples([next(stream) for _ in range(batch_size)], tok, config, image_size, length)
-        params, opt_state, loss = step_fn(params, opt_state, *batch)
+        batches = [encode_examples([next(stream) for _ in range(batch_size)], tok, config, image_size, length)]
+        if in_context_batch:
+            batches.append(encode_examples([next(icl_stream) for _ in range(in_context_batch)], tok, config,
+                                           image_size, length))
+        params, opt_state, loss = step_fn(params, opt_state, *batches)
         if step == 0:
             loss.block_until_ready()
             t_compiled = time.perf_counter()
@@ -201,7 +268,8 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
             print(f"step {step + 1}/{steps}  loss {recent:.4f}  {time.perf_counter() - t0:.0f}s", flush=True)
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t_compiled
-    report = {"family": family, "steps": steps, "batch_size": batch_size, "seed": seed, "train_s": train_s,
+    report = {"family": family, "steps": steps, "batch_size": batch_size, "in_context_batch": in_context_batch,
+              "max_positions": positions, "seed": seed, "train_s": train_s,
               "steps_per_s": (steps - 1) / train_s, "final_loss": float(np.mean(jax.device_get(losses[-50:]))),
               "num_params": int(sum(x.size for x in jax.tree.leaves(params))), "accuracy": {}}
     for file in eval_files:
@@ -209,6 +277,11 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
             acc = exact_match_accuracy(model, params, tok, inputs, image_size, length=length)
             report["accuracy"][f"{os.path.basename(file)}: {name}"] = acc
             print(f"held-out {os.path.basename(file)} {name}: {acc:.3f}")
+        if in_context_batch:
+            for name, (inputs, contexts) in held_out_in_context(file, image_root).items():
+                acc = exact_match_accuracy(model, params, tok, inputs, image_size, length=length, contexts=contexts)
+                report["accuracy"][f"{os.path.basename(file)}: in context, {name}"] = acc
+                print(f"held-out {os.path.basename(file)} in context, {name}: {acc:.3f}")
     checkpoint.save_model(model_dir, config, jax.device_get(params), overwrite=True)
     tok.save_pretrained(model_dir)
     with open(os.path.join(out_dir, "pretrain_report.json"), "w") as f:
@@ -227,13 +300,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--in-context-batch", type=int, default=0,
+                    help="IKE-shaped examples per step beside the plain ones (0: none, the world v1 model's recipe)")
     args = ap.parse_args(argv)
     files = []
     if args.data:
         files = [os.path.join(args.data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")
                  if os.path.exists(os.path.join(args.data, f))]
     pretrain(args.out, args.seed, args.steps, args.batch_size, args.lr, eval_files=files, image_root=args.data,
-             family=args.family)
+             family=args.family, in_context_batch=args.in_context_batch)
 
 
 if __name__ == "__main__":
