@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 
 _API = ("from_pretrained", "load_editor", "save_patch", "load_patch", "compose", "Model", "MiniGPT4ApiModel",
-        "BoundEditor", "EditPatch", "PatchBatch", "ContextPatch", "ContextBatch", "PatchMismatch")
+        "BoundEditor", "EditPatch", "PatchBatch", "ContextPatch", "ContextBatch",
+        "MemoryPatch", "MemoryBatch", "PatchMismatch")
 
 
 def __getattr__(name):

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from mmedit_jax import loading, pipeline
-from mmedit_jax.case import answer_rows, make_cases, pad_batch, take
+from mmedit_jax.case import Seq, answer_rows, make_cases, pad_batch, take
 from mmedit_jax.data.cases import DEFAULT_BUCKETS, VQA_TEMPLATE, CaseConfig, ImageTable, build_edit_batch
 from mmedit_jax.data.image import load_image, preprocess_image
 from mmedit_jax.data.mmedit import TASKS, MMEditRecord
@@ -42,6 +42,8 @@ from mmedit_jax.edit_patch import (
     ContextBatch,
     ContextPatch,
     EditPatch,
+    MemoryBatch,
+    MemoryPatch,
     PatchBatch,
     PatchMismatch,
     compose,
@@ -49,6 +51,7 @@ from mmedit_jax.edit_patch import (
 )
 from mmedit_jax.edit_patch import load_patch as _load_patch_file
 from mmedit_jax.editors.io import read_spec
+from mmedit_jax.editors.serac import with_memory
 from mmedit_jax.eval import records
 from mmedit_jax.models.blip2 import Blip2Model
 from mmedit_jax.models.minigpt4 import MiniGPT4Model
@@ -56,7 +59,8 @@ from mmedit_jax.sites import get_path, resolve_site
 from mmedit_jax.world import assets
 
 __all__ = ["Model", "MiniGPT4ApiModel", "BoundEditor", "from_pretrained", "load_editor", "save_patch", "load_patch",
-           "compose", "EditPatch", "PatchBatch", "ContextPatch", "ContextBatch", "PatchMismatch", "model_fingerprint"]
+           "compose", "EditPatch", "PatchBatch", "ContextPatch", "ContextBatch", "MemoryPatch", "MemoryBatch",
+           "PatchMismatch", "model_fingerprint"]
 
 WORLD = "world"  # `from_pretrained("world")`: the shipped world model (a directory named so: pass "./world")
 # The world model was pretrained on answer tokens only (no end-of-sequence token after them), so it never learns
@@ -240,6 +244,9 @@ class Model(Blip2Model):
         if isinstance(patch, (ContextPatch, ContextBatch)):
             raise TypeError("an in-context edit (IKE) changes no weight: ask under it with model.answer(..., "
                             "patch=...), which puts its context before the question")
+        if isinstance(patch, (MemoryPatch, MemoryBatch)):
+            raise TypeError("a SERAC edit changes no weight: ask under it with model.answer(..., patch=...), which "
+                            "routes every generated token through the editor's memory")
         if isinstance(patch, PatchBatch):
             deltas, made_for, name, editor = patch.stacked, patch.model, patch.model_name, patch.editor
         elif isinstance(patch, dict):
@@ -325,7 +332,10 @@ class Model(Blip2Model):
           image for all; prompts are left-padded to a common length, a multiple of 8).
         patch: an `EditPatch` / patch dict applied to every question, or a `PatchBatch` of as many edits as
           questions (question i answered under edit i, vmapped); an in-context edit (IKE's `ContextPatch`, or a
-          `ContextBatch` of one per question) puts its context between the image and the question.
+          `ContextBatch` of one per question) puts its context between the image and the question; a SERAC edit
+          (`MemoryPatch`, or a `MemoryBatch` of one per question) routes generation through its memory: each token
+          is the argmax of SERAC's routed output (classifier on the text so far, counterfactual, mixture) from a
+          full forward of the prompt and the tokens so far (no KV cache: the classifier re-reads the text).
         task: "vqa" (the prompt is `VQA_TEMPLATE.format(question)`) or "caption" (the question is the caption's
           prefix, as E-IC's "a photo of"); `template` overrides ("{}" for the raw text).
         max_new_tokens: generation budget (default 10 for VQA, 20 for captions).
@@ -344,6 +354,9 @@ class Model(Blip2Model):
         contexts = self._contexts(patch, n)
         if contexts is not None:
             patch = None
+        memories = self._memories(patch, n)
+        if memories is not None:
+            patch = None
         per_edit = isinstance(patch, PatchBatch)
         if per_edit and len(patch) != n:
             raise ValueError(f"a PatchBatch of {len(patch)} edits for {n} questions: pass one edit per question")
@@ -355,6 +368,12 @@ class Model(Blip2Model):
                 continue
             ids = [self.prompt_ids(questions[i], has_image, task, template, () if contexts is None else
                                    contexts[i].ids) for i in rows]
+            if memories is not None:
+                tokens = self._routed_rows(ids, [images[i] for i in rows] if has_image else None,
+                                           [memories[i] for i in rows], max_new)
+                for j, i in enumerate(rows):
+                    out[i] = self.decode_answer(tokens[j], words)
+                continue
             row_deltas = take(deltas, np.asarray(rows)) if per_edit else deltas
             tokens = self._generate_rows(ids, [images[i] for i in rows] if has_image else None, row_deltas,
                                          per_edit, max_new)
@@ -379,6 +398,75 @@ class Model(Blip2Model):
                                     f"{c.model[:16]}), not for model {self.name!r} (fingerprint "
                                     f"{self.fingerprint[:16]}): its ids are the other model's tokens")
         return contexts
+
+    def _memories(self, patch, n: int) -> list[MemoryPatch] | None:
+        """A SERAC edit as one `MemoryPatch` per question (None for any other patch), checked to be made for this
+        model by one editor."""
+        if isinstance(patch, MemoryPatch):
+            memories = [patch] * n
+        elif isinstance(patch, MemoryBatch):
+            if len(patch) != n:
+                raise ValueError(f"a MemoryBatch of {len(patch)} edits for {n} questions: pass one edit per question")
+            memories = list(patch)
+        else:
+            return None
+        for m in memories:
+            if m.model is not None and m.model != self.fingerprint:
+                raise PatchMismatch(f"this SERAC memory was made for model {m.model_name!r} (fingerprint "
+                                    f"{m.model[:16]}), not for model {self.name!r} (fingerprint "
+                                    f"{self.fingerprint[:16]})")
+            if m.router is not memories[0].router:
+                raise ValueError("these SERAC edits come from different editors: answer them separately")
+        return memories
+
+    def _routed_rows(self, ids: list[list[int]], images, memories: list[MemoryPatch], max_new: int) -> np.ndarray:
+        """Greedy tokens `[n, max_new]` through SERAC's routed forward, one memory per row (vmapped)."""
+        text = self.config.text
+        longest = max(len(r) for r in ids)
+        if longest + max_new > text.max_position_embeddings:
+            raise ValueError(f"a prompt of {longest} tokens leaves no room for {max_new} new tokens in the model's "
+                             f"{text.max_position_embeddings} positions")
+        length = -(-longest // PROMPT_MULTIPLE) * PROMPT_MULTIPLE + max_new
+        n, b = len(ids), _pow2(len(ids))
+        pad = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else text.pad_token_id or 0)
+        input_ids = np.full((b, length), pad, np.int32)
+        mask = np.zeros((b, length), np.int32)
+        for i in range(b):
+            r = ids[min(i, n - 1)]
+            input_ids[i, : len(r)], mask[i, : len(r)] = r, 1  # right padding: the routed forward's layout
+        lengths = mask.sum(-1).astype(np.int32)
+        fns, net = memories[0].router
+        memory = jax.tree.map(lambda *m: jnp.stack(m), *(memories[min(i, n - 1)].memory for i in range(b)))
+        image = None
+        if images is not None:
+            pixels = np.stack([self.pixels(images[min(i, n - 1)]) for i in range(b)])
+            image = pixels if fns.uses_pixels else fns.encode(self.params, {}, jnp.asarray(pixels))
+        fn = self._routed_fn(fns, image is not None, max_new)
+        return np.asarray(fn(self.params, net, memory, input_ids, mask, lengths, image))[:n]
+
+    def _routed_fn(self, fns, has_image: bool, max_new: int):
+        """The jitted, row-vmapped greedy loop of `_routed_rows` for one editor's `fns`."""
+        key = ("routed", id(fns), has_image, max_new)
+        if key not in self._generate_each:
+
+            def one(params, net, memory, ids, mask, n, image):
+                patch, labels = with_memory(net, memory), jnp.full_like(ids, -100)
+
+                # Generated tokens are the answer (labels set), so a classifier that reads the prompt alone
+                # (`scope_query="prompt"`) routes every step on the question, as it was trained.
+                def step(t, carry):
+                    ids, mask, labels, out = carry
+                    logits = fns.logits(params, patch, Seq(ids, mask, labels), image)
+                    token = jnp.argmax(logits[n + t - 1]).astype(ids.dtype)
+                    return (ids.at[n + t].set(token), mask.at[n + t].set(1), labels.at[n + t].set(token),
+                            out.at[t].set(token))
+
+                init = (ids, mask, labels, jnp.zeros((max_new,), ids.dtype))
+                return jax.lax.fori_loop(0, max_new, step, init)[3]
+
+            axes = (None, None, 0, 0, 0, 0, 0 if has_image else None)
+            self._generate_each[key] = (fns, jax.jit(jax.vmap(one, in_axes=axes)))  # fns kept: its id stays its own
+        return self._generate_each[key][1]
 
     def _generate_rows(self, ids: list[list[int]], images, deltas, per_edit: bool, max_new: int) -> np.ndarray:
         text = self.config.text
@@ -509,7 +597,10 @@ class BoundEditor:
         if not fns.uses_pixels:  # the editor runs cached image embeddings: encode the edit image here, once
             embeds = fns.encode(params, {}, cases.images["edit"])
             cases = cases.replace(images={k: embeds for k in cases.images})
-        return jax.vmap(lambda c: self.editor.edit(editor_params, params, c, {}))(cases)
+        patches = jax.vmap(lambda c: self.editor.edit(editor_params, params, c, {}))(cases)
+        # SERAC's patch carries the editor's networks beside the memory: keep the memory only (one copy of the
+        # networks stays with the editor, not E of them).
+        return {"memory": patches["memory"]} if "memory" in patches else patches
 
     def cases(self, images: Sequence, prompts: Sequence[str], targets: Sequence[str],
               preds: Sequence[str] | None = None):
@@ -554,9 +645,10 @@ class BoundEditor:
         return cases.replace(edit=cases.edit.replace(answer_rows=rows)), records
 
     def edit_batch(self, images, prompts: Sequence[str], targets: Sequence[str],
-                   preds: Sequence[str] | None = None) -> PatchBatch | ContextBatch:
+                   preds: Sequence[str] | None = None) -> PatchBatch | ContextBatch | MemoryBatch:
         """E independent edits in one compiled call -> a `PatchBatch` (`batch[i]` is edit i's `EditPatch`); for
-        IKE a `ContextBatch` (edit i's demonstrations, retrieved from the bank, as a `ContextPatch`).
+        IKE a `ContextBatch` (edit i's demonstrations, retrieved from the bank, as a `ContextPatch`); for SERAC a
+        `MemoryBatch` (edit i's own memory, as a `MemoryPatch`).
 
         `preds`: the model's current answers, for KE's condition "{pred} >> {target} || {prompt}"; default
         (KE only) `model.answer(images, prompts)`. E is padded to a power of two, and token lengths to
@@ -571,6 +663,12 @@ class BoundEditor:
         stacked = self._edit_fn(self.editor.editor_params, self.model.params, cases)
         if _pow2(n) != n:
             stacked = jax.tree.map(lambda a: a[:n], stacked)
+        if "memory" in stacked:  # SERAC: the edit is a memory of one slot, read by the editor's networks
+            router = (self.editor.fns, self.editor.editor_params)
+            fp = self.model.fingerprint
+            return MemoryBatch(MemoryPatch(jax.tree.map(lambda a, i=i: a[i], stacked["memory"]), router,
+                                           editor=self.name, model=fp, model_name=self.model.name, edits=((p, t),))
+                               for i, (p, t) in enumerate(zip(prompts, targets)))
         if "context_ids" in stacked:  # IKE: the edit is its context, kept as text and ids
             ids, mask = np.asarray(stacked["context_ids"]), np.asarray(stacked["context_mask"]) > 0
             tok, fp = self.model.tokenizer, self.model.fingerprint
@@ -581,7 +679,8 @@ class BoundEditor:
         return PatchBatch(stacked, editor=self.name, model=self.model.fingerprint, model_name=self.model.name,
                           edits=tuple(zip(prompts, targets)))
 
-    def edit(self, image, prompt: str, target: str, *, pred: str | None = None) -> EditPatch | ContextPatch:
+    def edit(self, image, prompt: str, target: str, *,
+             pred: str | None = None) -> EditPatch | ContextPatch | MemoryPatch:
         """One edit: the patch that makes the model answer `target` to `prompt` about `image` (a value; the
         model is not changed). `pred` as in `edit_batch`."""
         return self.edit_batch([image], [prompt], [target], None if pred is None else [pred])[0]
@@ -632,9 +731,10 @@ def _check_editor_fits(path: str, model: Model) -> None:
 def load_editor(name: str, model: Model, path: str | os.PathLike | None = None, hparams=None, *,
                 task: str = "vqa", feature_cache: bool = True, bank=None, image_root: str | None = None,
                 sentence_encoder: str | None = None) -> BoundEditor:
-    """One of the project's editors (`pipeline.EDITORS`: "ft-l", "ft-v", "mend", "ke", "ike") bound to `model`.
+    """One of the project's editors (`pipeline.EDITORS`: "ft-l", "ft-v", "mend", "ke", "serac", "ike") bound to
+    `model`.
 
-    path: a trained MEND / KE directory (`python -m mmedit_jax.train`, or `convert mend-easyedit`); default, for
+    path: a trained MEND / KE / SERAC directory (`python -m mmedit_jax.train`, or `convert mend-easyedit`); default, for
       the world model, the shipped editor (`assets/world/<name>_<task>`). FT-L / FT-V / IKE need none.
     hparams: a dict in EasyEdit's keys, or a YAML file (`editors/hparams.py`); FT's `num_steps`, `edit_lr`,
       `inner_params`, IKE's `k`, ...
@@ -656,7 +756,7 @@ def load_editor(name: str, model: Model, path: str | os.PathLike | None = None, 
         hparams = pipeline.read_hparams(os.fspath(hparams))
     if name == "ike":
         return _load_ike(model, hparams, task, feature_cache, bank, image_root, sentence_encoder)
-    if name in ("mend", "ke"):
+    if name in ("mend", "ke", "serac"):
         if path is None:
             path = shipped_editor(name, task) if model.is_world else None
             if path is None:

@@ -13,6 +13,8 @@ the program that made it:
     the `[E]` dict to vmap over.
   * `ContextPatch` / `ContextBatch`: an in-context edit (IKE) changes no weight; it is the demonstration context
     that precedes every question asked under it (text and token ids), with the same provenance.
+  * `MemoryPatch` / `MemoryBatch`: a SERAC edit is its memory (the edit's classifier key and counterfactual
+    context); the editor's networks that read it travel beside it by reference (`router`), never copied.
   * `compose`: several independent edits applied at once (the sum of their deltas).
   * `save_patch` / `load_patch`: one safetensors file with the metadata in its header.
 """
@@ -154,10 +156,52 @@ class ContextBatch(tuple):
         return f"ContextBatch({len(self)} edits, editor='ike', model={name!r})"
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryPatch:
+    """A SERAC edit: `memory`, the editor's memory value (`editors.serac_net.Memory`, `[C]` slots: one per edit it
+    holds), and `router`, what reads it: `(fns, net)`, the editor's routed forward and its networks, shared by
+    reference with the editor (not part of the value: not compared, not copied). Provenance as `EditPatch`'s."""
+
+    memory: object
+    router: object = dataclasses.field(repr=False, compare=False)
+    editor: str | None = "serac"
+    model: str | None = None
+    model_name: str | None = None
+    edits: tuple = ()
+
+    def meta(self) -> dict:
+        return {"editor": self.editor, "model": self.model, "model_name": self.model_name, "edits": self.edits}
+
+    def __repr__(self) -> str:
+        return (f"MemoryPatch(editor={self.editor!r}, model={self.model_name!r} ({(self.model or '?')[:12]}), "
+                f"edits={list(self.edits)!r}, {len(self.edits) or '?'} memory slots)")
+
+
+class MemoryBatch(tuple):
+    """E independent SERAC edits: a tuple of `MemoryPatch`es (`batch[i]` is edit i, a memory of its own)."""
+
+    def __repr__(self) -> str:
+        name = self[0].model_name if self else None
+        return f"MemoryBatch({len(self)} edits, editor='serac', model={name!r})"
+
+
+def _compose_memories(flat) -> MemoryPatch:
+    """SERAC edits together: one memory holding every edit's slots, in order (what SERAC's multi-edit memory
+    is; the classifier routes each query to its nearest slot)."""
+    if not all(isinstance(p, MemoryPatch) for p in flat):
+        raise TypeError("a SERAC memory composes only with other SERAC memories (weight patches add to kernels; a "
+                        "memory routes around the model)")
+    if any(p.router is not flat[0].router for p in flat) or len({p.model for p in flat}) > 1:
+        raise PatchMismatch("cannot compose memories of different SERAC editors or models")
+    memory = jax.tree.map(lambda *slots: jnp.concatenate(slots, axis=0), *(p.memory for p in flat))
+    return MemoryPatch(memory, flat[0].router, flat[0].editor, flat[0].model, flat[0].model_name,
+                       tuple(e for p in flat for e in p.edits))
+
+
 def provenance(patch) -> dict:
-    """`{"editor", "model", "model_name", "edits"}` of an `EditPatch` / `PatchBatch` / `ContextPatch`; Nones for a
-    plain dict."""
-    if isinstance(patch, (EditPatch, PatchBatch, ContextPatch)):
+    """`{"editor", "model", "model_name", "edits"}` of an `EditPatch` / `PatchBatch` / `ContextPatch` /
+    `MemoryPatch`; Nones for a plain dict."""
+    if isinstance(patch, (EditPatch, PatchBatch, ContextPatch, MemoryPatch)):
         return patch.meta()
     return {"editor": None, "model": None, "model_name": None, "edits": ()}
 
@@ -172,16 +216,19 @@ def compose(*patches) -> EditPatch:
     matrices can interfere, and nothing here corrects for that. Deltas of different editors compose too (they
     are all sums on kernels). Patches made for different models are refused (`PatchMismatch`).
 
-    Accepts `EditPatch`es, plain patch dicts and `PatchBatch`es (each batch contributes all of its edits).
+    Accepts `EditPatch`es, plain patch dicts and `PatchBatch`es (each batch contributes all of its edits). SERAC
+    memories (`MemoryPatch`, `MemoryBatch`) compose into one memory holding all their edits.
     """
     flat = []
     for p in patches:
         if isinstance(p, (ContextPatch, ContextBatch)):
             raise TypeError("in-context edits (IKE) do not compose: each is a context for its own questions; answer "
                             "under one ContextPatch at a time, or a ContextBatch one question per edit")
-        flat.extend(p if isinstance(p, PatchBatch) else [p])
+        flat.extend(p if isinstance(p, (PatchBatch, MemoryBatch)) else [p])
     if not flat:
         raise ValueError("compose needs at least one patch")
+    if any(isinstance(p, MemoryPatch) for p in flat):
+        return _compose_memories(flat)
     made_for = {(p.model, p.model_name) for p in flat if isinstance(p, EditPatch) and p.model is not None}
     if len({m for m, _ in made_for}) > 1:
         names = ", ".join(f"{n!r} ({m[:12]})" for m, n in sorted(made_for, key=str))
@@ -230,6 +277,9 @@ def save_patch(patch, path: str | os.PathLike) -> str:
     if isinstance(patch, (ContextPatch, ContextBatch)):
         raise TypeError("save_patch writes weight patches; an in-context edit (IKE) is its context: keep "
                         "patch.text (or rerun editor.edit, which retrieves the same demonstrations)")
+    if isinstance(patch, (MemoryPatch, MemoryBatch)):
+        raise TypeError("save_patch writes weight patches; a SERAC edit is a memory read by its editor's networks: "
+                        "rerun editor.edit (it is one classifier pass per edit)")
     path = os.fspath(path)
     batch = isinstance(patch, PatchBatch)
     deltas = dict(patch.stacked if batch else patch)

@@ -341,3 +341,41 @@ def test_ike_through_the_api_is_its_context(world, tmp_path):
     stranger = mj.Model(model.config, model.params, name="my model", tokenizer=model.tokenizer)
     with pytest.raises(ValueError, match="demonstration bank"):
         mj.load_editor("ike", stranger)
+
+
+def test_serac_through_the_api_routes_through_its_memory(world):
+    """SERAC's edit is a memory (one slot), the networks stay with the editor; answering under it is greedy
+    decoding of SERAC's routed output, token by token equal to the argmax of `SeracFns.logits` on the prompt and
+    the tokens so far; memories compose into one; weight-patch paths refuse them."""
+    from mmedit_jax.case import Seq
+    from mmedit_jax.editors.serac import with_memory
+
+    model, _, records = world
+    editor = mj.load_editor("serac", model)
+    a, b = records[3], records[7]
+    patch = editor.edit(a["image"], a["src"], a["alt"])
+    assert isinstance(patch, mj.MemoryPatch) and patch.model == model.fingerprint
+    assert patch.memory.valid.shape == (1,) and patch.router[1] is editor.editor.editor_params
+    answer = model.answer(a["image"], a["src"], patch=patch, max_words=0, max_new_tokens=4)
+    # The same greedy loop, by hand: the routed forward on the prompt and the tokens so far.
+    fns, net = patch.router
+    ids = model.prompt_ids(a["src"], True)
+    image = fns.encode(model.params, {}, jnp.asarray(model.pixels(a["image"])[None]))[0]
+    for _ in range(4):
+        seq = Seq(jnp.asarray(ids, jnp.int32), jnp.ones(len(ids), jnp.int32), jnp.full(len(ids), -100, jnp.int32))
+        ids = ids + [int(jnp.argmax(fns.logits(model.params, with_memory(net, patch.memory), seq, image)[-1]))]
+    assert answer == model.decode_answer(ids[-4:])
+    batch = editor.edit_batch([a["image"], b["image"]], [a["src"], b["src"]], [a["alt"], b["alt"]])
+    assert isinstance(batch, mj.MemoryBatch) and len(batch) == 2
+    np.testing.assert_allclose(np.asarray(batch[0].memory.keys), np.asarray(patch.memory.keys), rtol=1e-5, atol=1e-6)
+    assert model.answer([a["image"], b["image"]], [a["src"], b["src"]], patch=batch) == [
+        model.answer(a["image"], a["src"], patch=batch[0]), model.answer(b["image"], b["src"], patch=batch[1])]
+    both = mj.compose(batch[0], batch[1])  # one memory, two slots
+    assert both.memory.valid.shape == (2,) and both.edits == ((a["src"], a["alt"]), (b["src"], b["alt"]))
+    assert len(model.answer([a["image"], b["image"]], [a["src"], b["src"]], patch=both)) == 2
+    with pytest.raises(TypeError, match="model.answer"):
+        model(model.pixels(a["image"])[None], np.asarray([model.prompt_ids(a["src"], True)]), patch=patch)
+    with pytest.raises(TypeError, match="composes only with other SERAC memories"):
+        mj.compose(patch, mj.load_editor("ft-l", model).edit(a["image"], a["src"], a["alt"]))
+    with pytest.raises(TypeError, match="SERAC edit is a memory"):
+        mj.save_patch(patch, "unused.safetensors")

@@ -70,10 +70,15 @@ def test_routing_math_matches_the_reference_formulas():
 
 
 def _outputs(fns: SeracFns, hard: SeracFns, edit, net, base_params, case):
-    """What the tests compare, for one case: routes of the edit, rephrase and loc inputs, the rephrase's base /
-    empty-patch / SERAC / counterfactual logits, and the hard-routed logits of the edit and loc inputs."""
+    """What the tests compare, for one case: routes of the edit, rephrase and loc inputs (the classifier reading
+    the prompt, and EasyEdit's prompt + target for the edit), the rephrase's base / empty-patch / SERAC /
+    counterfactual logits, and the hard-routed logits (EasyEdit's reading) of the edit and loc inputs."""
     patch = edit(net, base_params, case, {})
     out = {f"s_{n}": fns.route(base_params, patch, case.seq(n), case.image(n))[0] for n in ("edit", "rephrase", "loc")}
+    out["s_edit_text_input"] = hard.route(base_params, patch, case.edit, case.image("edit"))[0]
+    ids, mask = SN.text_tokens(fns.cfg, case.edit, query=True)
+    out["prompt_ids"], out["prompt_mask"] = ids, mask
+    out["key"] = patch["memory"].keys[0]
     seq, img = case.rephrase, case.image("rephrase")
     mem = patch["memory"]
     out.update(
@@ -93,7 +98,8 @@ def batched(serac):
     """`(run, outputs of the first 3 cases)`: `run(cases [E])` vmapped and jitted once."""
     model, tr, params, cases = serac
     editor = tr.editor(params, {})
-    hard = SeracFns(editor.fns.base, dataclasses.replace(editor.fns.cfg, hard_routing=True))
+    assert editor.fns.cfg.scope_query == "prompt"  # the default
+    hard = SeracFns(editor.fns.base, dataclasses.replace(editor.fns.cfg, hard_routing=True, scope_query="text_input"))
     run = jax.jit(jax.vmap(lambda c: _outputs(editor.fns, hard, editor.edit, params, model.params, c)))
     return run, run(jax.tree.map(lambda a: jnp.asarray(a[:3]), cases))
 
@@ -107,9 +113,25 @@ def test_empty_patch_is_the_base_model_and_the_mixture_is_the_formula(batched):
     np.testing.assert_allclose(np.asarray(out["serac"]), want, rtol=1e-4, atol=1e-5)
 
 
-def test_own_edit_routes_to_the_counterfactual_and_an_unrelated_query_to_the_base(batched):
+def test_own_edit_routes_to_the_counterfactual_and_an_unrelated_query_to_the_base(serac, batched):
     _, out = batched
-    np.testing.assert_allclose(np.asarray(out["s_edit"]), 1.0, rtol=1e-6)  # identical text: distance 0
+    # EasyEdit's reading: the edit's own text_input is the memory's text: distance 0.
+    np.testing.assert_allclose(np.asarray(out["s_edit_text_input"]), 1.0, rtol=1e-6)
+    # The default reads the prompt alone: the answer tokens are dropped, so the distance is the prompt's to the
+    # edit descriptor (prompt + new answer), by hand.
+    net = serac[2]
+    cfg = serac[1].spec.cfg
+    for i in range(3):
+        ids, mask = np.asarray(out["prompt_ids"][i]), np.asarray(out["prompt_mask"][i])
+        edit = take(serac[3], np.arange(i, i + 1)).edit
+        text = np.asarray(edit.attention_mask[0]).astype(bool) & (np.asarray(edit.input_ids[0]) != cfg.image_token_id)
+        prompt = text & (np.asarray(edit.labels[0]) == -100)
+        assert 0 < mask.sum() == prompt.sum() < text.sum()
+        np.testing.assert_array_equal(ids[: mask.sum()], np.asarray(edit.input_ids[0])[prompt])
+        q = SN.embed(cfg, net["classifier"], jnp.asarray(ids), jnp.asarray(mask))
+        want = np.exp(-np.sum((np.asarray(q) - np.asarray(out["key"][i])) ** 2))
+        np.testing.assert_allclose(float(out["s_edit"][i]), want, rtol=1e-4, atol=1e-7)
+        assert want < 1.0
     assert np.all(np.asarray(out["s_loc"]) < 0.5), out["s_loc"]
     np.testing.assert_array_equal(np.asarray(out["hard_edit"]), np.asarray(out["cf_edit"]))
     np.testing.assert_array_equal(np.asarray(out["hard_loc"]), np.asarray(out["base_loc"]))
@@ -180,7 +202,8 @@ def test_save_load_round_trip(serac, tmp_path):
 
 
 def test_sequential_memory_routes_each_query_to_its_own_slot(serac):
-    """`prior` (an earlier SERAC patch) is appended to: the memory grows, each edit's text finds its own slot."""
+    """`prior` (an earlier SERAC patch) is appended to: the memory grows, each edit's text finds its own slot
+    (read as EasyEdit's text_input, identical to the slot's text)."""
     model, tr, params, cases = serac
     editor = tr.editor(params, {})
     patch = {}
@@ -188,6 +211,18 @@ def test_sequential_memory_routes_each_query_to_its_own_slot(serac):
         patch = editor.edit(params, model.params, take(cases, i), patch)
     mem = patch["memory"]
     assert mem.capacity == 3 and bool(np.all(np.asarray(mem.valid)))
+    fns = SeracFns(editor.fns.base, dataclasses.replace(editor.fns.cfg, scope_query="text_input"))
     for i in range(3):
-        s, c = editor.fns.route(model.params, patch, take(cases, i).edit, None)
+        s, c = fns.route(model.params, patch, take(cases, i).edit, None)
         assert int(c) == i and float(s) == pytest.approx(1.0)
+
+
+def test_editors_saved_before_scope_query_read_as_text_input(serac):
+    """A config written before `scope_query` existed was trained reading prompt + target: it loads so."""
+    cfg = serac[1].spec.cfg
+    d = cfg.to_json()
+    assert SN.SeracConfig.from_json(d).scope_query == "prompt"
+    del d["scope_query"]
+    assert SN.SeracConfig.from_json(d).scope_query == "text_input"
+    with pytest.raises(ValueError, match="scope_query"):
+        dataclasses.replace(cfg, scope_query="answer")

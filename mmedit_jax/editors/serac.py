@@ -57,12 +57,17 @@ class SeracFns(RoutedFns):
         return SN.route(scores)
 
 
+def with_memory(net: dict, memory: SN.Memory) -> dict:
+    """The patch `SeracFns` reads: the editor's networks and a memory."""
+    return {"net": net, "memory": memory}
+
+
 def serac_patch(cfg: SN.SeracConfig, net: dict, case: Case, prior: dict) -> dict:
     """The patch of one edit: `{"net", "memory"}`, the memory `prior`'s (if any) plus this edit's slot."""
     memory = SN.write_memory(cfg, net, case.edit)
     if prior:
         memory = SN.append(prior["memory"], memory)
-    return {"net": net, "memory": memory}
+    return with_memory(net, memory)
 
 
 def make_serac(cfg: SN.SeracConfig, base: Blip2Fns, net: dict) -> Editor:

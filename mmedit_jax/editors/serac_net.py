@@ -49,6 +49,7 @@ from mmedit_jax.models.llama import LlamaDecoder
 from mmedit_jax.models.opt import OPTDecoder
 
 SCALE = 1.0  # the reference's `scale` buffer (never learned)
+SCOPE_QUERIES = ("prompt", "text_input")  # `SeracConfig.scope_query`
 EPS = float(np.finfo(np.float32).eps)  # the reference's `eps` default in `SERAC.forward`
 
 
@@ -67,6 +68,11 @@ class SeracConfig:
     trained_layers: how many of the counterfactual's last decoder layers train (None: all its parameters). EasyEdit's
     MiniGPT-4 SERAC trains only the Vicuna parameters whose name holds '31', i.e. its last layer (1); its embeddings,
     final norm and head stay frozen with the other layers.
+    scope_query: what of a query the scope classifier reads. "prompt" (default; the SERAC paper: the input x, not
+    its answer) drops the answer tokens (`labels != -100`); "text_input" (EasyEdit's SERAC_MULTI) reads prompt and
+    target, so a teacher-forced query carries the very answer being scored into the routing decision, and at
+    generation, where no target exists, the routing sees another distribution. The memory's key is the edit's
+    whole text (prompt and new answer: the edit descriptor) either way.
     """
 
     classifier: DistilBertConfig | BertConfig
@@ -79,8 +85,11 @@ class SeracConfig:
     cos: bool = False
     bound_embeds: bool = False
     trained_layers: int | None = None
+    scope_query: str = "prompt"
 
     def __post_init__(self):
+        if self.scope_query not in SCOPE_QUERIES:
+            raise ValueError(f"SERAC: scope_query must be one of {SCOPE_QUERIES}, got {self.scope_query!r}")
         if self.trained_layers is not None and self.counterfactual is not None:
             total = self.counterfactual.num_hidden_layers
             if not 1 <= self.trained_layers <= total:
@@ -96,8 +105,10 @@ class SeracConfig:
     @classmethod
     def from_json(cls, d: dict) -> SeracConfig:
         """The config `to_json` wrote; editors saved before the LLaMA counterfactual (no `counterfactual_kind`,
-        no `image_wrap`) read as OPT with no wrapper."""
+        no `image_wrap`) read as OPT with no wrapper, and those saved before `scope_query` as "text_input" (what
+        they were trained with)."""
         d = dict(d)
+        d.setdefault("scope_query", "text_input")
         kind = d.pop("classifier_kind", "distilbert")
         cls_cfg = (DistilBertConfig if kind == "distilbert" else BertConfig)(**d.pop("classifier"))
         cf_kind = d.pop("counterfactual_kind", "opt")
@@ -189,10 +200,12 @@ def image_block(cfg: SeracConfig, ids: jax.Array) -> jax.Array:
     return jnp.any(is_image) & (pos >= first - before) & (pos <= last + after)
 
 
-def text_tokens(cfg: SeracConfig, seq: Seq) -> tuple[jax.Array, jax.Array]:
+def text_tokens(cfg: SeracConfig, seq: Seq, query: bool = False) -> tuple[jax.Array, jax.Array]:
     """An input's text tokens, packed to the front: `(ids [L], mask [L])` (the image block and padding
-    dropped)."""
+    dropped); a `query` read by the scope classifier also drops its answer tokens under `scope_query="prompt"`."""
     keep = seq.attention_mask.astype(bool) & ~image_block(cfg, seq.input_ids)
+    if query and cfg.scope_query == "prompt":
+        keep = keep & (seq.labels == -100)
     order = jnp.argsort(~keep, stable=True)
     return seq.input_ids[order], keep[order].astype(jnp.int32)
 
@@ -296,7 +309,7 @@ def serac_logits(cfg: SeracConfig, net: dict, memory: Memory, seq: Seq, image, b
     """The edited model's output `[L, V]` on one query: classifier on the query's text, counterfactual on the
     nearest slot's context + the query, routed against `base_logits` (`mix`). With `return_route`, also
     `(s*, c*)`."""
-    ids, mask = text_tokens(cfg, seq)
+    ids, mask = text_tokens(cfg, seq, query=True)
     s, c = route(log_similarity(cfg, embed(cfg, net["classifier"], ids, mask), memory.keys, memory.valid))
     cf = counterfactual_logits(cfg, net, memory.ctx_ids[c], memory.ctx_mask[c], seq, image)
     out = mix(cfg, base_logits, cf, s)
@@ -305,5 +318,5 @@ def serac_logits(cfg: SeracConfig, net: dict, memory: Memory, seq: Seq, image, b
 
 def scope_scores(cfg: SeracConfig, net: dict, memory: Memory, seq: Seq) -> jax.Array:
     """`[C]` log-similarities of one query's text to every slot (the classifier alone)."""
-    ids, mask = text_tokens(cfg, seq)
+    ids, mask = text_tokens(cfg, seq, query=True)
     return log_similarity(cfg, embed(cfg, net["classifier"], ids, mask), memory.keys, memory.valid)

@@ -169,7 +169,7 @@ def serac_config_from_hparams(model, hparams: dict, classifier=None,
         image_token_id=int(model.config.image_token_index), image_wrap=tuple(int(n) for n in image_wrap),
         hard_routing=bool(hparams.get("supervised", False)) and not bool(hparams.get("soft_weighting", False)),
         square=bool(hparams.get("square", True)), cos=bool(hparams.get("cos", False)),
-        bound_embeds=bool(hparams.get("bound_embeds", False)))
+        bound_embeds=bool(hparams.get("bound_embeds", False)), scope_query=str(hparams.get("scope_query", "prompt")))
 
 
 def build_trainable(kind: str, model, hparams: dict, cfg: TrainConfig, feature_cache: bool = True,

@@ -48,9 +48,10 @@ FAMILIES = ("blip2", "minigpt4")
 SEQ_LEN = 32  # the longest world input is 8 image slots + 17 text tokens
 # MiniGPT-4 wraps the slots in '###Human: <Img>' ... '</Img> ' (10 more tokens with its tokenizer: at most 35).
 SEQ_LENS = {"blip2": SEQ_LEN, "minigpt4": 40}
-# In-context (IKE) pretraining: up to `MAX_DEMOS` demonstrations (about 36 tokens each with the world's BPE), the
-# own demo and the "New Fact" line fit `CONTEXT_LEN`; `IN_CONTEXT_POSITIONS` leaves room beside the longest input.
-MAX_DEMOS, CONTEXT_LEN, IN_CONTEXT_POSITIONS = 2, 144, 192
+# In-context (IKE) pretraining: up to `MAX_DEMOS` demonstrations (at most 42 tokens each with the world's BPE), the
+# own demo and the "New Fact" line (24) fit `CONTEXT_LEN` (the longest possible context is 150 tokens);
+# `IN_CONTEXT_POSITIONS` holds it beside the longest input.
+MAX_DEMOS, CONTEXT_LEN, IN_CONTEXT_POSITIONS = 2, 152, 192
 
 
 SIZES = {  # (vision width, vision layers, Q-Former width, Q-Former layers, text width, text layers)
