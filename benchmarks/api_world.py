@@ -24,20 +24,42 @@ import numpy as np
 import mmedit_jax as mj
 from mmedit_jax.world import assets
 
+_ROUTED: dict = {}  # SERAC's routed forward, jitted once per editor
 BENCH_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_world_mend.json")
 
 
 def teacher_forced_hit(model, patch, image, prompt: str, target: str, length: int = 32) -> bool:
-    """The benchmark's Reliability for one edit: the argmax at each target position is the target token."""
+    """The benchmark's Reliability for one edit: the argmax at each target position is the target token (IKE:
+    after its context; SERAC: SERAC's routed output, the classifier reading the query as the editor was trained
+    to, with the target tokens marked as the answer)."""
     tok = model.tokenizer
-    prompt_ids = model.prompt_ids(prompt, True)
+    context = patch.ids if isinstance(patch, mj.ContextPatch) else ()
+    prompt_ids = model.prompt_ids(prompt, True, context=context)
     target_ids = tok(" " + target, add_special_tokens=False)["input_ids"]
     ids = prompt_ids + target_ids
     length = max(length, len(ids))
     row = np.full((1, length), tok.pad_token_id, np.int32)
     row[0, : len(ids)] = ids
     mask = (np.arange(length) < len(ids)).astype(np.int32)[None]
-    logits = np.asarray(model(model.pixels(image)[None], row, mask, patch=patch))[0]
+    pixels = model.pixels(image)[None]
+    if isinstance(patch, mj.MemoryPatch):
+        import jax
+        import jax.numpy as jnp
+
+        from mmedit_jax.case import Seq
+        from mmedit_jax.editors.serac import with_memory
+
+        fns, net = patch.router
+        labels = np.full(length, -100, np.int32)
+        labels[len(prompt_ids) : len(ids)] = target_ids
+        if fns not in _ROUTED:  # one compiled program (eager calls would compile the layer scans every time)
+            _ROUTED[fns] = jax.jit(lambda params, net, memory, seq, px: fns.logits(
+                params, with_memory(net, memory), seq, px if fns.uses_pixels else fns.encode(params, {}, px[None])[0]))
+        logits = np.asarray(_ROUTED[fns](model.params, net, patch.memory, Seq(jnp.asarray(row[0]),
+                                         jnp.asarray(mask[0]), jnp.asarray(labels)), jnp.asarray(pixels[0])))
+    else:
+        weights = None if isinstance(patch, mj.ContextPatch) else patch
+        logits = np.asarray(model(pixels, row, mask, patch=weights))[0]
     pred = logits[len(prompt_ids) - 1 : len(ids) - 1].argmax(-1)
     return bool((pred == np.asarray(target_ids)).all())
 
@@ -94,7 +116,7 @@ def main(argv=None):
     for _ in range(2):
         t = time.perf_counter()
         batch = editor.edit_batch(images, prompts, targets)
-        jax_block(batch.stacked)
+        jax_block(getattr(batch, "stacked", [getattr(p, "memory", None) for p in batch]))  # IKE's are host ids
         t_edit = time.perf_counter() - t
         batch_answers = model.answer(images, prompts, patch=batch)
         batch_s.append((t_edit, time.perf_counter() - t - t_edit))
@@ -102,7 +124,7 @@ def main(argv=None):
 
     # Composition: consecutive records paired, both edits applied at once (`mj.compose`), both questions asked.
     pairs = []
-    for a, b in zip(rows[0::2], rows[1::2]):
+    for a, b in zip(rows[0::2], rows[1::2]) if not isinstance(batch, mj.ContextBatch) else ():  # IKE: no compose
         i = rows.index(a)
         composed = mj.compose(batch[i], batch[i + 1])
         got = model.answer([image(records[i]), image(records[i + 1])], [a["src"], b["src"]], patch=composed)
@@ -111,8 +133,9 @@ def main(argv=None):
     both_alone = [p for p in pairs if all(p["alone"])]
 
     reference = None
-    if os.path.exists(BENCH_JSON) and args.editor == "mend":
-        with open(BENCH_JSON) as f:
+    bench_json = BENCH_JSON.replace("mend", args.editor)
+    if os.path.exists(bench_json):
+        with open(bench_json) as f:
             reference = json.load(f)["quality"]["reliability"]
     result = dict(
         editor=args.editor, num_edits=n,
@@ -130,6 +153,7 @@ def main(argv=None):
         batch_exact_match=100.0 * batch_hits / n, batch_edit_s=[e for e, _ in batch_s],
         batch_answer_s=[a for _, a in batch_s], batch_edits_per_s=n / batch_s[-1][0],
         compose_pairs=len(pairs), compose_pairs_both_alone=len(both_alone),
+        editor_log=editor.log[-3:],
         compose_both_targets=sum(all(p["composed"]) for p in both_alone),
         compose_one_target=sum(sum(p["composed"]) == 1 for p in both_alone),
         compiles_after_everything={"edit": editor.compiles, "generate (one patch)": model._generate._cache_size()},

@@ -17,6 +17,9 @@ The sides (each its own process, so each peak RSS is its own):
     the unedited model ("pre"), the edit, the five again on the edited model (11 forwards, 9 through the ViT);
   * best (`peer_batched`): the same procedure as well as PyTorch allows, --peer-batch cases at a time (features
     once per image, one padded call per pass, factored per-case patches, head at answer rows); MEND and KE only.
+IKE (`--editor ike`) has ours and the faithful peer: the contexts are retrieved and tokenised once, by our side's
+`Editor.prepare` (host work neither side's timed round repeats), and both read the same ids; the peer runs the two
+base forwards and the five post-edit forwards on `[image slots][context][input]` (`peer_easyedit.IKEEditor`).
 
 Steps: (1) prepare once, here: load the model and data the way `mmedit_jax.evaluate` does
 (`pipeline.prepare_data`), export the weights to a transformers directory (`export_hf`), save the token arrays and
@@ -276,6 +279,19 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
         peer_path = os.path.join(workdir, "ke_torch.pt")
         torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}, "meta": meta}, peer_path)
         manifest.update(ke=ours_dir, peer_ke=peer_path, ke_fresh=not ckpt)
+    elif args.editor == "ike":
+        # Our side retrieves and tokenises every case's context once (`Editor.prepare`); both sides read those ids.
+        bank = getattr(args, "ike_bank", None) or (pipeline.world_train_data(task) if args.source == "world" else None)
+        bank_records = (pipeline.load_split(bank, task, os.path.dirname(os.path.abspath(bank)), log=lambda m: None)
+                        .records if bank else records)
+        k = getattr(args, "ike_k", None)
+        editor = pipeline.build_ike(model, tok, task, bank_records, {} if k is None else {"k": k},
+                                    log=lambda m: print(m, file=sys.stderr))
+        cases = editor.prepare_cases(pipeline.cases_for(editor.fns, model.params, prepared), prepared.records)
+        save_cases(os.path.join(workdir, "cases.npz"), prepared.batch, prepared.pixels,
+                   {"context_ids": np.asarray(cases.context_ids), "context_mask": np.asarray(cases.context_mask)})
+        manifest.update(ike_bank=bank or "the cases' own records", ike_k=editor.hparams[0].k,
+                        ike_context_tokens=int(np.asarray(cases.context_mask).sum(-1).max()))
     else:
         from mmedit_jax.editors.io import load_mend, save_mend
 
@@ -299,14 +315,15 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
 TOKEN_FIELDS = ("input_ids", "attention_mask", "labels", "image_ids")
 
 
-def save_cases(path: str, batch, pixels: np.ndarray) -> None:
+def save_cases(path: str, batch, pixels: np.ndarray, extra: dict | None = None) -> None:
     """Writes an `EditBatch` (`mmedit_jax.data.cases`) and its image table `[N, 3, H, W]` to one npz, the five
-    inputs under EasyEdit's names (`case.INPUTS`), as the peer reads them (`peer_easyedit.load_cases`)."""
+    inputs under EasyEdit's names (`case.INPUTS`), as the peer reads them (`peer_easyedit.load_cases`); `extra`:
+    per-case arrays an editor adds (IKE's `context_ids`, `context_mask`)."""
     from mmedit_jax.case import INPUTS
 
     arrays = {"pixels": np.asarray(pixels, np.float32), "case_index": np.asarray(batch.case_index),
               "cond_ids": np.asarray(batch.cond_ids), "cond_mask": np.asarray(batch.cond_mask),
-              "valid": np.asarray(batch.valid)}
+              "valid": np.asarray(batch.valid), **(extra or {})}
     for spec in INPUTS:
         tb = batch.sub(spec.name)
         for field in TOKEN_FIELDS:
@@ -367,7 +384,7 @@ class OursSide:
         from mmedit_jax.eval import steps
         from mmedit_jax.loading import from_pretrained
 
-        self.jax = jax
+        self.jax, self.manifest = jax, manifest
         self.model = model = from_pretrained(manifest["hf"])
         if manifest["editor"] == "ft-l":
             from mmedit_jax.convert.mend_to_easyedit import easyedit_name
@@ -376,6 +393,11 @@ class OursSide:
             hparams = {k: hp[k] for k in FT_KEYS}
             hparams["inner_params"] = [easyedit_name(s) for s in hp["sites"]]
             self.editor = pipeline.build_editor("ft-l", model, hparams)
+        elif manifest["editor"] == "ike":  # the contexts come with the cases (prepared once, read by both sides)
+            from mmedit_jax.editors import ike
+
+            self.editor = ike.make_ike(pipeline.fns_for(model, (), True), model.config.num_query_tokens,
+                                       model.config.text.max_position_embeddings, None, manifest["task"], None, None)
         else:
             self.editor = pipeline.build_editor(manifest["editor"], model, editor_ckpt=manifest[manifest["editor"]])
         self.meta = manifest["meta"]
@@ -401,7 +423,11 @@ class OursSide:
     def cases(self):
         from mmedit_jax.case import make_cases
 
-        return make_cases(self.batch, self.table())
+        cases = make_cases(self.batch, self.table())
+        if self.manifest["editor"] == "ike":
+            with np.load(self.manifest["cases"]) as z:
+                cases = cases.replace(context_ids=z["context_ids"], context_mask=z["context_mask"])
+        return cases
 
     def edit_all(self, cases, batch: int) -> None:
         """Every case edited and scored, `batch` at a time (the last batch padded), blocking at the end."""
@@ -665,7 +691,9 @@ def ratios(table: list[dict]) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--editor", default="mend", choices=("ft-l", "mend", "ke"))
+    ap.add_argument("--editor", default="mend", choices=("ft-l", "mend", "ke", "ike"))
+    ap.add_argument("--ike-bank", help="IKE: the demonstration bank's MMEdit file (world: its train split)")
+    ap.add_argument("--ike-k", type=int, help="IKE: demos retrieved per case (default IKEConfig's, as fit)")
     ap.add_argument("--source", choices=sorted(SOURCES),
                     help="default: files when --model is given, else the built-in world when installed, else demo")
     ap.add_argument("--model")
@@ -707,6 +735,8 @@ def main(argv=None):
         ap.error(f"--peers: choose from {SIDES[1:]}")
     if args.editor == "ft-l" and "best" in peers:
         ap.error("the best-effort peer has MEND and KE only: --peers faithful,shipped for FT-L")
+    if args.editor == "ike" and set(peers) - {"faithful"}:
+        ap.error("IKE has the faithful peer only (its contexts are our side's ids): --peers faithful")
     workdir = args.workdir or tempfile.mkdtemp(prefix="compare_peer_")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()

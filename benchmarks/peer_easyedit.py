@@ -22,6 +22,8 @@ process and compares the two sides. Per case, as `MultimodalTrainer.edit_step` i
        `nn.Sequential(weight_norm(Linear), Tanh, weight_norm(Linear))` split [a_col, a_row, b_col, b_row, eta],
        `W + max_scale * sigmoid(eta) * (grad * softmax(a_row)^T a_col + softmax(b_row)^T b_col)` written into
        the copied module;
+     * IKE: no weight changes; the case's demonstration context (our side's ids, saved with the cases) goes
+       between the image slots and the text of every post-edit input, whose own positions are scored;
   3. no grad: the five post-edit forwards, and the metrics as EasyEdit computes them (`multiclass_log_probs`
      accuracy / exact match with the causal shift; `topk(softmax(logits), k).indices` agreement, k=1 text,
      k=10 image, over every position).
@@ -68,10 +70,13 @@ def num_cases(cases: dict) -> int:
 
 
 def case_inputs(cases: dict, i: int) -> dict[str, dict]:
-    """The five inputs of case i as batch-1 tensors, right padding removed, and the KE condition `cond`
-    (its valid token ids, in order)."""
+    """The five inputs of case i as batch-1 tensors, right padding removed, the KE condition `cond` (its valid
+    token ids, in order) and, for IKE, the demonstration `context` (its valid ids)."""
     keep = cases["cond_mask"][i].astype(bool)
     out = {"cond": {"input_ids": torch.from_numpy(cases["cond_ids"][i][keep].astype(np.int64))[None]}}
+    if "context_ids" in cases:
+        ctx = cases["context_mask"][i].astype(bool)
+        out["context"] = torch.from_numpy(cases["context_ids"][i][ctx].astype(np.int64))[None]
     for name in SUB_INPUTS:
         mask = cases[f"{name}/attention_mask"][i]
         n = int(mask.sum())
@@ -347,15 +352,48 @@ class KEEditor:
 # The run.
 
 
+class _Context:
+    """IKE's "edit": no weight changes; each post-edit input reads `[image slots][context][text]` (EasyEdit's
+    prompt `demos + "New Fact: ..." + x` after the image), and its logits at the input's own positions are kept
+    (what the metrics compare, as `ike.InContextFns` returns them)."""
+
+    def __init__(self, context: torch.Tensor, num_query_tokens: int):
+        self.context, self.nq = context, num_query_tokens
+
+    def logits(self, model, x: dict) -> torch.Tensor:
+        n = self.nq if x["pixel_values"] is not None else 0
+        ids, lc = x["input_ids"], self.context.shape[1]
+        joined = dict(x, input_ids=torch.cat([ids[:, :n], self.context, ids[:, n:]], 1),
+                      attention_mask=torch.ones((1, ids.shape[1] + lc), dtype=torch.long))
+        out = logits_of(model, joined)
+        return torch.cat([out[:, :n], out[:, n + lc:]], 1)
+
+    def restore(self) -> None:
+        pass
+
+
+class IKEEditor:
+    """IKE (EasyEdit's multimodal IKE): the case's demonstration context, retrieved and tokenised by our side
+    (`compare_peer.prepare` saves it with the cases), read before every post-edit input."""
+
+    def __init__(self, model):
+        self.nq = int(model.config.num_query_tokens)
+
+    def edit(self, case) -> _Context:
+        return _Context(case["context"], self.nq)
+
+
 def edit_and_score(model, editor, case, exact_match: bool) -> dict:
-    """The faithful procedure (`MultimodalTrainer.edit_step`): 2 base forwards, the edit, 5 post-edit forwards."""
+    """The faithful procedure (`MultimodalTrainer.edit_step`): 2 base forwards, the edit, 5 post-edit forwards
+    (IKE: the edit is the case's context, which the post-edit forwards read)."""
     with torch.no_grad():
         base_loc = logits_of(model, case["loc"])
         base_img = logits_of(model, case["loc_image"])
     inst = editor.edit(case)
+    post_logits = getattr(inst, "logits", None) or logits_of
     try:
         with torch.no_grad():
-            post = {name: logits_of(model, case[name]) for name in SUB_INPUTS}
+            post = {name: post_logits(model, case[name]) for name in SUB_INPUTS}
     finally:
         inst.restore()
     row = {m: edit_accuracy(post[s], case[s]["labels"], exact_match) for m, s in ACC_INPUT.items()}
@@ -524,7 +562,9 @@ def make_editor(name: str, model, ft: dict | None = None, mend_path: str | None 
     if name == "ke":
         blob = torch.load(ke_path, map_location="cpu", weights_only=False)
         return KEEditor(model, blob["state_dict"], blob["meta"])
-    raise ValueError(f"peer editor {name!r}: choose ft-l, mend or ke")
+    if name == "ike":
+        return IKEEditor(model)
+    raise ValueError(f"peer editor {name!r}: choose ft-l, mend, ke or ike")
 
 
 def run_files(hf: str, cases: str, editor: str, ft: dict | None = None, mend: str | None = None,
@@ -543,7 +583,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf", required=True, help="save_pretrained directory (export_hf)")
     ap.add_argument("--cases", required=True, help="npz written by save_cases")
-    ap.add_argument("--editor", required=True, choices=("ft-l", "mend", "ke"))
+    ap.add_argument("--editor", required=True, choices=("ft-l", "mend", "ke", "ike"))
     ap.add_argument("--ft-json", help="FT hparams JSON (inner_params as module weight names, num_steps, ...)")
     ap.add_argument("--mend", help="torch file {'state_dict', 'meta'} (mend_to_easyedit)")
     ap.add_argument("--ke", help="torch file {'state_dict' (KENet), 'meta'} (compare_peer.ke_to_torch)")

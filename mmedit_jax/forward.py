@@ -176,8 +176,8 @@ class RoutedFns:
     def supports_prefix(self) -> bool:
         return False  # the patch acts below every layer (a context) or beside the stack (a memory)
 
-    def image_table(self, params, pixels: np.ndarray) -> np.ndarray:
-        return self.base.image_table(params, pixels)
+    def image_table(self, params, pixels: np.ndarray, **kw) -> np.ndarray:
+        return self.base.image_table(params, pixels, **kw)
 
     def encode(self, params, patch, pixel_values: jax.Array) -> jax.Array:
         return self.base.encode(params, patch, pixel_values)

@@ -152,3 +152,13 @@ def test_weight_updates_agree(manifests, editor):
         # change bounds that, and still fails on any real difference in the procedure.
         np.testing.assert_allclose(peer[s], ours[s], atol=5e-3 * scale, err_msg=s)
         assert np.mean(np.abs(peer[s] - ours[s]) <= 1e-4 * scale) > 0.99, s
+
+
+def test_ike_agrees(manifests):
+    """IKE: the faithful peer reads the same context ids (after the image slots, before the input) and scores as
+    ours case by case; the contexts are real (retrieved demos as fit, the own demo, the "New Fact" line)."""
+    manifest = manifests["ike"]
+    assert manifest["ike_context_tokens"] > 20
+    with np.load(manifest["cases"]) as z:
+        assert z["context_ids"].shape[0] == N and (z["context_mask"].sum(-1) > 0).all()
+    _check(manifests, "ike")

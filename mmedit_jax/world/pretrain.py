@@ -234,18 +234,32 @@ def held_out_in_context(eval_json: str, image_root: str) -> dict[str, tuple[list
 
 def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3,
              image_size: int = 32, eval_files=(), image_root: str | None = None, log_every: int = 250,
-             size: str = "world", family: str = "blip2", in_context_batch: int = 0):
+             size: str = "world", family: str = "blip2", in_context_batch: int = 0, init: str | None = None):
     """`in_context_batch`: IKE-shaped examples (`dataset.in_context_stream`) per step beside the `batch_size`
     plain ones; with it the tokenizer learns the demonstration format and the model has `IN_CONTEXT_POSITIONS`
-    positions."""
+    positions. `init`: a model this function wrote (its `model` directory), trained further (its tokenizer and
+    config kept; a fresh optimiser and schedule; the streams continue from `seed`, so pass another seed than
+    the first stage's to see new examples)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
     os.makedirs(out_dir, exist_ok=True)
     model_dir = os.path.join(out_dir, "model")
-    tok = build_tokenizer(None, family, in_context=in_context_batch > 0)
-    positions = IN_CONTEXT_POSITIONS if in_context_batch else 128
-    config = CONFIG_OF[family](tok, image_size, size=size, max_positions=positions)
-    model = MODEL_OF[family].init(config, jax.random.PRNGKey(seed))
+    if init:
+        from mmedit_jax.loading import from_pretrained
+        from mmedit_jax.pipeline import load_tokenizer
+
+        model, tok = from_pretrained(init), load_tokenizer(init)
+        config, positions = model.config, model.config.text.max_position_embeddings
+        if type(model) is not MODEL_OF[family]:
+            raise ValueError(f"--init {init} holds a {type(model).__name__}, not a {family} world model")
+        if in_context_batch and positions < IN_CONTEXT_POSITIONS:
+            raise ValueError(f"--init {init} has {positions} positions: in-context pretraining needs "
+                             f"{IN_CONTEXT_POSITIONS} (start it from scratch)")
+    else:
+        tok = build_tokenizer(None, family, in_context=in_context_batch > 0)
+        positions = IN_CONTEXT_POSITIONS if in_context_batch else 128
+        config = CONFIG_OF[family](tok, image_size, size=size, max_positions=positions)
+        model = MODEL_OF[family].init(config, jax.random.PRNGKey(seed))
     length = SEQ_LENS[family]
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(200, steps // 10), steps, lr * 0.02)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -270,6 +284,7 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t_compiled
     report = {"family": family, "steps": steps, "batch_size": batch_size, "in_context_batch": in_context_batch,
+              "init": init, "lr": lr,
               "max_positions": positions, "seed": seed, "train_s": train_s,
               "steps_per_s": (steps - 1) / train_s, "final_loss": float(np.mean(jax.device_get(losses[-50:]))),
               "num_params": int(sum(x.size for x in jax.tree.leaves(params))), "accuracy": {}}
@@ -303,13 +318,14 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--in-context-batch", type=int, default=0,
                     help="IKE-shaped examples per step beside the plain ones (0: none, the world v1 model's recipe)")
+    ap.add_argument("--init", help="a world model directory (`OUT/model` of an earlier run) to train further")
     args = ap.parse_args(argv)
     files = []
     if args.data:
         files = [os.path.join(args.data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")
                  if os.path.exists(os.path.join(args.data, f))]
     pretrain(args.out, args.seed, args.steps, args.batch_size, args.lr, eval_files=files, image_root=args.data,
-             family=args.family, in_context_batch=args.in_context_batch)
+             family=args.family, in_context_batch=args.in_context_batch, init=args.init)
 
 
 if __name__ == "__main__":
