@@ -219,7 +219,17 @@ def test_pretrain_in_context_reports_ike_accuracy(world, tmp_path):
     assert report["max_positions"] == IN_CONTEXT_POSITIONS and report["in_context_batch"] == 2
     in_context = [k for k in report["accuracy"] if "in context" in k]
     assert len(in_context) == 5 and all(0.0 <= report["accuracy"][k] <= 1.0 for k in in_context)
-    assert from_pretrained(tmp_path / "model").config.text.max_position_embeddings == IN_CONTEXT_POSITIONS
+    first = from_pretrained(tmp_path / "model")
+    assert first.config.text.max_position_embeddings == IN_CONTEXT_POSITIONS
+    # Trained further (`init`): the same config and tokenizer, other weights.
+    pretrain(str(tmp_path / "more"), seed=1, steps=1, batch_size=4, log_every=1, in_context_batch=2,
+             init=str(tmp_path / "model"))
+    more = from_pretrained(tmp_path / "more" / "model")
+    assert more.config == first.config
+    assert (tmp_path / "more" / "model" / "tokenizer.json").read_text() == (
+        tmp_path / "model" / "tokenizer.json").read_text()
+    assert not np.array_equal(np.asarray(more.params["language_model"]["embed_tokens"]["embedding"]),
+                              np.asarray(first.params["language_model"]["embed_tokens"]["embedding"]))
 
 
 def test_build_warm_starts_from_its_own_editors(tmp_path):

@@ -30,6 +30,7 @@ from mmedit_jax.data.cases import CaseConfig, ImageTable, TextInput, encode_inpu
 from mmedit_jax.data.image import load_image, preprocess_image
 from mmedit_jax.data.tokenizer import train_bpe_tokenizer
 from mmedit_jax.editors.ike import demo, fact_line, join_context
+from mmedit_jax.loading import from_pretrained
 from mmedit_jax.losses import masked_nll
 from mmedit_jax.models.blip2 import Blip2Model
 from mmedit_jax.models.config import (
@@ -41,7 +42,7 @@ from mmedit_jax.models.config import (
     VisionConfig,
 )
 from mmedit_jax.models.minigpt4 import MiniGPT4Model
-from mmedit_jax.pipeline import image_wrapper
+from mmedit_jax.pipeline import image_wrapper, load_tokenizer
 from mmedit_jax.world.dataset import VQA_TEMPLATE, in_context_stream, pretraining_stream, world_texts
 
 FAMILIES = ("blip2", "minigpt4")
@@ -245,9 +246,6 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
     os.makedirs(out_dir, exist_ok=True)
     model_dir = os.path.join(out_dir, "model")
     if init:
-        from mmedit_jax.loading import from_pretrained
-        from mmedit_jax.pipeline import load_tokenizer
-
         model, tok = from_pretrained(init), load_tokenizer(init)
         config, positions = model.config, model.config.text.max_position_embeddings
         if type(model) is not MODEL_OF[family]:
