@@ -437,20 +437,21 @@ class Model(Blip2Model):
         lengths = mask.sum(-1).astype(np.int32)
         fns, net = memories[0].router
         memory = jax.tree.map(lambda *m: jnp.stack(m), *(memories[min(i, n - 1)].memory for i in range(b)))
-        image = None
+        pixels = None
         if images is not None:
             pixels = np.stack([self.pixels(images[min(i, n - 1)]) for i in range(b)])
-            image = pixels if fns.uses_pixels else fns.encode(self.params, {}, jnp.asarray(pixels))
-        fn = self._routed_fn(fns, image is not None, max_new)
-        return np.asarray(fn(self.params, net, memory, input_ids, mask, lengths, image))[:n]
+        fn = self._routed_fn(fns, pixels is not None, max_new)
+        return np.asarray(fn(self.params, net, memory, input_ids, mask, lengths, pixels))[:n]
 
     def _routed_fn(self, fns, has_image: bool, max_new: int):
         """The jitted, row-vmapped greedy loop of `_routed_rows` for one editor's `fns`."""
         key = ("routed", id(fns), has_image, max_new)
         if key not in self._generate_each:
 
-            def one(params, net, memory, ids, mask, n, image):
+            def one(params, net, memory, ids, mask, n, pixels):
                 patch, labels = with_memory(net, memory), jnp.full_like(ids, -100)
+                # The image as the editor's forward takes it (cached features: encoded here, once, compiled).
+                image = pixels if pixels is None or fns.uses_pixels else fns.encode(params, {}, pixels[None])[0]
 
                 # Generated tokens are the answer (labels set), so a classifier that reads the prompt alone
                 # (`scope_query="prompt"`) routes every step on the question, as it was trained.
