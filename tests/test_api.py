@@ -357,25 +357,33 @@ def test_serac_through_the_api_routes_through_its_memory(world):
     assert isinstance(patch, mj.MemoryPatch) and patch.model == model.fingerprint
     assert patch.memory.valid.shape == (1,) and patch.router[1] is editor.editor.editor_params
     answer = model.answer(a["image"], a["src"], patch=patch, max_words=0, max_new_tokens=4)
-    # The same greedy loop, by hand: the routed forward on the prompt and the tokens so far.
+    # The same greedy loop, by hand: the routed forward on the prompt and the tokens so far (generated tokens
+    # labelled as answer), one compiled program at a fixed, right-padded length.
     fns, net = patch.router
-    ids = model.prompt_ids(a["src"], True)
-    image = fns.encode(model.params, {}, jnp.asarray(model.pixels(a["image"])[None]))[0]
-    for _ in range(4):
-        seq = Seq(jnp.asarray(ids, jnp.int32), jnp.ones(len(ids), jnp.int32), jnp.full(len(ids), -100, jnp.int32))
-        ids = ids + [int(jnp.argmax(fns.logits(model.params, with_memory(net, patch.memory), seq, image)[-1]))]
-    assert answer == model.decode_answer(ids[-4:])
+    prompt = model.prompt_ids(a["src"], True)
+    routed = jax.jit(lambda ids, mask, labels, px: fns.logits(model.params, with_memory(net, patch.memory),
+                                                              Seq(ids, mask, labels),
+                                                              fns.encode(model.params, {}, px[None])[0]))
+    length = len(prompt) + 4
+    ids, mask, labels = np.zeros(length, np.int32), np.zeros(length, np.int32), np.full(length, -100, np.int32)
+    ids[: len(prompt)], mask[: len(prompt)] = prompt, 1
+    pixels = jnp.asarray(model.pixels(a["image"]))
+    for n in range(len(prompt), length):
+        token = int(jnp.argmax(routed(ids, mask, labels, pixels)[n - 1]))
+        ids[n], mask[n], labels[n] = token, 1, token
+    assert answer == model.decode_answer(ids[len(prompt):])
     batch = editor.edit_batch([a["image"], b["image"]], [a["src"], b["src"]], [a["alt"], b["alt"]])
     assert isinstance(batch, mj.MemoryBatch) and len(batch) == 2
     np.testing.assert_allclose(np.asarray(batch[0].memory.keys), np.asarray(patch.memory.keys), rtol=1e-5, atol=1e-6)
-    assert model.answer([a["image"], b["image"]], [a["src"], b["src"]], patch=batch) == [
-        model.answer(a["image"], a["src"], patch=batch[0]), model.answer(b["image"], b["src"], patch=batch[1])]
+    ask = lambda q, p: model.answer(q[0], q[1], patch=p, max_new_tokens=4)  # noqa: E731
+    assert ask(([a["image"], b["image"]], [a["src"], b["src"]]), batch) == [
+        ask((a["image"], a["src"]), batch[0]), ask((b["image"], b["src"]), batch[1])]
     both = mj.compose(batch[0], batch[1])  # one memory, two slots
     assert both.memory.valid.shape == (2,) and both.edits == ((a["src"], a["alt"]), (b["src"], b["alt"]))
-    assert len(model.answer([a["image"], b["image"]], [a["src"], b["src"]], patch=both)) == 2
+    assert len(ask(([a["image"], b["image"]], [a["src"], b["src"]]), both)) == 2
     with pytest.raises(TypeError, match="model.answer"):
         model(model.pixels(a["image"])[None], np.asarray([model.prompt_ids(a["src"], True)]), patch=patch)
     with pytest.raises(TypeError, match="composes only with other SERAC memories"):
-        mj.compose(patch, mj.load_editor("ft-l", model).edit(a["image"], a["src"], a["alt"]))
+        mj.compose(patch, mj.EditPatch({}))
     with pytest.raises(TypeError, match="SERAC edit is a memory"):
         mj.save_patch(patch, "unused.safetensors")

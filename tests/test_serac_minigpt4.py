@@ -104,19 +104,19 @@ def test_save_load_round_trip_keeps_the_family(serac):
 
 
 def test_edit_routes_to_the_counterfactual_and_locality_to_the_base(world, serac):
-    """Hard routing makes the two sides visible: the edit input (s* = 1) gets the counterfactual's logits, the
-    text-locality query (s* < 0.5) the base model's."""
+    """Hard routing makes the two sides visible: the edit input (s* = 1, read as EasyEdit's text_input: the memory's
+    own text) gets the counterfactual's logits, the text-locality query (s* < 0.5) the base model's."""
     model, _, prepared, _ = world
     tr, params, editor, _ = serac
     case = jax.tree.map(jnp.asarray, take(pipeline.editor_cases(editor, model.params, prepared), 0))
     patch = editor.edit(params, model.params, case, {})
-    hard = dataclasses.replace(tr.spec.cfg, hard_routing=True)
+    hard = dataclasses.replace(tr.spec.cfg, hard_routing=True, scope_query="text_input")
     fns, mem = editor.fns, patch["memory"]
 
     @jax.jit
     def sides(seq, image):
         """`(s*, hard-routed output, counterfactual logits, base logits)` of one query."""
-        s, _ = fns.route(model.params, patch, seq, image)
+        s, _ = SN.route(SN.scope_scores(hard, patch["net"], mem, seq))
         base = fns.base.logits(model.params, {}, seq, image)
         embeds = image
         if image is not None and fns.base.uses_pixels:
