@@ -214,7 +214,10 @@ def test_pretrain_in_context_reports_ike_accuracy(world, tmp_path):
     from mmedit_jax.loading import from_pretrained
     from mmedit_jax.world.pretrain import IN_CONTEXT_POSITIONS, pretrain
 
-    report = pretrain(str(tmp_path), steps=2, batch_size=4, eval_files=[world.files["vqa_eval"]],
+    with open(world.files["vqa_eval"]) as f:  # 8 records are enough to exercise the report (one batch each)
+        few = json.load(f)[:8]
+    (tmp_path / "vqa_eval.json").write_text(json.dumps(few))
+    report = pretrain(str(tmp_path), steps=2, batch_size=4, eval_files=[str(tmp_path / "vqa_eval.json")],
                       image_root=world.root, log_every=1, size="test", in_context_batch=2)
     assert report["max_positions"] == IN_CONTEXT_POSITIONS and report["in_context_batch"] == 2
     in_context = [k for k in report["accuracy"] if "in context" in k]
