@@ -381,42 +381,33 @@ class Model(Blip2Model):
                 out[i] = self.decode_answer(tokens[j], words)
         return out[0] if single else out
 
-    def _contexts(self, patch, n: int) -> list[ContextPatch] | None:
-        """An in-context edit as one `ContextPatch` per question (None for any other patch), checked to be made
-        for this model (its ids are this model's tokenizer's)."""
-        if isinstance(patch, ContextPatch):
-            contexts = [patch] * n
-        elif isinstance(patch, ContextBatch):
+    def _value_edits(self, patch, n: int, one: type, batch: type) -> list | None:
+        """A value edit (`one`: `ContextPatch`, `MemoryPatch`) as one per question, from one edit or a `batch` of
+        n; None for any other patch. Each must be made for this model (IKE's ids are its tokenizer's tokens;
+        SERAC's memory keys and contexts come from its weights and tokenizer)."""
+        if isinstance(patch, one):
+            edits = [patch] * n
+        elif isinstance(patch, batch):
             if len(patch) != n:
-                raise ValueError(f"a ContextBatch of {len(patch)} edits for {n} questions: pass one edit per question")
-            contexts = list(patch)
+                raise ValueError(f"a {batch.__name__} of {len(patch)} edits for {n} questions: pass one edit per "
+                                 "question")
+            edits = list(patch)
         else:
             return None
-        for c in contexts:
-            if c.model is not None and c.model != self.fingerprint:
-                raise PatchMismatch(f"this in-context edit was made for model {c.model_name!r} (fingerprint "
-                                    f"{c.model[:16]}), not for model {self.name!r} (fingerprint "
-                                    f"{self.fingerprint[:16]}): its ids are the other model's tokens")
-        return contexts
+        for e in edits:
+            if e.model is not None and e.model != self.fingerprint:
+                raise PatchMismatch(f"this {e.editor} edit was made for model {e.model_name!r} (fingerprint "
+                                    f"{e.model[:16]}), not for model {self.name!r} (fingerprint "
+                                    f"{self.fingerprint[:16]}): it holds the other model's tokens and outputs")
+        return edits
+
+    def _contexts(self, patch, n: int) -> list[ContextPatch] | None:
+        return self._value_edits(patch, n, ContextPatch, ContextBatch)
 
     def _memories(self, patch, n: int) -> list[MemoryPatch] | None:
-        """A SERAC edit as one `MemoryPatch` per question (None for any other patch), checked to be made for this
-        model by one editor."""
-        if isinstance(patch, MemoryPatch):
-            memories = [patch] * n
-        elif isinstance(patch, MemoryBatch):
-            if len(patch) != n:
-                raise ValueError(f"a MemoryBatch of {len(patch)} edits for {n} questions: pass one edit per question")
-            memories = list(patch)
-        else:
-            return None
-        for m in memories:
-            if m.model is not None and m.model != self.fingerprint:
-                raise PatchMismatch(f"this SERAC memory was made for model {m.model_name!r} (fingerprint "
-                                    f"{m.model[:16]}), not for model {self.name!r} (fingerprint "
-                                    f"{self.fingerprint[:16]})")
-            if m.router is not memories[0].router:
-                raise ValueError("these SERAC edits come from different editors: answer them separately")
+        memories = self._value_edits(patch, n, MemoryPatch, MemoryBatch)
+        if memories and any(m.router is not memories[0].router for m in memories):
+            raise ValueError("these SERAC edits come from different editors: answer them separately")
         return memories
 
     def _routed_rows(self, ids: list[list[int]], images, memories: list[MemoryPatch], max_new: int) -> np.ndarray:

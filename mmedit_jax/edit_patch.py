@@ -127,8 +127,29 @@ jax.tree_util.register_pytree_node(PatchBatch, lambda b: ((dict(b.stacked),), No
                                    lambda _, children: children[0])
 
 
-@dataclasses.dataclass(frozen=True)
-class ContextPatch:
+class _Made:
+    """What a value edit says of where it came from, as `EditPatch` does: `editor`, `model` (fingerprint),
+    `model_name`, `edits` (fields of the dataclasses below)."""
+
+    def meta(self) -> dict:
+        return {"editor": self.editor, "model": self.model, "model_name": self.model_name, "edits": self.edits}
+
+    def _made_for(self) -> str:
+        fp = (self.model or "?")[:12]
+        return f"editor={self.editor!r}, model={self.model_name!r} ({fp}), edits={list(self.edits)!r}"
+
+
+class _Edits(tuple):
+    """E independent value edits, one per question: `batch[i]` is edit i."""
+
+    def __repr__(self) -> str:
+        name = self[0].model_name if self else None
+        editor = self[0].editor if self else None
+        return f"{type(self).__name__}({len(self)} edits, editor={editor!r}, model={name!r})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class ContextPatch(_Made):
     """An in-context edit (IKE): `text`, the demonstrations and the "New Fact" line that precede every question
     asked under the edit (after its image), and `ids`, that text as the model's tokenizer splits it. Provenance as
     `EditPatch`'s (`editor`, `model` fingerprint, `model_name`, `edits`); the ids belong to that model's tokenizer."""
@@ -140,49 +161,33 @@ class ContextPatch:
     model_name: str | None = None
     edits: tuple = ()
 
-    def meta(self) -> dict:
-        return {"editor": self.editor, "model": self.model, "model_name": self.model_name, "edits": self.edits}
-
     def __repr__(self) -> str:
-        return (f"ContextPatch(editor={self.editor!r}, model={self.model_name!r} ({(self.model or '?')[:12]}), "
-                f"edits={list(self.edits)!r}, {len(self.ids)} context tokens)")
+        return f"ContextPatch({self._made_for()}, {len(self.ids)} context tokens)"
 
 
-class ContextBatch(tuple):
+class ContextBatch(_Edits):
     """E in-context edits: a tuple of `ContextPatch`es (`batch[i]` is edit i); answered one question per edit."""
 
-    def __repr__(self) -> str:
-        name = self[0].model_name if self else None
-        return f"ContextBatch({len(self)} edits, editor='ike', model={name!r})"
 
-
-@dataclasses.dataclass(frozen=True)
-class MemoryPatch:
+@dataclasses.dataclass(frozen=True, repr=False)
+class MemoryPatch(_Made):
     """A SERAC edit: `memory`, the editor's memory value (`editors.serac_net.Memory`, `[C]` slots: one per edit it
     holds), and `router`, what reads it: `(fns, net)`, the editor's routed forward and its networks, shared by
     reference with the editor (not part of the value: not compared, not copied). Provenance as `EditPatch`'s."""
 
     memory: object
-    router: object = dataclasses.field(repr=False, compare=False)
+    router: object = dataclasses.field(compare=False)
     editor: str | None = "serac"
     model: str | None = None
     model_name: str | None = None
     edits: tuple = ()
 
-    def meta(self) -> dict:
-        return {"editor": self.editor, "model": self.model, "model_name": self.model_name, "edits": self.edits}
-
     def __repr__(self) -> str:
-        return (f"MemoryPatch(editor={self.editor!r}, model={self.model_name!r} ({(self.model or '?')[:12]}), "
-                f"edits={list(self.edits)!r}, {len(self.edits) or '?'} memory slots)")
+        return f"MemoryPatch({self._made_for()}, {len(self.edits) or '?'} memory slots)"
 
 
-class MemoryBatch(tuple):
+class MemoryBatch(_Edits):
     """E independent SERAC edits: a tuple of `MemoryPatch`es (`batch[i]` is edit i, a memory of its own)."""
-
-    def __repr__(self) -> str:
-        name = self[0].model_name if self else None
-        return f"MemoryBatch({len(self)} edits, editor='serac', model={name!r})"
 
 
 def _compose_memories(flat) -> MemoryPatch:
