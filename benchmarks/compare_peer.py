@@ -20,6 +20,10 @@ The sides (each its own process, so each peak RSS is its own):
 IKE (`--editor ike`) has ours and the faithful peer: the contexts are retrieved and tokenised once, by our side's
 `Editor.prepare` (host work neither side's timed round repeats), and both read the same ids; the peer runs the two
 base forwards and the five post-edit forwards on `[image slots][context][input]` (`peer_easyedit.IKEEditor`).
+SERAC (`--editor serac`, a trained editor) has ours and the faithful peer (`peer_easyedit.SeracEditor`): our
+classifier, counterfactual OPT and image projection exported to transformers' DistilBERT / BERT and OPT on the same
+weights (`serac_to_torch`); per post-edit forward the base model, the classifier on the memory and on the query,
+the counterfactual on `[projected image][memory text][query text]`, and the mixture, as `SERAC_MULTI.forward`.
 
 Steps: (1) prepare once, here: load the model and data the way `mmedit_jax.evaluate` does
 (`pipeline.prepare_data`), export the weights to a transformers directory (`export_hf`), save the token arrays and
@@ -37,7 +41,8 @@ world's shipped model, eval split and editors via `mmedit_jax.world.assets`, the
 `demo` (`mmedit_jax.demo.demo_setup`; for MEND without a checkpoint a freshly initialised MEND over the last two
 layers' fc1/fc2, statistics gathered from the cases' own edit gradients; for KE without a checkpoint a fresh KE over the
 same sites at ke_world.yaml's sizes, the `a_col` part of its heads' output biases perturbed so that the update is
-not near zero and mostly the gradient term, `fresh_ke`).
+not near zero and mostly the gradient term, `fresh_ke`; for SERAC without a checkpoint a fresh SERAC whose
+counterfactual is a copy of the base language model, `fresh_serac`).
 """
 
 from __future__ import annotations
@@ -209,6 +214,42 @@ def ke_to_torch(spec, params) -> tuple[dict, dict]:
     return sd, meta
 
 
+def fresh_serac(model, seed: int = 0, scope_query: str = "prompt", cls_dim: int = 8):
+    """A fresh SERAC (`trainables.serac_config_from_hparams`): a random `cls_dim`-wide DistilBERT classifier (narrow,
+    so that routing weights of unrelated texts are small but not zero and the mixture mixes), the counterfactual a
+    copy of the base language model, the projection the identity."""
+    import jax
+
+    from mmedit_jax.editors import serac_net as SN
+    from mmedit_jax.training.trainables import serac_config_from_hparams
+
+    cfg = serac_config_from_hparams(model, {"cls_dim": cls_dim, "cls_heads": 2, "scope_query": scope_query})
+    return cfg, SN.init_serac(jax.random.PRNGKey(seed), cfg, counterfactual_params=model.params["language_model"])
+
+
+def serac_to_torch(cfg, net) -> tuple[dict, dict]:
+    """Our SERAC networks as the peer's torch inputs (`peer_easyedit.SeracEditor`): state dicts of a bare
+    DistilBERT / BERT (the scope classifier), an `OPTForCausalLM` (the counterfactual) and the image projection's
+    `Linear` (`[out, in]`), with their transformers configs and the routing switches in `meta`."""
+    import dataclasses
+
+    from mmedit_jax.convert.export_hf import opt_config_dict, opt_state_dict, text_encoder_state_dict
+    from mmedit_jax.models.config import DistilBertConfig, OPTConfig
+
+    if not isinstance(cfg.counterfactual, OPTConfig) or tuple(cfg.image_wrap) != (0, 0):
+        raise SystemExit("the SERAC peer runs BLIP-2's SERAC (an OPT counterfactual, no image wrapper)")
+    a = lambda x: np.array(x, np.float32)  # noqa: E731
+    state = {"classifier": text_encoder_state_dict(cfg.classifier, net["classifier"]),
+             "counterfactual": opt_state_dict(cfg.counterfactual, net["counterfactual"]),
+             "projection": {"weight": a(net["projection"]["kernel"]).T, "bias": a(net["projection"]["bias"])}}
+    kind = "distilbert" if isinstance(cfg.classifier, DistilBertConfig) else "bert"
+    meta = {"classifier_kind": kind, "classifier_config": dataclasses.asdict(cfg.classifier),
+            "counterfactual_config": opt_config_dict(cfg.counterfactual),
+            **{k: getattr(cfg, k) for k in ("image_token_id", "hard_routing", "square", "cos", "bound_embeds",
+                                             "scope_query")}}
+    return state, meta
+
+
 def ft_hparams(model, config_path: str | None) -> dict:
     """FT-L hparams: configs/ft_l_blip2.yaml (or --config) values; sites from the config's inner_params when they
     exist in this model, else the last OPT layer's fc1/fc2 (the yaml's layer 31 is OPT-2.7B's last)."""
@@ -292,6 +333,18 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
                    {"context_ids": np.asarray(cases.context_ids), "context_mask": np.asarray(cases.context_mask)})
         manifest.update(ike_bank=bank or "the cases' own records", ike_k=editor.hparams[0].k,
                         ike_context_tokens=int(np.asarray(cases.context_mask).sum(-1).max()))
+    elif args.editor == "serac":
+        from mmedit_jax.editors.io import load_serac, save_serac
+
+        ckpt = args.editor_ckpt or ckpt
+        cfg, net = load_serac(ckpt) if ckpt else fresh_serac(model, args.seed, getattr(args, "scope_query", "prompt"))
+        ours_dir = os.path.join(workdir, "serac")
+        save_serac(ours_dir, cfg, net)
+        state, meta = serac_to_torch(cfg, net)
+        peer_path = os.path.join(workdir, "serac_torch.pt")
+        to_t = lambda d: {k: torch.from_numpy(np.array(v)) for k, v in d.items()}  # noqa: E731
+        torch.save({"state_dict": {k: to_t(v) for k, v in state.items()}, "meta": meta}, peer_path)
+        manifest.update(serac=ours_dir, peer_serac=peer_path, serac_fresh=not ckpt, serac_scope_query=cfg.scope_query)
     else:
         from mmedit_jax.editors.io import load_mend, save_mend
 
@@ -509,7 +562,7 @@ class PeerSide:
             PB.run_cases(self.peer, self.cases, self.batch, min(self.n, batch))
         else:
             self.model = PE.load_model(manifest["hf"])
-            editor = PE.make_editor(f["editor"], self.model, f["ft"], f["mend"], f["ke"])
+            editor = PE.make_editor(f["editor"], self.model, f["ft"], f["mend"], f["ke"], f["serac"])
             if kind == "shipped":
                 import transformers
 
@@ -549,7 +602,7 @@ def peer_files(manifest: dict) -> dict:
     `run_files(**peer_files(manifest))` in their own process)."""
     return {"hf": manifest["hf"], "cases": manifest["cases"], "editor": manifest["editor"],
             "ft": manifest.get("peer_ft"), "mend": manifest.get("peer_mend"), "ke": manifest.get("peer_ke"),
-            "exact_match": manifest["exact_match"]}
+            "serac": manifest.get("peer_serac"), "exact_match": manifest["exact_match"]}
 
 
 SIDES = ("ours", "faithful", "shipped", "best")
@@ -692,7 +745,7 @@ def ratios(table: list[dict]) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--editor", default="mend", choices=("ft-l", "mend", "ke", "ike"))
+    ap.add_argument("--editor", default="mend", choices=("ft-l", "mend", "ke", "serac", "ike"))
     ap.add_argument("--ike-bank", help="IKE: the demonstration bank's MMEdit file (world: its train split)")
     ap.add_argument("--ike-k", type=int, help="IKE: demos retrieved per case (default IKEConfig's, as fit)")
     ap.add_argument("--source", choices=sorted(SOURCES),
@@ -703,7 +756,8 @@ def main(argv=None):
     ap.add_argument("--rephrase-image-root")
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--task", choices=("vqa", "caption"))
-    ap.add_argument("--editor-ckpt", help="our MEND (save_mend / convert mend-easyedit) or KE (save_ke) directory")
+    ap.add_argument("--editor-ckpt",
+                    help="our MEND (save_mend / convert mend-easyedit), KE (save_ke) or SERAC (save_serac) directory")
     ap.add_argument("--config", help="FT hparams YAML (default configs/ft_l_blip2.yaml)")
     ap.add_argument("--ft-steps", type=int, help="override num_steps")
     ap.add_argument("--limit", type=int, help="first N records of the file")
@@ -736,8 +790,8 @@ def main(argv=None):
         ap.error(f"--peers: choose from {SIDES[1:]}")
     if args.editor == "ft-l" and "best" in peers:
         ap.error("the best-effort peer has MEND and KE only: --peers faithful,shipped for FT-L")
-    if args.editor == "ike" and set(peers) - {"faithful"}:
-        ap.error("IKE has the faithful peer only (its contexts are our side's ids): --peers faithful")
+    if args.editor in ("ike", "serac") and set(peers) - {"faithful"}:
+        ap.error(f"{args.editor.upper()} has the faithful peer only: --peers faithful")
     workdir = args.workdir or tempfile.mkdtemp(prefix="compare_peer_")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
@@ -781,7 +835,9 @@ def main(argv=None):
     table = summarize(sides, rounds)
     result = {"editor": args.editor, "source": manifest["source"], "exact_match": manifest["exact_match"],
               "num_cases": manifest["num_cases"], "model_params": manifest["model_params"],
-              "mend_fresh": manifest.get("mend_fresh"), "ke_fresh": manifest.get("ke_fresh"), "ft": manifest.get("ft"),
+              "mend_fresh": manifest.get("mend_fresh"), "ke_fresh": manifest.get("ke_fresh"),
+              "serac_fresh": manifest.get("serac_fresh"), "serac_scope_query": manifest.get("serac_scope_query"),
+              "ft": manifest.get("ft"),
               "rounds": args.rounds, "threads": args.threads, "xla_flags": xla_thread_flags(args.threads),
               "table": table, "ratios": ratios(table), "sides": sides, "round_times": rounds,
               "agreement": {k: agreement(sides["ours"]["rows"], sides[k]["rows"]) for k in peers},

@@ -258,7 +258,7 @@ def ke_condition_batch(net: PE.KENet, ids: torch.Tensor, mask: torch.Tensor) -> 
 def make_peer(model, editor: str, mend: str | None = None, ke: str | None = None, exact_match: bool = True):
     """A `BatchedPeer` on `model` from the faithful peer's editor files (MEND: EasyEdit state dict; KE: `KENet`)."""
     if editor == "mend":
-        blob = torch.load(mend, map_location="cpu", weights_only=False)
+        blob = torch.load(mend, map_location="cpu", weights_only=True)
         net = PE.MendTransform(blob["state_dict"], blob["meta"])
         return BatchedPeer(model, "mend", net, net.names, exact_match)
     if editor == "ke":

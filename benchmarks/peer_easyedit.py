@@ -24,6 +24,8 @@ process and compares the two sides. Per case, as `MultimodalTrainer.edit_step` i
        the copied module;
      * IKE: no weight changes; the case's demonstration context (our side's ids, saved with the cases) goes
        between the image slots and the text of every post-edit input, whose own positions are scored;
+     * SERAC: no weight changes; the edit input is the memory, and every post-edit forward is `SERAC_MULTI`'s
+       routed one (`SeracEditor.routed_logits`);
   3. no grad: the five post-edit forwards, and the metrics as EasyEdit computes them (`multiclass_log_probs`
      accuracy / exact match with the causal shift; `topk(softmax(logits), k).indices` agreement, k=1 text,
      k=10 image, over every position).
@@ -34,6 +36,7 @@ This file imports neither JAX nor mmedit_jax (its memory figure is PyTorch's alo
     python benchmarks/peer_easyedit.py --hf DIR --cases cases.npz --editor ft-l --ft-json ft.json --out peer.json
     python benchmarks/peer_easyedit.py --hf DIR --cases cases.npz --editor mend --mend mend_easyedit.pt --out peer.json
     python benchmarks/peer_easyedit.py --hf DIR --cases cases.npz --editor ke --ke ke_torch.pt --out peer.json
+    python benchmarks/peer_easyedit.py --hf DIR --cases cases.npz --editor serac --serac serac_torch.pt
 """
 
 from __future__ import annotations
@@ -383,6 +386,94 @@ class IKEEditor:
         return _Context(case["context"], self.nq)
 
 
+class _Memory:
+    """SERAC's "edit": the edit's input held in a one-entry cache (no weight changes); each post-edit forward is
+    SERAC_MULTI's routed forward against it (`SeracEditor.routed_logits`)."""
+
+    def __init__(self, serac, edit: dict):
+        self.serac, self.edit = serac, edit
+
+    def logits(self, model, x: dict) -> torch.Tensor:
+        return self.serac.routed_logits(model, self.edit, x)
+
+    def restore(self) -> None:
+        pass
+
+
+class SeracEditor:
+    """SERAC (EasyEdit's `SERAC_MULTI`) on transformers modules holding our trained networks
+    (`compare_peer.serac_to_torch`): a DistilBERT / BERT scope classifier, an OPT counterfactual, the image
+    projection. Token ids are the base model's, as our side's (the classifier's clamped to its vocabulary); each
+    forward re-encodes the memory, as the reference's `run_classifier` does."""
+
+    def __init__(self, model, state_dict: dict, meta: dict):
+        import transformers
+
+        self.meta, self.image_token_id = meta, int(meta["image_token_id"])
+        cls_config = transformers.AutoConfig.for_model(meta["classifier_kind"], **meta["classifier_config"])
+        self.classifier = transformers.AutoModel.from_config(cls_config, attn_implementation="eager").eval()
+        self.classifier.load_state_dict(state_dict["classifier"], strict=False)  # BERT: no pooler weights
+        cf_config = transformers.OPTConfig(**meta["counterfactual_config"])
+        self.counterfactual = transformers.OPTForCausalLM._from_config(cf_config, attn_implementation="eager").eval()
+        self.counterfactual.load_state_dict(state_dict["counterfactual"], strict=True)
+        proj = state_dict["projection"]
+        self.projection = torch.nn.Linear(proj["weight"].shape[1], proj["weight"].shape[0])
+        self.projection.load_state_dict(proj)
+        self.eps = torch.finfo(torch.float32).eps
+
+    def edit(self, case) -> _Memory:
+        return _Memory(self, case["edit_inner"])
+
+    def text(self, x: dict, query: bool = False) -> torch.Tensor:
+        """`[1, T]`: the input's text ids (image slots dropped); a query read by the classifier under
+        `scope_query: prompt` also drops its answer tokens."""
+        ids = x["input_ids"][0]
+        keep = ids != self.image_token_id
+        if query and self.meta["scope_query"] == "prompt":
+            keep &= x["labels"][0] == IGNORE
+        return ids[keep][None]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.clamp(0, self.classifier.config.vocab_size - 1)
+        e = self.classifier(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, 0]
+        return torch.tanh(e) if self.meta["bound_embeds"] else e
+
+    def similarity(self, key: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """`s = exp(-dist)`, the reference's distances (scale 1)."""
+        if self.meta["cos"]:
+            dist = 1.0 - torch.nn.functional.cosine_similarity(key, query, dim=-1)
+        else:
+            dist = ((key - query) ** 2).sum(-1)
+            if not self.meta["square"]:
+                dist = dist.clamp_min(1e-12).sqrt()
+        return torch.exp(-dist)[0]
+
+    def counterfactual_logits(self, model, ctx: torch.Tensor, x: dict) -> torch.Tensor:
+        """`[1, L, V]` at the query's own positions: the counterfactual on `[projected image][ctx][query text]`."""
+        ids = x["input_ids"]
+        n = int((ids[0] == self.image_token_id).sum())
+        joined = torch.cat([ids[:, :n], ctx, ids[:, n:]], 1).clamp(0, self.counterfactual.config.vocab_size - 1)
+        embeds = self.counterfactual.get_input_embeddings()(joined)
+        if n:
+            image = model.get_image_features(pixel_values=x["pixel_values"]).pooler_output  # a second vision pass
+            embeds = torch.cat([self.projection(image), embeds[:, n:]], 1)
+        out = self.counterfactual(inputs_embeds=embeds, attention_mask=torch.ones(joined.shape, dtype=torch.long))
+        lc = ctx.shape[1]
+        return torch.cat([out.logits[:, :n], out.logits[:, n + lc:]], 1)
+
+    def routed_logits(self, model, edit: dict, x: dict) -> torch.Tensor:
+        """`SERAC_MULTI.forward` on one input: base logits, the scope classifier on the memory and the query, the
+        counterfactual on the memory + query, then the soft mixture (or the hard switch)."""
+        base = logits_of(model, x)
+        ctx = self.text(edit)
+        s = self.similarity(self.embed(ctx), self.embed(self.text(x, query=True)))
+        cf = self.counterfactual_logits(model, ctx, x)
+        if self.meta["hard_routing"]:
+            return cf if s > 0.5 else base
+        p = (1.0 - s) * torch.softmax(base.float(), -1) + s * torch.softmax(cf.float(), -1)
+        return torch.log(p + self.eps)
+
+
 def edit_and_score(model, editor, case, exact_match: bool) -> dict:
     """The faithful procedure (`MultimodalTrainer.edit_step`): 2 base forwards, the edit, 5 post-edit forwards
     (IKE: the edit is the case's context, which the post-edit forwards read)."""
@@ -550,30 +641,34 @@ def load_model(hf_dir: str, attn: str = "eager"):
     return model.eval()
 
 
-def make_editor(name: str, model, ft: dict | None = None, mend_path: str | None = None, ke_path: str | None = None):
+def make_editor(name: str, model, ft: dict | None = None, mend_path: str | None = None, ke_path: str | None = None,
+                serac_path: str | None = None):
     """The peer's editor: FT-L from its hparams (`inner_params` as module weight names), MEND from an EasyEdit
     state dict file, KE from a `KENet` state dict file (each a torch file `{'state_dict', 'meta'}`)."""
     if name == "ft-l":
         ft = dict(ft or {})
         return FTEditor(model, ft.pop("inner_params"), **ft)
     if name == "mend":
-        blob = torch.load(mend_path, map_location="cpu", weights_only=False)
+        blob = torch.load(mend_path, map_location="cpu", weights_only=True)
         return MendEditor(model, blob["state_dict"], blob["meta"])
     if name == "ke":
-        blob = torch.load(ke_path, map_location="cpu", weights_only=False)
+        blob = torch.load(ke_path, map_location="cpu", weights_only=True)
         return KEEditor(model, blob["state_dict"], blob["meta"])
     if name == "ike":
         return IKEEditor(model)
-    raise ValueError(f"peer editor {name!r}: choose ft-l, mend, ke or ike")
+    if name == "serac":
+        blob = torch.load(serac_path, map_location="cpu", weights_only=True)
+        return SeracEditor(model, blob["state_dict"], blob["meta"])
+    raise ValueError(f"peer editor {name!r}: choose ft-l, mend, ke, serac or ike")
 
 
 def run_files(hf: str, cases: str, editor: str, ft: dict | None = None, mend: str | None = None,
-              ke: str | None = None, exact_match: bool = True, limit: int | None = None, threads: int | None = None,
-              model=None) -> dict:
+              ke: str | None = None, serac: str | None = None, exact_match: bool = True, limit: int | None = None,
+              threads: int | None = None, model=None) -> dict:
     """The whole peer run on files: the exported model `hf`, the cases npz, the editor's file; `run_peer`'s result
     with `editor` added. `model`: `load_model(hf)` already loaded."""
     model = load_model(hf) if model is None else model
-    result = run_peer(model, make_editor(editor, model, ft, mend, ke), load_cases(cases), exact_match, limit,
+    result = run_peer(model, make_editor(editor, model, ft, mend, ke, serac), load_cases(cases), exact_match, limit,
                       threads=threads)
     result["editor"] = editor
     return result
@@ -583,10 +678,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf", required=True, help="save_pretrained directory (export_hf)")
     ap.add_argument("--cases", required=True, help="npz written by save_cases")
-    ap.add_argument("--editor", required=True, choices=("ft-l", "mend", "ke", "ike"))
+    ap.add_argument("--editor", required=True, choices=("ft-l", "mend", "ke", "serac", "ike"))
     ap.add_argument("--ft-json", help="FT hparams JSON (inner_params as module weight names, num_steps, ...)")
     ap.add_argument("--mend", help="torch file {'state_dict', 'meta'} (mend_to_easyedit)")
     ap.add_argument("--ke", help="torch file {'state_dict' (KENet), 'meta'} (compare_peer.ke_to_torch)")
+    ap.add_argument("--serac", help="torch file {'state_dict', 'meta'} (compare_peer.serac_to_torch)")
     ap.add_argument("--token-accuracy", action="store_true")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: the faster of 1 and torch's)")
@@ -603,7 +699,9 @@ def main(argv=None):
         ap.error("--editor mend needs --mend")
     elif args.editor == "ke" and not args.ke:
         ap.error("--editor ke needs --ke")
-    result = run_files(args.hf, args.cases, args.editor, ft, args.mend, args.ke, not args.token_accuracy,
+    elif args.editor == "serac" and not args.serac:
+        ap.error("--editor serac needs --serac")
+    result = run_files(args.hf, args.cases, args.editor, ft, args.mend, args.ke, args.serac, not args.token_accuracy,
                        args.limit, threads=args.threads, model=model)
     print(f"peer {args.editor}: {result['edits_per_s']:.2f} edits/s over {result['num_cases']} cases, "
           f"peak RSS {result['peak_rss_mib']:.0f} MiB", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Our BLIP-2 (config + parameter tree) -> a transformers `Blip2ForConditionalGeneration`: the inverse of
-`blip2_rules`.
+`blip2_rules`; and, for SERAC's PyTorch peer, an OPT decoder -> `OPTForCausalLM` and a `TextEncoder` -> a bare
+`BertModel` / `DistilBertModel` (the inverses of `opt_rules` and `text_encoder_rules`).
 
 Every rule is run backwards: a stacked leaf `[n, ...]` is split into its n per-layer tensors, linear kernels
 `[in, out]` are transposed back to `nn.Linear.weight [out, in]`, the patch-embedding conv goes HWIO -> OIHW,
@@ -13,15 +14,17 @@ The result is the model the PyTorch peer (`benchmarks/peer_easyedit.py`) runs, o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from mmedit_jax.convert.blip2 import blip2_rules
+from mmedit_jax.convert.blip2 import blip2_rules, opt_rules
 from mmedit_jax.convert.rules import Rule
-from mmedit_jax.models.config import Blip2Config
+from mmedit_jax.convert.text_encoder import text_encoder_rules
+from mmedit_jax.models.config import BertConfig, Blip2Config, DistilBertConfig, OPTConfig
 
 # The inverse of each forward transform in `rules.TRANSFORMS`.
 INVERSE = {
@@ -63,26 +66,55 @@ def _all_paths(tree, prefix="") -> set[str]:
     return out
 
 
-def state_dict(config: Blip2Config, params: Mapping) -> dict[str, np.ndarray]:
-    """`{transformers key: float32/bf16 numpy array}` for every tensor of `Blip2ForConditionalGeneration`.
-
-    Checks that every parameter of the tree is used by exactly one rule (the export loses nothing) and that
-    no key is written twice.
-    """
-    rules, _ = blip2_rules(config)
-    used = {r.target for r in rules}
-    extra = _all_paths(params) - used
+def rules_state_dict(rules: list[Rule], params: Mapping, what: str = "export") -> dict[str, np.ndarray]:
+    """`{checkpoint key: numpy array}`: every rule run backwards on `params`. Checks that every parameter of the
+    tree is used by exactly one rule (the export loses nothing) and that no key is written twice."""
+    extra = _all_paths(params) - {r.target for r in rules}
     if extra:
-        raise ValueError(f"export: parameters with no rule (would be lost): {sorted(extra)[:10]}")
+        raise ValueError(f"{what}: parameters with no rule (would be lost): {sorted(extra)[:10]}")
     out: dict[str, np.ndarray] = {}
     for rule in rules:
         for key, value in _unapply(rule, np.asarray(_leaf(params, rule.target))):
             if key in out:
-                raise ValueError(f"export: key {key!r} written twice")
+                raise ValueError(f"{what}: key {key!r} written twice")
             out[key] = np.ascontiguousarray(value)
+    return out
+
+
+def state_dict(config: Blip2Config, params: Mapping) -> dict[str, np.ndarray]:
+    """`{transformers key: float32/bf16 numpy array}` for every tensor of `Blip2ForConditionalGeneration`."""
+    rules, _ = blip2_rules(config)
+    out = rules_state_dict(rules, params)
     if config.text.tie_word_embeddings:
         out["language_model.lm_head.weight"] = out["language_model.model.decoder.embed_tokens.weight"]
     return out
+
+
+def opt_state_dict(config: OPTConfig, params: Mapping) -> dict[str, np.ndarray]:
+    """An `OPTDecoder`'s parameters (SERAC's counterfactual) under `OPTForCausalLM`'s keys: `opt_rules` without
+    BLIP-2's `language_model` prefix."""
+    rules, _ = opt_rules(config)
+    rules = [Rule(r.target.removeprefix("language_model/"), tuple(k.removeprefix("language_model.") for k in r.sources),
+                  r.transform, r.stacked) for r in rules]
+    out = rules_state_dict(rules, params, "export (OPT)")
+    if config.tie_word_embeddings:
+        out["lm_head.weight"] = out["model.decoder.embed_tokens.weight"]
+    return out
+
+
+def opt_config_dict(config: OPTConfig) -> dict[str, Any]:
+    """The `transformers.OPTConfig` keyword arguments of our config."""
+    d = dataclasses.asdict(config)
+    d.pop("model_type", None)
+    d["_remove_final_layer_norm"] = d.pop("remove_final_layer_norm")
+    return d
+
+
+def text_encoder_state_dict(config: BertConfig | DistilBertConfig, params: Mapping) -> dict[str, np.ndarray]:
+    """A `TextEncoder`'s parameters as a bare `BertModel` / `DistilBertModel` state dict (today's LayerNorm names;
+    BERT's pooler, which nothing here reads, is not written)."""
+    rules, _ = text_encoder_rules(config, ())
+    return rules_state_dict(rules, params, "export (text encoder)")
 
 
 def _unapply(rule: Rule, value: np.ndarray):

@@ -235,12 +235,14 @@ def held_out_in_context(eval_json: str, image_root: str) -> dict[str, tuple[list
 
 def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3,
              image_size: int = 32, eval_files=(), image_root: str | None = None, log_every: int = 250,
-             size: str = "world", family: str = "blip2", in_context_batch: int = 0, init: str | None = None):
+             size: str = "world", family: str = "blip2", in_context_batch: int = 0, init: str | None = None,
+             plain_steps: int = 0):
     """`in_context_batch`: IKE-shaped examples (`dataset.in_context_stream`) per step beside the `batch_size`
-    plain ones; with it the tokenizer learns the demonstration format and the model has `IN_CONTEXT_POSITIONS`
-    positions. `init`: a model this function wrote (its `model` directory), trained further (its tokenizer and
-    config kept; a fresh optimiser and schedule; the streams continue from `seed`, so pass another seed than
-    the first stage's to see new examples)."""
+    plain ones, from step `plain_steps` on (a curriculum: the model first learns to see, then to read facts); with
+    it the tokenizer learns the demonstration format and the model has `IN_CONTEXT_POSITIONS` positions. `init`: a
+    model this function wrote (its `model` directory), trained further (its tokenizer and config kept; a fresh
+    optimiser and schedule; the streams continue from `seed`, so pass another seed than the first stage's to see
+    new examples)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
     os.makedirs(out_dir, exist_ok=True)
@@ -268,7 +270,7 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
     t0, t_compiled, losses = time.perf_counter(), None, []
     for step in range(steps):
         batches = [encode_examples([next(stream) for _ in range(batch_size)], tok, config, image_size, length)]
-        if in_context_batch:
+        if in_context_batch and step >= plain_steps:
             batches.append(encode_examples([next(icl_stream) for _ in range(in_context_batch)], tok, config,
                                            image_size, length))
         params, opt_state, loss = step_fn(params, opt_state, *batches)
@@ -282,7 +284,7 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
     jax.block_until_ready(params)
     train_s = time.perf_counter() - t_compiled
     report = {"family": family, "steps": steps, "batch_size": batch_size, "in_context_batch": in_context_batch,
-              "init": init, "lr": lr,
+              "plain_steps": plain_steps if in_context_batch else None, "init": init, "lr": lr,
               "max_positions": positions, "seed": seed, "train_s": train_s,
               "steps_per_s": (steps - 1) / train_s, "final_loss": float(np.mean(jax.device_get(losses[-50:]))),
               "num_params": int(sum(x.size for x in jax.tree.leaves(params))), "accuracy": {}}
@@ -316,6 +318,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--in-context-batch", type=int, default=0,
                     help="IKE-shaped examples per step beside the plain ones (0: none, the world v1 model's recipe)")
+    ap.add_argument("--plain-steps", type=int, default=0,
+                    help="with --in-context-batch: train on plain examples alone for this many steps first")
     ap.add_argument("--init", help="a world model directory (`OUT/model` of an earlier run) to train further")
     args = ap.parse_args(argv)
     files = []
@@ -323,7 +327,8 @@ def main(argv=None):
         files = [os.path.join(args.data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")
                  if os.path.exists(os.path.join(args.data, f))]
     pretrain(args.out, args.seed, args.steps, args.batch_size, args.lr, eval_files=files, image_root=args.data,
-             family=args.family, in_context_batch=args.in_context_batch, init=args.init)
+             family=args.family, in_context_batch=args.in_context_batch, init=args.init,
+             plain_steps=args.plain_steps)
 
 
 if __name__ == "__main__":
