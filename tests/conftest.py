@@ -63,3 +63,16 @@ def train_world(tmp_path_factory):
     """`(model, fns, cases, meta)`: `worlds.train_world`, the trainer tests' 2-layer BLIP-2 and
     `worlds.TRAIN_CASES` host cases with cached image embeddings."""
     return worlds.train_world(str(tmp_path_factory.mktemp("train")))
+
+
+# The heaviest test files (CPU time on a 2-core host), collected first: xdist's `--dist loadscope` hands files to
+# its workers in collection order, so a heavy file collected last (alphabetically: test_train, test_world) would run
+# on its own at the end of the suite while the other cores wait.
+HEAVY_FIRST = ("test_train.py", "test_train_sharded.py", "test_sharded_edit.py", "test_api.py", "test_harness.py",
+               "test_peer_agreement.py", "test_minigpt4.py", "test_serac.py", "test_serac_minigpt4.py",
+               "test_world.py", "test_answer_rows.py", "test_prefix_cache.py", "test_blip2.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: the rest keep their order
