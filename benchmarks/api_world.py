@@ -67,6 +67,7 @@ def teacher_forced_hit(model, patch, image, prompt: str, target: str, length: in
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--editor", default="mend")
+    ap.add_argument("--editor-ckpt", help="a trained MEND / KE / SERAC directory (default: the shipped one)")
     ap.add_argument("--limit", type=int, default=None, help="first N eval records (default all 128)")
     ap.add_argument("--loop", type=int, default=100, help="edits in the compile/throughput loop")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "api_world.json"))
@@ -77,7 +78,7 @@ def main(argv=None):
     with open(world.eval_json) as f:
         records = json.load(f)[: args.limit]
     model = mj.from_pretrained("world")
-    editor = mj.load_editor(args.editor, model)
+    editor = mj.load_editor(args.editor, model, args.editor_ckpt)
     image = lambda r: os.path.join(world.image_root, r["image"])  # noqa: E731
 
     # Warm up (compiles) on one record, then the timed loop over `--loop` different edits.
