@@ -242,11 +242,13 @@ def serac_to_torch(cfg, net) -> tuple[dict, dict]:
     state = {"classifier": text_encoder_state_dict(cfg.classifier, net["classifier"]),
              "counterfactual": opt_state_dict(cfg.counterfactual, net["counterfactual"]),
              "projection": {"weight": a(net["projection"]["kernel"]).T, "bias": a(net["projection"]["bias"])}}
+    if cfg.scope_image:
+        state["scope_image"] = {k: a(v) for k, v in net["scope_image"].items()}
     kind = "distilbert" if isinstance(cfg.classifier, DistilBertConfig) else "bert"
     meta = {"classifier_kind": kind, "classifier_config": dataclasses.asdict(cfg.classifier),
             "counterfactual_config": opt_config_dict(cfg.counterfactual),
             **{k: getattr(cfg, k) for k in ("image_token_id", "hard_routing", "square", "cos", "bound_embeds",
-                                             "scope_query")}}
+                                             "scope_query", "scope_image")}}
     return state, meta
 
 

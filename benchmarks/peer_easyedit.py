@@ -419,6 +419,7 @@ class SeracEditor:
         proj = state_dict["projection"]
         self.projection = torch.nn.Linear(proj["weight"].shape[1], proj["weight"].shape[0])
         self.projection.load_state_dict(proj)
+        self.scope_image = state_dict.get("scope_image") if meta.get("scope_image") else None
         self.eps = torch.finfo(torch.float32).eps
 
     def edit(self, case) -> _Memory:
@@ -438,15 +439,24 @@ class SeracEditor:
         e = self.classifier(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, 0]
         return torch.tanh(e) if self.meta["bound_embeds"] else e
 
-    def similarity(self, key: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """`s = exp(-dist)`, the reference's distances (scale 1)."""
+    def image_key(self, model, x: dict) -> torch.Tensor:
+        """`[1, D_img]` (our image-aware scope, `scope_image`; not in SERAC_MULTI): the mean of the input's image
+        embeddings (the base model's projected Q-Former outputs, a vision pass of its own) through the trained
+        kernel, or the trained `no_image` key for a text-only input."""
+        if x["pixel_values"] is None:
+            return self.scope_image["no_image"][None]
+        image = model.get_image_features(pixel_values=x["pixel_values"]).pooler_output
+        return image.mean(1) @ self.scope_image["kernel"]
+
+    def similarity(self, key: torch.Tensor, query: torch.Tensor, image_dist=0.0) -> torch.Tensor:
+        """`s = exp(-dist)`, the reference's distances (scale 1), plus `image_dist` (`scope_image`)."""
         if self.meta["cos"]:
             dist = 1.0 - torch.nn.functional.cosine_similarity(key, query, dim=-1)
         else:
             dist = ((key - query) ** 2).sum(-1)
             if not self.meta["square"]:
                 dist = dist.clamp_min(1e-12).sqrt()
-        return torch.exp(-dist)[0]
+        return torch.exp(-(dist + image_dist))[0]
 
     def counterfactual_logits(self, model, ctx: torch.Tensor, x: dict) -> torch.Tensor:
         """`[1, L, V]` at the query's own positions: the counterfactual on `[projected image][ctx][query text]`."""
@@ -466,7 +476,10 @@ class SeracEditor:
         counterfactual on the memory + query, then the soft mixture (or the hard switch)."""
         base = logits_of(model, x)
         ctx = self.text(edit)
-        s = self.similarity(self.embed(ctx), self.embed(self.text(x, query=True)))
+        image_dist = 0.0
+        if self.scope_image is not None:
+            image_dist = ((self.image_key(model, edit) - self.image_key(model, x)) ** 2).sum(-1)
+        s = self.similarity(self.embed(ctx), self.embed(self.text(x, query=True)), image_dist)
         cf = self.counterfactual_logits(model, ctx, x)
         if self.meta["hard_routing"]:
             return cf if s > 0.5 else base

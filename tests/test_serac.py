@@ -47,6 +47,13 @@ def test_routing_math_matches_the_reference_formulas():
     s, c = SN.route(jnp.asarray(ls))
     assert int(c) == int(np.argmax(want)) != 2
     np.testing.assert_allclose(float(s), np.exp(want.max()), rtol=1e-5)
+    # the image-aware scope (ours) adds the squared distance of the image keys
+    img_keys = rng.normal(size=(5, 3)).astype(np.float32)
+    q_img = rng.normal(size=3).astype(np.float32)
+    ls_img = SN.log_similarity(dataclasses.replace(clf, scope_image=True), jnp.asarray(query), jnp.asarray(keys),
+                               jnp.asarray(valid), jnp.asarray(q_img), jnp.asarray(img_keys))
+    want_img = np.where(valid, -d - ((img_keys - q_img) ** 2).sum(-1), -np.inf)
+    np.testing.assert_allclose(np.asarray(ls_img), want_img, rtol=1e-5)
     # unsquared distance and cosine (EasyEdit's `square: false`, `cos: true`)
     ls2 = SN.log_similarity(dataclasses.replace(clf, square=False), jnp.asarray(query), jnp.asarray(keys),
                             jnp.asarray(valid))
@@ -168,8 +175,10 @@ def test_counterfactual_input_is_image_then_context_then_query(serac):
 
 @pytest.mark.parametrize("supervised", [False, True])
 def test_train_steps_decrease_the_loss(serac, supervised):
+    """EasyEdit's objective (with the image-aware scope, whose image key must train through it) and the SERAC
+    paper's."""
     model, _, _, cases = serac
-    hp = dict(HPARAMS, supervised=supervised)
+    hp = dict(HPARAMS, supervised=supervised, scope_image=not supervised)
     cfg = T.TrainConfig.from_hparams({"alg": "SERAC", "lr": 1e-3, "accumulate_bs": 1, **hp})
     tr = T.build_trainable("serac", model, hp, cfg)
     tx = T.make_optimizer(cfg, tr.labels(tr.init(jax.random.key(0))[0]))
@@ -184,6 +193,52 @@ def test_train_steps_decrease_the_loss(serac, supervised):
     assert np.all(np.diff(losses) < 0) and losses[-1] < losses[0] - 0.01, losses
     # the image projection is trained (EasyEdit's is not)
     assert not np.allclose(np.asarray(ts["params"]["projection"]["kernel"]), np.eye(tr.spec.cfg.image_width))
+    if not supervised:  # the image key's kernel and the text-only input's key (the loc input) get gradients
+        fresh = tr.init(jax.random.key(0))[0]["scope_image"]
+        for name in ("kernel", "no_image"):
+            assert not np.allclose(np.asarray(ts["params"]["scope_image"][name]), np.asarray(fresh[name])), name
+
+
+def test_image_scope_compares_the_images(serac):
+    """With `scope_image` the edit's own text on its own image is at distance 0, on another image at the image
+    keys' distance, and a text-only query compares `no_image`; without it the keys have width 0."""
+    model, tr, _, cases = serac
+    assert tr.init(jax.random.key(0))[0].keys() == {"classifier", "counterfactual", "projection"}
+    hp = dict(HPARAMS, scope_image=True, scope_query="text_input")
+    img_tr = T.build_trainable("serac", model, hp, T.TrainConfig.from_hparams({"alg": "SERAC", **hp}))
+    params, _ = img_tr.init(jax.random.key(4))
+    params["scope_image"]["kernel"] = 4 * params["scope_image"]["kernel"]  # distances well inside (0, 1)
+    editor = img_tr.editor(params, {})
+    fns = editor.fns
+
+    @jax.jit
+    def routes(case, other):
+        patch = editor.edit(params, model.params, case, {})
+        own = fns.route(model.params, patch, case.edit, case.image("edit"))[0]
+        moved = fns.route(model.params, patch, case.edit, other.image("edit"))[0]
+        text_only = fns.route(model.params, patch, case.edit, None)[0]
+        return own, moved, text_only, patch["memory"].image_keys[0]
+
+    a, b = jax.tree.map(lambda x: jnp.asarray(x[0]), cases), jax.tree.map(lambda x: jnp.asarray(x[1]), cases)
+    own, moved, text_only, key = (np.asarray(x) for x in routes(a, b))
+    np.testing.assert_allclose(own, 1.0, rtol=1e-6)
+    want_key = np.asarray(a.image("edit")).mean(0) @ np.asarray(params["scope_image"]["kernel"])
+    np.testing.assert_allclose(key, want_key, rtol=1e-4, atol=1e-6)
+    other_key = np.asarray(b.image("edit")).mean(0) @ np.asarray(params["scope_image"]["kernel"])
+    np.testing.assert_allclose(moved, np.exp(-np.sum((other_key - key) ** 2)), rtol=1e-4)
+    np.testing.assert_allclose(text_only, np.exp(-np.sum(key ** 2)), rtol=1e-4)  # no_image starts at 0
+    assert 0.05 < moved < 0.95 and 0.05 < text_only < 0.95, (moved, text_only)
+    # a SERAC saved without the image scope warm-starts one with it: the image key starts fresh
+    saved, _ = tr.init(jax.random.key(0))
+    tx = T.make_optimizer(T.TrainConfig.from_hparams({"alg": "SERAC"}), img_tr.labels(params))
+    fresh_ts = T.init_train_state(img_tr, tx, 0)
+    warm = T.warm_start(fresh_ts, tx, saved, {}, fresh_ok=img_tr.fresh_ok)
+    np.testing.assert_array_equal(np.asarray(warm["params"]["scope_image"]["kernel"]),
+                                  np.asarray(fresh_ts["params"]["scope_image"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(warm["params"]["projection"]["kernel"]),
+                                  np.asarray(saved["projection"]["kernel"]))
+    with pytest.raises(ValueError, match="scope_image"):
+        T.warm_start(fresh_ts, tx, saved, {})
 
 
 def test_save_load_round_trip(serac, tmp_path):

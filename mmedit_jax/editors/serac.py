@@ -9,7 +9,8 @@ model's forward exactly when `patch` is empty (so the pre-edit outputs are the b
 output when `patch` is a SERAC patch (`serac_net.serac_logits`). `params` stay the base model's: the editor's
 networks travel in the patch. Under the harness's `vmap` the edit and its scoring run in one traced function, so
 `net` stays unbatched there (only the memory gains the `[E]` axis); the trainer broadcasts it (`trainables`).
-It has no frozen-prefix split (`supports_prefix` False) and no taps.
+It has no frozen-prefix split (`supports_prefix` False) and no taps. With `scope_image` the edit and the routing
+also read the inputs' images (`SeracFns.image_embeds`).
 """
 
 from __future__ import annotations
@@ -44,17 +45,21 @@ class SeracFns(RoutedFns):
         if taps:
             raise ValueError("SeracFns: taps are not available on a SERAC-edited model")
         base_logits = jax.lax.stop_gradient(self.base.logits(params, {}, seq, image))  # the reference: no_grad
-        embeds = image
-        if image is not None and self.base.uses_pixels:
-            embeds = self.base.encode(params, {}, image[None])[0]
+        embeds = self.image_embeds(params, image)
         logits = SN.serac_logits(self.cfg, patch["net"], patch["memory"], seq, embeds, base_logits)
         return (logits if rows is None else logits[rows]), {}
 
+    def image_embeds(self, params, image):
+        """The base model's embeddings `[nq, E_base]` of one input's image (pixels encoded; cached features as
+        they are; None for a text-only input)."""
+        if image is not None and self.base.uses_pixels:
+            return self.base.encode(params, {}, image[None])[0]
+        return image
+
     def route(self, params, patch, seq: Seq, image) -> tuple[jax.Array, jax.Array]:
         """`(s*, c*)` of one query against the patch's memory."""
-        del params, image
-        scores = SN.scope_scores(self.cfg, patch["net"], patch["memory"], seq)
-        return SN.route(scores)
+        embeds = self.image_embeds(params, image) if self.cfg.scope_image else None  # the text alone otherwise
+        return SN.route(SN.scope_scores(self.cfg, patch["net"], patch["memory"], seq, embeds))
 
 
 def with_memory(net: dict, memory: SN.Memory) -> dict:
@@ -62,9 +67,10 @@ def with_memory(net: dict, memory: SN.Memory) -> dict:
     return {"net": net, "memory": memory}
 
 
-def serac_patch(cfg: SN.SeracConfig, net: dict, case: Case, prior: dict) -> dict:
-    """The patch of one edit: `{"net", "memory"}`, the memory `prior`'s (if any) plus this edit's slot."""
-    memory = SN.write_memory(cfg, net, case.edit)
+def serac_patch(cfg: SN.SeracConfig, net: dict, case: Case, prior: dict, image=None) -> dict:
+    """The patch of one edit: `{"net", "memory"}`, the memory `prior`'s (if any) plus this edit's slot (`image`:
+    the base model's embeddings of the edit's image, read with `scope_image`)."""
+    memory = SN.write_memory(cfg, net, case.edit, image)
     if prior:
         memory = SN.append(prior["memory"], memory)
     return with_memory(net, memory)
@@ -72,12 +78,15 @@ def serac_patch(cfg: SN.SeracConfig, net: dict, case: Case, prior: dict) -> dict
 
 def make_serac(cfg: SN.SeracConfig, base: Blip2Fns, net: dict) -> Editor:
     """A trained (or fresh) SERAC as an `Editor`; `editor_params` = `net` (`serac_net.init_serac`)."""
-    missing = {"classifier", "counterfactual", "projection"} - set(net)
+    missing = {"classifier", "counterfactual", "projection", *(("scope_image",) if cfg.scope_image else ())} - set(net)
     if missing:
         raise KeyError(f"SERAC parameters lack {sorted(missing)}")
 
-    def edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dict:
-        del params, prefix
-        return serac_patch(cfg, editor_params, case, prior)
+    fns = SeracFns(base, cfg)
 
-    return Editor(name="serac", edit=edit, editor_params=net, fns=SeracFns(base, cfg), hparams=SeracSpec(cfg))
+    def edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dict:
+        del prefix
+        image = fns.image_embeds(params, case.image("edit")) if cfg.scope_image else None
+        return serac_patch(cfg, editor_params, case, prior, image)
+
+    return Editor(name="serac", edit=edit, editor_params=net, fns=fns, hparams=SeracSpec(cfg))

@@ -25,6 +25,11 @@ counterfactual model with its image projection, the memory, and the mixture of b
   expresses any linear map of the Q-Former outputs, and it reuses the feature cache. EasyEdit's bug fixed:
   its `language_projection` is never optimised and is re-initialised at random in every edited wrapper; here it
   is an editor parameter, trained and saved with the rest.
+* Image-aware scope (`scope_image: true`; ours, off by default): SERAC_MULTI's classifier reads text only, so
+  another image's question in the edit's words is in scope by construction (M-Locality falls wherever questions
+  repeat). With the switch each key and query also carry an image key, a trained linear map of the mean of the
+  base model's image embeddings (`[nq, E_base] -> [D_img]`; a text-only input's image key is a trained
+  `no_image` vector), and the distance adds `||i_q - i_c||^2` to the text's. Off, the image keys have width 0.
 * Mixture: EasyEdit (`supervised: false`, every shipped config): `log((1 - s*) p_base + s* p_cf + eps)` with
   eps = float32 eps; the SERAC paper (`supervised: true`, `soft_weighting: false`): hard routing, the
   counterfactual logits where `s* > 0.5`, else the base logits. Both models always run (no data-dependent
@@ -65,6 +70,8 @@ class SeracConfig:
     classifier's text and the memory's context leave out and the counterfactual sees first.
     hard_routing: the SERAC paper's `s* > 0.5` switch (EasyEdit: `supervised and not soft_weighting`) instead of
     the soft mixture. square / cos / bound_embeds: EasyEdit's distance keys.
+    scope_image: the scope also compares the query's image with the slot's (ours; module docstring), through an
+    image key of width `scope_image_dim`.
     trained_layers: how many of the counterfactual's last decoder layers train (None: all its parameters). EasyEdit's
     MiniGPT-4 SERAC trains only the Vicuna parameters whose name holds '31', i.e. its last layer (1); its embeddings,
     final norm and head stay frozen with the other layers.
@@ -86,6 +93,8 @@ class SeracConfig:
     bound_embeds: bool = False
     trained_layers: int | None = None
     scope_query: str = "prompt"
+    scope_image: bool = False
+    scope_image_dim: int = 32
 
     def __post_init__(self):
         if self.scope_query not in SCOPE_QUERIES:
@@ -142,11 +151,13 @@ def counterfactual_decoder(cfg: SeracConfig):
 class Memory:
     """Fixed-capacity SERAC memory (add a leading `[E]` axis for a batch of independent memories).
 
-    keys `[C, D]`: classifier embeddings of the slots' texts; ctx_ids / ctx_mask `[C, Lc]`: their counterfactual
-    context tokens (mask 0 on padding and image slots); valid `[C]` bool: filled slots.
+    keys `[C, D]`: classifier embeddings of the slots' texts; image_keys `[C, D_img]`: their images' keys
+    (`image_key`; D_img = 0 without `scope_image`); ctx_ids / ctx_mask `[C, Lc]`: their counterfactual context
+    tokens (mask 0 on padding and image slots); valid `[C]` bool: filled slots.
     """
 
     keys: jax.Array
+    image_keys: jax.Array
     ctx_ids: jax.Array
     ctx_mask: jax.Array
     valid: jax.Array
@@ -168,8 +179,9 @@ def append(memory: Memory, new: Memory) -> Memory:
 def init_serac(rng, cfg: SeracConfig, counterfactual_params=None, classifier_params=None) -> dict:
     """`{"classifier", "counterfactual", "projection": {"kernel", "bias"}}`; the networks random unless given.
     The projection starts as the identity where the widths agree (a counterfactual that is a copy of the base
-    language model then sees the images as the base does), else `normal(0.02)`."""
-    k_cls, k_cf, k_proj = jax.random.split(rng, 3)
+    language model then sees the images as the base does), else `normal(0.02)`. With `scope_image`, also
+    `"scope_image": {"kernel" [E_base, D_img], "no_image" [D_img]}` (`fresh_scope_image`)."""
+    k_cls, k_cf, k_proj, k_img = jax.random.split(rng, 4)
     if classifier_params is None:
         ids = jnp.zeros((1, 4), jnp.int32)
         classifier_params = TextEncoder(cfg.classifier).init(k_cls, ids)["params"]
@@ -179,8 +191,19 @@ def init_serac(rng, cfg: SeracConfig, counterfactual_params=None, classifier_par
     d_in, d_out = cfg.image_width, cfg.counterfactual_width
     kernel = (jnp.eye(d_in, dtype=jnp.float32) if d_in == d_out
               else 0.02 * jax.random.normal(k_proj, (d_in, d_out), jnp.float32))
-    return {"classifier": classifier_params, "counterfactual": counterfactual_params,
-            "projection": {"kernel": kernel, "bias": jnp.zeros((d_out,), jnp.float32)}}
+    net = {"classifier": classifier_params, "counterfactual": counterfactual_params,
+           "projection": {"kernel": kernel, "bias": jnp.zeros((d_out,), jnp.float32)}}
+    if cfg.scope_image:
+        net["scope_image"] = fresh_scope_image(k_img, cfg)
+    return net
+
+
+def fresh_scope_image(rng, cfg: SeracConfig) -> dict:
+    """The image key's parameters, untrained: a kernel small enough that a fresh key barely moves the routing of
+    a trained text classifier (a zero kernel would have zero gradient: the distance is quadratic in it), and
+    `no_image` at zero."""
+    kernel = 0.01 * jax.random.normal(rng, (cfg.image_width, cfg.scope_image_dim), jnp.float32)
+    return {"kernel": kernel, "no_image": jnp.zeros((cfg.scope_image_dim,), jnp.float32)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,8 +241,22 @@ def embed(cfg: SeracConfig, classifier_params, ids: jax.Array, mask: jax.Array) 
     return jnp.tanh(e) if cfg.bound_embeds else e
 
 
-def log_similarity(cfg: SeracConfig, query: jax.Array, keys: jax.Array, valid: jax.Array) -> jax.Array:
-    """`[C]` log-similarities of the query embedding `[D]` to the memory keys `[C, D]`; `-inf` at invalid slots."""
+def image_key(cfg: SeracConfig, net: dict, image: jax.Array | None) -> jax.Array:
+    """`[D_img]`: the scope's key of an input's image (`image`: the base model's embeddings `[nq, E_base]`, None
+    for a text-only input); width 0 without `scope_image`."""
+    if not cfg.scope_image:
+        return jnp.zeros((0,), jnp.float32)
+    p = net["scope_image"]
+    if image is None:
+        return p["no_image"]
+    return jnp.mean(image.astype(jnp.float32), axis=0) @ p["kernel"]
+
+
+def log_similarity(cfg: SeracConfig, query: jax.Array, keys: jax.Array, valid: jax.Array,
+                   query_image: jax.Array | None = None, image_keys: jax.Array | None = None) -> jax.Array:
+    """`[C]` log-similarities of the query embedding `[D]` to the memory keys `[C, D]`; `-inf` at invalid slots.
+    With `scope_image`, the squared distance of the image keys (`query_image [D_img]`, `image_keys [C, D_img]`)
+    is added to the text's distance."""
     if cfg.cos:
         cos = keys @ query / (jnp.linalg.norm(keys, axis=-1) * jnp.linalg.norm(query) + 1e-12)
         dist = 1.0 - cos
@@ -227,6 +264,8 @@ def log_similarity(cfg: SeracConfig, query: jax.Array, keys: jax.Array, valid: j
         dist = jnp.sum(jnp.square(keys - query[None]), axis=-1)
         if not cfg.square:
             dist = jnp.sqrt(jnp.maximum(dist, 1e-12))
+    if cfg.scope_image:
+        dist = dist + jnp.sum(jnp.square(image_keys - query_image[None]), axis=-1)
     return jnp.where(valid, -dist * SCALE, -jnp.inf)
 
 
@@ -258,12 +297,14 @@ def mix(cfg: SeracConfig, base_logits: jax.Array, cf_logits: jax.Array, s: jax.A
 # The memory and the counterfactual model.
 
 
-def write_memory(cfg: SeracConfig, net: dict, edit: Seq) -> Memory:
-    """A capacity-1 memory holding one edit: its text's classifier embedding (computed once, here) and its text
-    as counterfactual context."""
+def write_memory(cfg: SeracConfig, net: dict, edit: Seq, image: jax.Array | None = None) -> Memory:
+    """A capacity-1 memory holding one edit: its text's classifier embedding (computed once, here), its image's
+    key (`image`: the base model's embeddings `[nq, E_base]` of the edit's image; read with `scope_image` only)
+    and its text as counterfactual context."""
     ids, mask = text_tokens(cfg, edit)
     key = embed(cfg, net["classifier"], ids, mask)
-    return Memory(keys=key[None], ctx_ids=ids[None], ctx_mask=mask[None], valid=jnp.ones((1,), bool))
+    return Memory(keys=key[None], image_keys=image_key(cfg, net, image)[None], ctx_ids=ids[None],
+                  ctx_mask=mask[None], valid=jnp.ones((1,), bool))
 
 
 def counterfactual_logits(cfg: SeracConfig, net: dict, ctx_ids: jax.Array, ctx_mask: jax.Array, seq: Seq,
@@ -309,14 +350,15 @@ def serac_logits(cfg: SeracConfig, net: dict, memory: Memory, seq: Seq, image, b
     """The edited model's output `[L, V]` on one query: classifier on the query's text, counterfactual on the
     nearest slot's context + the query, routed against `base_logits` (`mix`). With `return_route`, also
     `(s*, c*)`."""
-    ids, mask = text_tokens(cfg, seq, query=True)
-    s, c = route(log_similarity(cfg, embed(cfg, net["classifier"], ids, mask), memory.keys, memory.valid))
+    s, c = route(scope_scores(cfg, net, memory, seq, image))
     cf = counterfactual_logits(cfg, net, memory.ctx_ids[c], memory.ctx_mask[c], seq, image)
     out = mix(cfg, base_logits, cf, s)
     return (out, (s, c)) if return_route else out
 
 
-def scope_scores(cfg: SeracConfig, net: dict, memory: Memory, seq: Seq) -> jax.Array:
-    """`[C]` log-similarities of one query's text to every slot (the classifier alone)."""
+def scope_scores(cfg: SeracConfig, net: dict, memory: Memory, seq: Seq, image: jax.Array | None = None) -> jax.Array:
+    """`[C]` log-similarities of one query to every slot (the classifier alone): its text's, and with
+    `scope_image` its image's (`image`: the base model's embeddings `[nq, E_base]`, None for a text-only query)."""
     ids, mask = text_tokens(cfg, seq, query=True)
-    return log_similarity(cfg, embed(cfg, net["classifier"], ids, mask), memory.keys, memory.valid)
+    return log_similarity(cfg, embed(cfg, net["classifier"], ids, mask), memory.keys, memory.valid,
+                          image_key(cfg, net, image), memory.image_keys)

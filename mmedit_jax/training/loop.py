@@ -183,7 +183,7 @@ def train(trainable: Trainable, cfg: TrainConfig, base_params, train_cases: Case
     tx, step_fn = step_program(trainable, cfg)
     ts = init_train_state(trainable, tx, cfg.seed, cfg)
     if init is not None:
-        ts = dict(ts, **warm_start(ts, tx, *init))
+        ts = dict(ts, **warm_start(ts, tx, *init, fresh_ok=trainable.fresh_ok))
     mngr, resumed_from, metrics_path = None, None, None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

@@ -74,7 +74,8 @@ def serac_case_losses(fns, base_params, patch, case: Case, cfg: TrainConfig) -> 
         out[key] = answer_nll(logits, seq.labels)
         out[f"{name}/acc"] = M.edit_accuracy(logits[None], seq.labels[None], cfg.exact_match)[0]
     for name in ("rephrase", "image_rephrase", "loc", "loc_image"):
-        out[f"logsim/{name}"] = SN.scope_scores(fns.cfg, net, memory, case.seq(name))[0]
+        image = fns.image_embeds(base_params, case.image(name)) if fns.cfg.scope_image else None
+        out[f"logsim/{name}"] = SN.scope_scores(fns.cfg, net, memory, case.seq(name), image)[0]
     return out
 
 

@@ -78,8 +78,16 @@ def _train_state(trainable: Trainable, tx: optax.GradientTransformation, seed: i
     return out
 
 
-def warm_start(ts: dict, tx: optax.GradientTransformation, params, editor_state) -> dict:
-    """`params` / `editor_state` of a trained editor in place of a fresh state's, checked leaf by leaf."""
+def warm_start(ts: dict, tx: optax.GradientTransformation, params, editor_state, fresh_ok: tuple = ()) -> dict:
+    """`params` / `editor_state` of a trained editor in place of a fresh state's, checked leaf by leaf. The
+    top-level parameter groups named in `fresh_ok` (a switch's own parameters) may be absent from the given
+    editor, and keep their fresh values, or present in it and absent here, and are dropped (said on stdout)."""
+    kept = [k for k in fresh_ok if k in ts["params"] and k not in params]
+    dropped = [k for k in fresh_ok if k in params and k not in ts["params"]]
+    if kept or dropped:
+        print(f"warm start: {', '.join(kept) or 'nothing'} initialised fresh (not in the given editor); "
+              f"{', '.join(dropped) or 'nothing'} dropped (not in this one)", flush=True)
+        params = {**{k: v for k, v in params.items() if k not in dropped}, **{k: ts["params"][k] for k in kept}}
     for name, fresh, given in (("params", ts["params"], params), ("editor_state", ts["editor_state"], editor_state)):
         want = jax.tree_util.tree_flatten_with_path(fresh)[0]
         have = dict(jax.tree_util.tree_flatten_with_path(given)[0])

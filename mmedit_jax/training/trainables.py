@@ -46,6 +46,8 @@ class Trainable:
     make_editor(params, state, check) -> Editor (eval mode); use `editor()`.
     labels(params) -> optax labels ("net" / "edit_lr").
     save(dir, params, state) writes the editor for `evaluate --editor-ckpt` (`editors.io`).
+    fresh_ok: top-level parameter groups of a switch (SERAC's `scope_image`) that a warm start may lack (they keep
+    their initial values) or bring where this editor has none (they are dropped).
     The compiled programs built for this trainable (`training.step.step_program`, ...) are cached on it, so a
     resumed or repeated `train` call reuses them; `dataclasses.replace` gives a copy with an empty cache.
     """
@@ -58,6 +60,7 @@ class Trainable:
     make_editor: Callable
     labels: Callable
     save: Callable
+    fresh_ok: tuple[str, ...] = ()
     programs: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def editor(self, params, state, check: bool = True) -> Editor:
@@ -112,8 +115,13 @@ def serac_trainable(spec: SeracSpec, fns: SeracFns, counterfactual_params=None, 
     """`counterfactual_params` / `classifier_params`: pretrained starting points (random without them)."""
 
     def batch_patches(params, state, base_params, cases: Case, training: bool):
-        del base_params, training
-        memory = jax.vmap(lambda c: SN.write_memory(spec.cfg, params, c.edit))(cases)
+        del training
+
+        def write(c):
+            image = fns.image_embeds(base_params, c.image("edit")) if spec.cfg.scope_image else None
+            return SN.write_memory(spec.cfg, params, c.edit, image)
+
+        memory = jax.vmap(write)(cases)
         e = memory.valid.shape[0]
         net = jax.tree.map(lambda x: jnp.broadcast_to(x, (e, *x.shape)), params)
         return {"net": net, "memory": memory}, state
@@ -125,7 +133,7 @@ def serac_trainable(spec: SeracSpec, fns: SeracFns, counterfactual_params=None, 
         name="serac", spec=spec, fns=fns, init=init, batch_patches=batch_patches,
         make_editor=lambda p, st, check: make_serac(spec.cfg, fns.base, p),
         labels=lambda p: serac_labels(spec.cfg, p),
-        save=lambda d, p, st: io.save_serac(d, spec.cfg, jax.device_get(p)),
+        save=lambda d, p, st: io.save_serac(d, spec.cfg, jax.device_get(p)), fresh_ok=("scope_image",),
     )
 
 
@@ -150,7 +158,8 @@ def serac_config_from_hparams(model, hparams: dict, classifier=None,
     worlds) unless `classifier` is given. Routing from EasyEdit's keys: hard only when `supervised` and not
     `soft_weighting`. What of the counterfactual trains: `cntr_trained_layers` (our key: a count of last layers, or
     `all`), by default EasyEdit's choice, only the last layer for `model_name: minigpt4` (its '31' name filter on
-    Vicuna's 32 layers) and everything otherwise."""
+    Vicuna's 32 layers) and everything otherwise. `scope_image` / `scope_image_dim` (ours): the image-aware scope
+    (`serac_net`)."""
     text = model.config.text
     if int(hparams.get("dist_heads", 1)) != 1:
         raise ValueError("SERAC: dist_heads > 1 is not implemented (every EasyEdit config uses 1)")
@@ -169,7 +178,8 @@ def serac_config_from_hparams(model, hparams: dict, classifier=None,
         image_token_id=int(model.config.image_token_index), image_wrap=tuple(int(n) for n in image_wrap),
         hard_routing=bool(hparams.get("supervised", False)) and not bool(hparams.get("soft_weighting", False)),
         square=bool(hparams.get("square", True)), cos=bool(hparams.get("cos", False)),
-        bound_embeds=bool(hparams.get("bound_embeds", False)), scope_query=str(hparams.get("scope_query", "prompt")))
+        bound_embeds=bool(hparams.get("bound_embeds", False)), scope_query=str(hparams.get("scope_query", "prompt")),
+        scope_image=bool(hparams.get("scope_image", False)), scope_image_dim=int(hparams.get("scope_image_dim", 32)))
 
 
 def build_trainable(kind: str, model, hparams: dict, cfg: TrainConfig, feature_cache: bool = True,
