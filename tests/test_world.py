@@ -153,10 +153,10 @@ def test_build_runs_the_finetune_stage_from_the_first_stage_editor(tmp_path, mon
     assert calls == want
     build.main(["--work", str(work), "--editors", "mend,ke"])
     assert len(calls) == len(want)  # everything DONE: nothing retrained
-    # SERAC has three stages, each warm-started from the one before
+    # SERAC has four stages, each warm-started from the one before
     del calls[:]
     build.main(["--work", str(work), "--editors", "serac"])
-    runs = ["serac_vqa", "serac_vqa_finetune", "serac_vqa_finetune2"]
+    runs = ["serac_vqa", "serac_vqa_finetune", "serac_vqa_finetune2", "serac_vqa_finetune3"]
     assert calls == [("serac", f"serac_world{run[9:]}.yaml", run, None if i == 0 else
                       os.path.join(str(work), runs[i - 1], "editor")) for i, run in enumerate(runs)]
 

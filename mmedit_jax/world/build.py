@@ -39,7 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Training stages of each editor: config suffix -> run-directory suffix. A later stage runs only where its config
 # exists, warm-started from the previous stage's editor.
-STAGES = {"": "", "_finetune": "_finetune", "_finetune2": "_finetune2"}
+STAGES = {"": "", "_finetune": "_finetune", "_finetune2": "_finetune2", "_finetune3": "_finetune3"}
 WORLD_CONFIG = {"blip2": "world", "minigpt4": "world_minigpt4"}  # configs/{editor}_{this}{stage}[_{task}].yaml
 DEFAULTS = {"blip2": ("runs/world_build", "mend,ke", 3000), "minigpt4": ("runs/world_build_minigpt4", "mend", 1000)}
 # IKE-shaped examples per pretraining step (`pretrain.in_context_batch`): the BLIP-2 world is IKE's; the MiniGPT-4
