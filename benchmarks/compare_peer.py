@@ -248,7 +248,7 @@ def serac_to_torch(cfg, net) -> tuple[dict, dict]:
     meta = {"classifier_kind": kind, "classifier_config": dataclasses.asdict(cfg.classifier),
             "counterfactual_config": opt_config_dict(cfg.counterfactual),
             **{k: getattr(cfg, k) for k in ("image_token_id", "hard_routing", "square", "cos", "bound_embeds",
-                                             "scope_query", "scope_image")}}
+                                             "scope_query", "scope_image", "scope_key")}}
     return state, meta
 
 

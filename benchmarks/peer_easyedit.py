@@ -425,12 +425,13 @@ class SeracEditor:
     def edit(self, case) -> _Memory:
         return _Memory(self, case["edit_inner"])
 
-    def text(self, x: dict, query: bool = False) -> torch.Tensor:
+    def text(self, x: dict, query: bool = False, reading: str = "text_input") -> torch.Tensor:
         """`[1, T]`: the input's text ids (image slots dropped); a query read by the classifier under
-        `scope_query: prompt` also drops its answer tokens."""
+        `scope_query: prompt`, or an edit read with `reading="prompt"` (`scope_key`), also drops its answer
+        tokens."""
         ids = x["input_ids"][0]
         keep = ids != self.image_token_id
-        if query and self.meta["scope_query"] == "prompt":
+        if (query and self.meta["scope_query"] == "prompt") or reading == "prompt":
             keep &= x["labels"][0] == IGNORE
         return ids[keep][None]
 
@@ -479,7 +480,8 @@ class SeracEditor:
         image_dist = 0.0
         if self.scope_image is not None:
             image_dist = ((self.image_key(model, edit) - self.image_key(model, x)) ** 2).sum(-1)
-        s = self.similarity(self.embed(ctx), self.embed(self.text(x, query=True)), image_dist)
+        key_text = self.text(edit, reading=self.meta.get("scope_key", "text_input"))
+        s = self.similarity(self.embed(key_text), self.embed(self.text(x, query=True)), image_dist)
         cf = self.counterfactual_logits(model, ctx, x)
         if self.meta["hard_routing"]:
             return cf if s > 0.5 else base

@@ -201,7 +201,7 @@ def test_train_steps_decrease_the_loss(serac, supervised):
 
 def test_image_scope_compares_the_images(serac):
     """With `scope_image` the edit's own text on its own image is at distance 0, on another image at the image
-    keys' distance, and a text-only query compares `no_image`; without it the keys have width 0."""
+    keys' distance, and a text-only query compares `no_image`; without it the keys have width 0. `scope_key`."""
     model, tr, _, cases = serac
     assert tr.init(jax.random.key(0))[0].keys() == {"classifier", "counterfactual", "projection"}
     hp = dict(HPARAMS, scope_image=True, scope_query="text_input")
@@ -228,6 +228,18 @@ def test_image_scope_compares_the_images(serac):
     np.testing.assert_allclose(moved, np.exp(-np.sum((other_key - key) ** 2)), rtol=1e-4)
     np.testing.assert_allclose(text_only, np.exp(-np.sum(key ** 2)), rtol=1e-4)  # no_image starts at 0
     assert 0.05 < moved < 0.95 and 0.05 < text_only < 0.95, (moved, text_only)
+    # `scope_key="prompt"`: the key reads the edit's prompt as a "prompt" query is read, so the edit's own question
+    # on its own image is at distance 0 whatever its new answer; the counterfactual's context keeps the answer
+    both = dataclasses.replace(img_tr.spec.cfg, scope_query="prompt", scope_key="prompt")
+    image = a.image("edit")
+    mem = SN.write_memory(both, params, a.edit, image)
+    np.testing.assert_allclose(np.asarray(SN.scope_scores(both, params, mem, a.edit, image)), 0.0, atol=1e-6)
+    text_input_key = SN.write_memory(dataclasses.replace(both, scope_key="text_input"), params, a.edit, image)
+    assert float(SN.scope_scores(both, params, text_input_key, a.edit, image)[0]) < -1e-3
+    np.testing.assert_array_equal(np.asarray(mem.ctx_mask), np.asarray(text_input_key.ctx_mask))
+    assert int(mem.ctx_mask.sum()) > int(SN.text_tokens(both, a.edit, query=True)[1].sum())
+    with pytest.raises(ValueError, match="scope_key"):
+        dataclasses.replace(both, scope_key="answer")
     # a SERAC saved without the image scope warm-starts one with it: the image key starts fresh
     saved, _ = tr.init(jax.random.key(0))
     tx = T.make_optimizer(T.TrainConfig.from_hparams({"alg": "SERAC"}), img_tr.labels(params))

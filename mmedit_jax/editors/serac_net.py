@@ -78,8 +78,12 @@ class SeracConfig:
     scope_query: what of a query the scope classifier reads. "prompt" (default; the SERAC paper: the input x, not
     its answer) drops the answer tokens (`labels != -100`); "text_input" (EasyEdit's SERAC_MULTI) reads prompt and
     target, so a teacher-forced query carries the very answer being scored into the routing decision, and at
-    generation, where no target exists, the routing sees another distribution. The memory's key is the edit's
-    whole text (prompt and new answer: the edit descriptor) either way.
+    generation, where no target exists, the routing sees another distribution.
+    scope_key: what of the edit the memory's classifier key reads. "text_input" (default; SERAC_MULTI, and the
+    SERAC paper's edit descriptor) the edit's prompt and new answer; "prompt" (ours) the prompt alone, as a
+    "prompt" query is read, so the key no longer depends on the new answer (on the world, keys of some answers
+    lay so far from their prompts that the routing weight was 0 and its gradient with it). The counterfactual's
+    context keeps the whole text either way.
     """
 
     classifier: DistilBertConfig | BertConfig
@@ -95,10 +99,13 @@ class SeracConfig:
     scope_query: str = "prompt"
     scope_image: bool = False
     scope_image_dim: int = 32
+    scope_key: str = "text_input"
 
     def __post_init__(self):
         if self.scope_query not in SCOPE_QUERIES:
             raise ValueError(f"SERAC: scope_query must be one of {SCOPE_QUERIES}, got {self.scope_query!r}")
+        if self.scope_key not in SCOPE_QUERIES:
+            raise ValueError(f"SERAC: scope_key must be one of {SCOPE_QUERIES}, got {self.scope_key!r}")
         if self.trained_layers is not None and self.counterfactual is not None:
             total = self.counterfactual.num_hidden_layers
             if not 1 <= self.trained_layers <= total:
@@ -223,11 +230,13 @@ def image_block(cfg: SeracConfig, ids: jax.Array) -> jax.Array:
     return jnp.any(is_image) & (pos >= first - before) & (pos <= last + after)
 
 
-def text_tokens(cfg: SeracConfig, seq: Seq, query: bool = False) -> tuple[jax.Array, jax.Array]:
+def text_tokens(cfg: SeracConfig, seq: Seq, query: bool = False,
+                reading: str = "text_input") -> tuple[jax.Array, jax.Array]:
     """An input's text tokens, packed to the front: `(ids [L], mask [L])` (the image block and padding
-    dropped); a `query` read by the scope classifier also drops its answer tokens under `scope_query="prompt"`."""
+    dropped); a `query` read by the scope classifier also drops its answer tokens under `scope_query="prompt"`,
+    and so does any input read with `reading="prompt"`."""
     keep = seq.attention_mask.astype(bool) & ~image_block(cfg, seq.input_ids)
-    if query and cfg.scope_query == "prompt":
+    if (query and cfg.scope_query == "prompt") or reading == "prompt":
         keep = keep & (seq.labels == -100)
     order = jnp.argsort(~keep, stable=True)
     return seq.input_ids[order], keep[order].astype(jnp.int32)
@@ -298,11 +307,12 @@ def mix(cfg: SeracConfig, base_logits: jax.Array, cf_logits: jax.Array, s: jax.A
 
 
 def write_memory(cfg: SeracConfig, net: dict, edit: Seq, image: jax.Array | None = None) -> Memory:
-    """A capacity-1 memory holding one edit: its text's classifier embedding (computed once, here), its image's
+    """A capacity-1 memory holding one edit: its text's classifier embedding (computed once, here; the prompt's alone
+    with `scope_key="prompt"`), its image's
     key (`image`: the base model's embeddings `[nq, E_base]` of the edit's image; read with `scope_image` only)
     and its text as counterfactual context."""
     ids, mask = text_tokens(cfg, edit)
-    key = embed(cfg, net["classifier"], ids, mask)
+    key = embed(cfg, net["classifier"], *text_tokens(cfg, edit, reading=cfg.scope_key))
     return Memory(keys=key[None], image_keys=image_key(cfg, net, image)[None], ctx_ids=ids[None],
                   ctx_mask=mask[None], valid=jnp.ones((1,), bool))
 

@@ -158,8 +158,8 @@ def serac_config_from_hparams(model, hparams: dict, classifier=None,
     worlds) unless `classifier` is given. Routing from EasyEdit's keys: hard only when `supervised` and not
     `soft_weighting`. What of the counterfactual trains: `cntr_trained_layers` (our key: a count of last layers, or
     `all`), by default EasyEdit's choice, only the last layer for `model_name: minigpt4` (its '31' name filter on
-    Vicuna's 32 layers) and everything otherwise. `scope_image` / `scope_image_dim` (ours): the image-aware scope
-    (`serac_net`)."""
+    Vicuna's 32 layers) and everything otherwise. `scope_image` / `scope_image_dim` / `scope_key` (ours): the
+    image-aware scope and what the memory key reads (`serac_net`)."""
     text = model.config.text
     if int(hparams.get("dist_heads", 1)) != 1:
         raise ValueError("SERAC: dist_heads > 1 is not implemented (every EasyEdit config uses 1)")
@@ -179,7 +179,8 @@ def serac_config_from_hparams(model, hparams: dict, classifier=None,
         hard_routing=bool(hparams.get("supervised", False)) and not bool(hparams.get("soft_weighting", False)),
         square=bool(hparams.get("square", True)), cos=bool(hparams.get("cos", False)),
         bound_embeds=bool(hparams.get("bound_embeds", False)), scope_query=str(hparams.get("scope_query", "prompt")),
-        scope_image=bool(hparams.get("scope_image", False)), scope_image_dim=int(hparams.get("scope_image_dim", 32)))
+        scope_image=bool(hparams.get("scope_image", False)), scope_image_dim=int(hparams.get("scope_image_dim", 32)),
+        scope_key=str(hparams.get("scope_key", "text_input")))
 
 
 def build_trainable(kind: str, model, hparams: dict, cfg: TrainConfig, feature_cache: bool = True,
