@@ -251,6 +251,12 @@ def test_image_scope_compares_the_images(serac):
                                   np.asarray(saved["projection"]["kernel"]))
     with pytest.raises(ValueError, match="scope_image"):
         T.warm_start(fresh_ts, tx, saved, {})
+    # and the other way (the E-IC SERAC warm-starts from the E-VQA one): the image key is dropped
+    plain_tx = T.make_optimizer(T.TrainConfig.from_hparams({"alg": "SERAC"}), tr.labels(saved))
+    plain = T.warm_start(T.init_train_state(tr, plain_tx, 0), plain_tx, params, {}, fresh_ok=tr.fresh_ok)
+    assert set(plain["params"]) == {"classifier", "counterfactual", "projection"}
+    np.testing.assert_array_equal(np.asarray(plain["params"]["projection"]["kernel"]),
+                                  np.asarray(params["projection"]["kernel"]))
 
 
 def test_save_load_round_trip(serac, tmp_path):
