@@ -392,9 +392,10 @@ class _Memory:
 
     def __init__(self, serac, edit: dict):
         self.serac, self.edit = serac, edit
+        self.image_key = None  # `scope_image`: the slot's image key, computed on first use, once per edit
 
     def logits(self, model, x: dict) -> torch.Tensor:
-        return self.serac.routed_logits(model, self.edit, x)
+        return self.serac.routed_logits(model, self, x)
 
     def restore(self) -> None:
         pass
@@ -425,13 +426,12 @@ class SeracEditor:
     def edit(self, case) -> _Memory:
         return _Memory(self, case["edit_inner"])
 
-    def text(self, x: dict, query: bool = False, reading: str = "text_input") -> torch.Tensor:
-        """`[1, T]`: the input's text ids (image slots dropped); a query read by the classifier under
-        `scope_query: prompt`, or an edit read with `reading="prompt"` (`scope_key`), also drops its answer
-        tokens."""
+    def text(self, x: dict, reading: str = "text_input") -> torch.Tensor:
+        """`[1, T]`: the input's text ids (image slots dropped); `reading="prompt"` also drops its answer tokens
+        (the classifier reads a query as `scope_query` says, the memory key as `scope_key` says)."""
         ids = x["input_ids"][0]
         keep = ids != self.image_token_id
-        if (query and self.meta["scope_query"] == "prompt") or reading == "prompt":
+        if reading == "prompt":
             keep &= x["labels"][0] == IGNORE
         return ids[keep][None]
 
@@ -472,16 +472,19 @@ class SeracEditor:
         lc = ctx.shape[1]
         return torch.cat([out.logits[:, :n], out.logits[:, n + lc:]], 1)
 
-    def routed_logits(self, model, edit: dict, x: dict) -> torch.Tensor:
+    def routed_logits(self, model, memory: _Memory, x: dict) -> torch.Tensor:
         """`SERAC_MULTI.forward` on one input: base logits, the scope classifier on the memory and the query, the
         counterfactual on the memory + query, then the soft mixture (or the hard switch)."""
         base = logits_of(model, x)
+        edit = memory.edit
         ctx = self.text(edit)
         image_dist = 0.0
         if self.scope_image is not None:
-            image_dist = ((self.image_key(model, edit) - self.image_key(model, x)) ** 2).sum(-1)
-        key_text = self.text(edit, reading=self.meta.get("scope_key", "text_input"))
-        s = self.similarity(self.embed(key_text), self.embed(self.text(x, query=True)), image_dist)
+            if memory.image_key is None:
+                memory.image_key = self.image_key(model, edit)
+            image_dist = ((memory.image_key - self.image_key(model, x)) ** 2).sum(-1)
+        key_text = self.text(edit, self.meta.get("scope_key", "text_input"))
+        s = self.similarity(self.embed(key_text), self.embed(self.text(x, self.meta["scope_query"])), image_dist)
         cf = self.counterfactual_logits(model, ctx, x)
         if self.meta["hard_routing"]:
             return cf if s > 0.5 else base

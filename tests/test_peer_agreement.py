@@ -204,5 +204,6 @@ def test_serac_agrees(manifests):
                 peer = memory.logits(pmodel, x)[0].numpy()
                 np.testing.assert_allclose(peer, np.asarray(ours[spec.name][i])[: peer.shape[0]], atol=1e-5,
                                            err_msg=f"case {i} {spec.name}")
-                weights.append(float(peditor.similarity(key, peditor.embed(peditor.text(x, query=True)))))
+                query = peditor.embed(peditor.text(x, peditor.meta["scope_query"]))
+                weights.append(float(peditor.similarity(key, query)))
     assert max(weights) < 1.0 and min(weights) > 1e-6 and max(weights) > 0.01, weights

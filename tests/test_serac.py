@@ -83,7 +83,7 @@ def _outputs(fns: SeracFns, hard: SeracFns, edit, net, base_params, case):
     patch = edit(net, base_params, case, {})
     out = {f"s_{n}": fns.route(base_params, patch, case.seq(n), case.image(n))[0] for n in ("edit", "rephrase", "loc")}
     out["s_edit_text_input"] = hard.route(base_params, patch, case.edit, case.image("edit"))[0]
-    ids, mask = SN.text_tokens(fns.cfg, case.edit, query=True)
+    ids, mask = SN.text_tokens(fns.cfg, case.edit, fns.cfg.scope_query)
     out["prompt_ids"], out["prompt_mask"] = ids, mask
     out["key"] = patch["memory"].keys[0]
     seq, img = case.rephrase, case.image("rephrase")
@@ -237,7 +237,7 @@ def test_image_scope_compares_the_images(serac):
     text_input_key = SN.write_memory(dataclasses.replace(both, scope_key="text_input"), params, a.edit, image)
     assert float(SN.scope_scores(both, params, text_input_key, a.edit, image)[0]) < -1e-3
     np.testing.assert_array_equal(np.asarray(mem.ctx_mask), np.asarray(text_input_key.ctx_mask))
-    assert int(mem.ctx_mask.sum()) > int(SN.text_tokens(both, a.edit, query=True)[1].sum())
+    assert int(mem.ctx_mask.sum()) > int(SN.text_tokens(both, a.edit, both.scope_query)[1].sum())
     with pytest.raises(ValueError, match="scope_key"):
         dataclasses.replace(both, scope_key="answer")
     # a SERAC saved without the image scope warm-starts one with it: the image key starts fresh

@@ -230,13 +230,12 @@ def image_block(cfg: SeracConfig, ids: jax.Array) -> jax.Array:
     return jnp.any(is_image) & (pos >= first - before) & (pos <= last + after)
 
 
-def text_tokens(cfg: SeracConfig, seq: Seq, query: bool = False,
-                reading: str = "text_input") -> tuple[jax.Array, jax.Array]:
+def text_tokens(cfg: SeracConfig, seq: Seq, reading: str = "text_input") -> tuple[jax.Array, jax.Array]:
     """An input's text tokens, packed to the front: `(ids [L], mask [L])` (the image block and padding
-    dropped); a `query` read by the scope classifier also drops its answer tokens under `scope_query="prompt"`,
-    and so does any input read with `reading="prompt"`."""
+    dropped); `reading="prompt"` also drops the answer tokens (`labels != -100`). The scope classifier reads a
+    query as `cfg.scope_query` says and a memory key as `cfg.scope_key` says."""
     keep = seq.attention_mask.astype(bool) & ~image_block(cfg, seq.input_ids)
-    if (query and cfg.scope_query == "prompt") or reading == "prompt":
+    if reading == "prompt":
         keep = keep & (seq.labels == -100)
     order = jnp.argsort(~keep, stable=True)
     return seq.input_ids[order], keep[order].astype(jnp.int32)
@@ -307,12 +306,12 @@ def mix(cfg: SeracConfig, base_logits: jax.Array, cf_logits: jax.Array, s: jax.A
 
 
 def write_memory(cfg: SeracConfig, net: dict, edit: Seq, image: jax.Array | None = None) -> Memory:
-    """A capacity-1 memory holding one edit: its text's classifier embedding (computed once, here; the prompt's alone
-    with `scope_key="prompt"`), its image's
-    key (`image`: the base model's embeddings `[nq, E_base]` of the edit's image; read with `scope_image` only)
-    and its text as counterfactual context."""
+    """A capacity-1 memory holding one edit: its text's classifier embedding (computed once, here; the prompt's
+    alone with `scope_key="prompt"`), its image's key (`image`: the base model's embeddings `[nq, E_base]` of the
+    edit's image; read with `scope_image` only) and its whole text as counterfactual context."""
     ids, mask = text_tokens(cfg, edit)
-    key = embed(cfg, net["classifier"], *text_tokens(cfg, edit, reading=cfg.scope_key))
+    key_text = (ids, mask) if cfg.scope_key == "text_input" else text_tokens(cfg, edit, cfg.scope_key)
+    key = embed(cfg, net["classifier"], *key_text)
     return Memory(keys=key[None], image_keys=image_key(cfg, net, image)[None], ctx_ids=ids[None],
                   ctx_mask=mask[None], valid=jnp.ones((1,), bool))
 
@@ -369,6 +368,6 @@ def serac_logits(cfg: SeracConfig, net: dict, memory: Memory, seq: Seq, image, b
 def scope_scores(cfg: SeracConfig, net: dict, memory: Memory, seq: Seq, image: jax.Array | None = None) -> jax.Array:
     """`[C]` log-similarities of one query to every slot (the classifier alone): its text's, and with
     `scope_image` its image's (`image`: the base model's embeddings `[nq, E_base]`, None for a text-only query)."""
-    ids, mask = text_tokens(cfg, seq, query=True)
+    ids, mask = text_tokens(cfg, seq, cfg.scope_query)
     return log_similarity(cfg, embed(cfg, net["classifier"], ids, mask), memory.keys, memory.valid,
                           image_key(cfg, net, image), memory.image_keys)
