@@ -16,14 +16,17 @@ The sides (each its own process, so each peak RSS is its own):
     (`MultimodalEditor.edit`): every input tokenised from its strings inside the step, the five metric forwards on
     the unedited model ("pre"), the edit, the five again on the edited model (11 forwards, 9 through the ViT);
   * best (`peer_batched`): the same procedure as well as PyTorch allows, --peer-batch cases at a time (features
-    once per image, one padded call per pass, factored per-case patches, head at answer rows); MEND and KE only.
-IKE (`--editor ike`) has ours and the faithful peer: the contexts are retrieved and tokenised once, by our side's
-`Editor.prepare` (host work neither side's timed round repeats), and both read the same ids; the peer runs the two
-base forwards and the five post-edit forwards on `[image slots][context][input]` (`peer_easyedit.IKEEditor`).
-SERAC (`--editor serac`, a trained editor) has ours and the faithful peer (`peer_easyedit.SeracEditor`): our
-classifier, counterfactual OPT and image projection exported to transformers' DistilBERT / BERT and OPT on the same
-weights (`serac_to_torch`); per post-edit forward the base model, the classifier on the memory and on the query,
-the counterfactual on `[projected image][memory text][query text]`, and the mixture, as `SERAC_MULTI.forward`.
+    once per image, one padded call per pass, factored per-case patches, head at answer rows); MEND, KE, IKE and
+    SERAC (no FT-L).
+IKE (`--editor ike`) has ours, the faithful and the best-effort peer: the contexts are retrieved and tokenised once,
+by our side's `Editor.prepare` (host work neither side's timed round repeats), and every side reads the same ids;
+the faithful peer runs the two base forwards and the five post-edit forwards on `[image slots][context][input]`
+(`peer_easyedit.IKEEditor`), the best-effort one the five as one padded call (`peer_batched.BatchedIKE`).
+SERAC (`--editor serac`, a trained editor) has ours, the faithful (`peer_easyedit.SeracEditor`) and the best-effort
+peer (`peer_batched.BatchedSerac`): our classifier, counterfactual OPT and image projection exported to
+transformers' DistilBERT / BERT and OPT on the same weights (`serac_to_torch`); per post-edit forward the base
+model, the classifier on the memory and on the query, the counterfactual on `[projected image][memory text][query
+text]`, and the mixture, as `SERAC_MULTI.forward` (the best-effort peer: each of those once per batch, padded).
 
 Steps: (1) prepare once, here: load the model and data the way `mmedit_jax.evaluate` does
 (`pipeline.prepare_data`), export the weights to a transformers directory (`export_hf`), save the token arrays and
@@ -214,16 +217,18 @@ def ke_to_torch(spec, params) -> tuple[dict, dict]:
     return sd, meta
 
 
-def fresh_serac(model, seed: int = 0, scope_query: str = "prompt", cls_dim: int = 8):
+def fresh_serac(model, seed: int = 0, scope_query: str = "prompt", cls_dim: int = 8, hparams: dict | None = None):
     """A fresh SERAC (`trainables.serac_config_from_hparams`): a random `cls_dim`-wide DistilBERT classifier (narrow,
     so that routing weights of unrelated texts are small but not zero and the mixture mixes), the counterfactual a
-    copy of the base language model, the projection the identity."""
+    copy of the base language model, the projection the identity; `hparams`: more config keys (`scope_image`,
+    `scope_key`, ...)."""
     import jax
 
     from mmedit_jax.editors import serac_net as SN
     from mmedit_jax.training.trainables import serac_config_from_hparams
 
-    cfg = serac_config_from_hparams(model, {"cls_dim": cls_dim, "cls_heads": 2, "scope_query": scope_query})
+    cfg = serac_config_from_hparams(model, {"cls_dim": cls_dim, "cls_heads": 2, "scope_query": scope_query,
+                                            **(hparams or {})})
     return cfg, SN.init_serac(jax.random.PRNGKey(seed), cfg, counterfactual_params=model.params["language_model"])
 
 
@@ -339,7 +344,8 @@ def prepare(args, workdir: str, perturb_mend: float = 0.0, source=None, mend_sta
         from mmedit_jax.editors.io import load_serac, save_serac
 
         ckpt = args.editor_ckpt or ckpt
-        cfg, net = load_serac(ckpt) if ckpt else fresh_serac(model, args.seed, getattr(args, "scope_query", "prompt"))
+        cfg, net = load_serac(ckpt) if ckpt else fresh_serac(model, args.seed, getattr(args, "scope_query", "prompt"),
+                                                             hparams=getattr(args, "serac_hparams", None))
         ours_dir = os.path.join(workdir, "serac")
         save_serac(ours_dir, cfg, net)
         state, meta = serac_to_torch(cfg, net)
@@ -559,7 +565,7 @@ class PeerSide:
         if kind == "best":
             PB = _peer_module("peer_batched")
             self.model = PE.load_model(manifest["hf"], attn="sdpa")
-            self.peer, self.batch = PB.make_peer(self.model, f["editor"], f["mend"], f["ke"], em), batch
+            self.peer, self.batch = PB.make_peer(self.model, f["editor"], f["mend"], f["ke"], em, f["serac"]), batch
             self.step = lambda: PB.run_cases(self.peer, self.cases, self.batch, self.n)
             PB.run_cases(self.peer, self.cases, self.batch, min(self.n, batch))
         else:
@@ -765,7 +771,8 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, help="first N records of the file")
     ap.add_argument("--peer-limit", type=int,
                     help="the one-at-a-time peers (faithful, as shipped) run only the first N cases (they are slow)")
-    ap.add_argument("--peers", default="faithful,shipped,best", help="which peers (FT-L: no best-effort peer)")
+    ap.add_argument("--peers", help="which peers (default: every one the editor has: FT-L no best-effort peer, IKE "
+                    "and SERAC no as-shipped one)")
     ap.add_argument("--demo-records", type=int, default=32)
     ap.add_argument("--batches", default="1,32", help="our batch sizes E (a table row each)")
     ap.add_argument("--peer-batch", type=int, default=32, help="the best-effort peer's E")
@@ -787,13 +794,16 @@ def main(argv=None):
     args.source = args.source or ("files" if args.model else "world" if world_available() else "demo")
     if args.source == "files" and not (args.model and args.data and args.image_root):
         ap.error("--model needs --data and --image-root")
+    if args.peers is None:
+        args.peers = {"ft-l": "faithful,shipped", "ike": "faithful,best", "serac": "faithful,best"}.get(
+            args.editor, "faithful,shipped,best")
     peers = [p for p in args.peers.split(",") if p]
     if set(peers) - set(SIDES[1:]):
         ap.error(f"--peers: choose from {SIDES[1:]}")
     if args.editor == "ft-l" and "best" in peers:
         ap.error("the best-effort peer has MEND and KE only: --peers faithful,shipped for FT-L")
-    if args.editor in ("ike", "serac") and set(peers) - {"faithful"}:
-        ap.error(f"{args.editor.upper()} has the faithful peer only: --peers faithful")
+    if args.editor in ("ike", "serac") and "shipped" in peers:
+        ap.error(f"{args.editor.upper()} has no as-shipped peer: --peers faithful,best")
     workdir = args.workdir or tempfile.mkdtemp(prefix="compare_peer_")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()

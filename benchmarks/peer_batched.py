@@ -18,6 +18,14 @@ Forwards run under `torch.inference_mode` (the edit under grad). The frozen-pref
 inputs' unedited layers shared between the base, edit and post passes) is not used here: transformers' OPT gives
 no entry point at an inner layer. FT-L has no batched form here (each case would need its own weight copy).
 
+IKE and SERAC change no weight; their post-edit pass is what differs (steps 1-2 as above, no step 3):
+  * IKE (`BatchedIKE`): one call over the 5E rows `[image slots][case's context][input text]`, right-padded;
+    the input's own positions scored (the head at answer positions, top-k at its valid positions);
+  * SERAC (`BatchedSerac`): the base model over the 5E rows (one call), the scope classifier once over the E
+    memory keys and once over the 5E queries (padded rows), the image keys from the batch's feature table, the
+    counterfactual over the 5E rows `[projected image][memory text][query text]` (one call), and the mixture
+    (or the hard switch) at the scored positions only.
+
     python benchmarks/peer_batched.py --hf DIR --cases cases.npz --editor mend --mend mend_easyedit.pt
 """
 
@@ -141,17 +149,10 @@ class BatchedPeer:
         self.layers = install(model, self.names)
 
     def _feats(self, batch: dict, table: dict) -> torch.Tensor | None:
-        ids = batch["image_ids"]
-        ids = ids[ids >= 0]
-        return torch.stack([table[int(i)] for i in ids]) if len(ids) else None
+        return feats_of(batch, table)
 
     def _topk(self, h, mask, k_of_row):
-        """Top-k indices at every valid position, k per row (1 text, 10 image) -> list per k of `[P_k, k]`."""
-        out = {}
-        for k in sorted(set(k_of_row.tolist())):
-            where = mask.bool() & (k_of_row == k)[:, None]
-            out[k] = (torch.topk(torch.softmax(self.b.logits_at(h, where), -1), k=k, dim=-1).indices, where)
-        return out
+        return topk_at(lambda where: self.b.logits_at(h, where), mask, k_of_row)
 
     def _patches(self, E: int, cond) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """`{name: (u [E, K, in], d [E, K, out])}` from the captured inputs and output gradients of E rows."""
@@ -181,14 +182,8 @@ class BatchedPeer:
         inputs = {name: _stack(cases, name, idx) for name in INPUT_ORDER}
         E = len(idx)
         with torch.inference_mode():
-            used = np.unique(np.concatenate([inputs[n]["image_ids"].numpy() for n in INPUT_ORDER]))
-            used = used[used >= 0]
-            feats = self.b.features(torch.from_numpy(cases["pixels"][used]))
-            table = {int(i): f for i, f in zip(used, feats.clone())}
-            base = _concat([inputs["loc"], inputs["loc_image"]])
-            k_base = torch.tensor([1] * E + [10] * E)
-            hb = self.b.hidden(base["input_ids"], base["attention_mask"], self._feats(base, table))
-            base_topk = self._topk(hb, base["attention_mask"], k_base)
+            table = feature_table(self.b, cases, inputs)
+            base_topk = base_locality(self.b, inputs, table)
         # The edit: one padded forward/backward of the E edit inputs.
         e = inputs["edit_inner"]
         for lay in self.layers.values():
@@ -220,25 +215,208 @@ class BatchedPeer:
             finally:
                 for lay in self.layers.values():
                     lay.u = lay.d = None
-            # Accuracies: the first 3E rows, head at answer positions only.
-            acc_rows = slice(0, 3 * E)
-            where, targ = _answer_positions(post["labels"][acc_rows])
-            hit = (self.b.logits_at(hp[acc_rows], where).argmax(-1) == targ).float()
-            n_hit, n_ans = _per_row(hit, where), where.sum(1).float()
-            acc = (n_hit == n_ans).float() if self.em else n_hit / n_ans
-            # Localities: rows 3E.. against the base pass (same rows, same valid positions).
-            loc = slice(3 * E, 5 * E)
-            post_topk = self._topk(hp[loc], post["attention_mask"][loc], k_base)
-            agree = torch.zeros(2 * E)
-            for k, (ib, _) in base_topk.items():
-                ip, wp = post_topk[k]
-                agree += _per_row((ib == ip).float().sum(-1), wp) / (wp.sum(1).clamp(min=1) * k)
-        rows = []
-        for j in range(E):
-            rows.append({"reliability": float(acc[j]), "t_generality": float(acc[E + j]),
-                         "m_generality": float(acc[2 * E + j]), "t_locality": float(agree[j]),
-                         "m_locality": float(agree[E + j]), "index": int(cases["case_index"][idx[j]])})
-        return rows
+            return score(lambda rows, where: self.b.logits_at(hp[rows], where), post["labels"],
+                         post["attention_mask"], base_topk, cases["case_index"][idx], self.em)
+
+
+# Shared by every batched peer: features once per image, the unedited locality pass, the five metrics.
+
+
+def feats_of(batch: dict, table: dict) -> torch.Tensor | None:
+    """The feature rows of `batch`'s rows that show an image, in row order (`Batched.hidden`'s `feats`)."""
+    ids = batch["image_ids"]
+    ids = ids[ids >= 0]
+    return torch.stack([table[int(i)] for i in ids]) if len(ids) else None
+
+
+def feature_table(b: Batched, cases: dict, inputs: dict) -> dict[int, torch.Tensor]:
+    """`{image id: [nq, D]}`: every distinct image of the batch through the vision side once (one call)."""
+    used = np.unique(np.concatenate([inputs[n]["image_ids"].numpy() for n in INPUT_ORDER]))
+    used = used[used >= 0]
+    feats = b.features(torch.from_numpy(cases["pixels"][used]))
+    return {int(i): f for i, f in zip(used, feats.clone())}
+
+
+def topk_at(logits_at, mask, k_of_row):
+    """Top-k indices at every True position of `mask [R, L]`, k per row (1 text, 10 image) -> `{k: (indices
+    [P_k, k], where [R, L])}`; `logits_at(where)` gives the logits `[P, V]` at `where`'s positions."""
+    out = {}
+    for k in sorted(set(k_of_row.tolist())):
+        where = mask.bool() & (k_of_row == k)[:, None]
+        out[k] = (torch.topk(torch.softmax(logits_at(where), -1), k=k, dim=-1).indices, where)
+    return out
+
+
+def base_locality(b: Batched, inputs: dict, table: dict) -> dict:
+    """The unedited model's top-1 (`loc`) and top-10 (`loc_image`) at every valid position: one padded call."""
+    E = inputs["loc"]["input_ids"].shape[0]
+    base = _concat([inputs["loc"], inputs["loc_image"]])
+    hb = b.hidden(base["input_ids"], base["attention_mask"], feats_of(base, table))
+    return topk_at(lambda where: b.logits_at(hb, where), base["attention_mask"], _k_of_row(E))
+
+
+def _k_of_row(E: int) -> torch.Tensor:
+    return torch.tensor([1] * E + [10] * E)
+
+
+def score(logits_at, labels, mask, base_topk, case_index, exact_match: bool) -> list[dict]:
+    """The five metrics of E cases from the post-edit outputs over the 5E input-major rows: `logits_at(rows,
+    where)` gives the logits `[P, V]` at the True positions of `where` (a mask over rows `rows`); `labels` and
+    `mask` `[5E, L]` mark the scored positions (answer positions; every valid position of the locality rows, in
+    the order of the base pass's)."""
+    E = labels.shape[0] // 5
+    acc_rows = slice(0, 3 * E)  # accuracies: the head at answer positions only
+    where, targ = _answer_positions(labels[acc_rows])
+    hit = (logits_at(acc_rows, where).argmax(-1) == targ).float()
+    n_hit, n_ans = _per_row(hit, where), where.sum(1).float()
+    acc = (n_hit == n_ans).float() if exact_match else n_hit / n_ans
+    loc = slice(3 * E, 5 * E)  # localities against the base pass (same rows, same valid positions)
+    post_topk = topk_at(lambda w: logits_at(loc, w), mask[loc], _k_of_row(E))
+    agree = torch.zeros(2 * E)
+    for k, (ib, _) in base_topk.items():
+        ip, wp = post_topk[k]
+        agree += _per_row((ib == ip).float().sum(-1), wp) / (wp.sum(1).clamp(min=1) * k)
+    return [{"reliability": float(acc[j]), "t_generality": float(acc[E + j]), "m_generality": float(acc[2 * E + j]),
+             "t_locality": float(agree[j]), "m_locality": float(agree[E + j]), "index": int(case_index[j])}
+            for j in range(E)]
+
+
+def _valid(batch: dict, r: int, field: str = "input_ids") -> torch.Tensor:
+    return batch[field][r, : int(batch["attention_mask"][r].sum())]
+
+
+def joined(post: dict, contexts: list[torch.Tensor], image_token: int, pad: int = 1):
+    """Rows `[image slots][context][input text]` (each row's context spliced in after its image slots), right-padded
+    -> `(ids [R, Lj], mask [R, Lj], where_of)`; `where_of(rows, where)` maps a mask `where` over `post`'s rows
+    `rows` (a slice) to `(row indices, positions)` of the same tokens in the joined rows (row-major order)."""
+    R, L = post["input_ids"].shape
+    parts, n_img, n_ctx = [], torch.zeros(R, dtype=torch.long), torch.zeros(R, dtype=torch.long)
+    for r in range(R):
+        ids = _valid(post, r)
+        n = int((ids == image_token).sum())
+        parts.append(torch.cat([ids[:n], contexts[r], ids[n:]]))
+        n_img[r], n_ctx[r] = n, len(contexts[r])
+    length = max(len(x) for x in parts)
+    ids = torch.full((R, length), pad, dtype=torch.long)
+    mask = torch.zeros((R, length), dtype=torch.long)
+    for r, x in enumerate(parts):
+        ids[r, : len(x)], mask[r, : len(x)] = x, 1
+    t = torch.arange(L)
+    pos = t[None] + (t[None] >= n_img[:, None]) * n_ctx[:, None]  # [R, L]: where each input position went
+
+    def where_of(rows: slice, where: torch.Tensor):
+        at = where.nonzero()
+        return at[:, 0] + rows.start, pos[rows][where]
+
+    return ids, mask, where_of
+
+
+class BatchedIKE:
+    """IKE, E cases per call: the unedited locality pass, then one call over the 5E post-edit rows, each reading its
+    case's context (the ids our side retrieved and tokenised, saved with the cases) between its image slots and its
+    text; the head only at the scored positions of the inputs' own tokens."""
+
+    def __init__(self, model, exact_match: bool = True):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.b, self.em = Batched(model), exact_match
+
+    def run(self, cases: dict, idx: np.ndarray) -> list[dict]:
+        inputs = {name: _stack(cases, name, idx) for name in INPUT_ORDER}
+        ctx = [torch.from_numpy(cases["context_ids"][i][cases["context_mask"][i].astype(bool)].astype(np.int64))
+               for i in idx]
+        with torch.inference_mode():
+            table = feature_table(self.b, cases, inputs)
+            base_topk = base_locality(self.b, inputs, table)
+            post = _concat([inputs[n] for n in INPUT_ORDER])
+            ids, mask, where_of = joined(post, ctx * 5, self.b.image_token)  # input-major rows: case = row % E
+            h = self.b.hidden(ids, mask, feats_of(post, table))
+
+            def logits_at(rows, where):
+                r, t = where_of(rows, where)
+                return self.b.head(h[r, t])
+
+            return score(logits_at, post["labels"], post["attention_mask"], base_topk, cases["case_index"][idx],
+                         self.em)
+
+
+class BatchedSerac:
+    """SERAC_MULTI, E cases per call, on the faithful peer's modules (`PE.SeracEditor`): the base model over the 5E
+    post-edit rows, the scope classifier over the E memory keys and the 5E queries (two padded calls), the image
+    keys from the batch's features (`scope_image`), the counterfactual over the 5E rows `[projected image][memory
+    text][query text]` (one call), and the mixture (or the hard switch) at the scored positions only."""
+
+    def __init__(self, model, serac: PE.SeracEditor, exact_match: bool = True):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.b, self.serac, self.em = Batched(model), serac, exact_match
+        self.cf = serac.counterfactual
+
+    def _texts(self, batch: dict, reading: str) -> list[torch.Tensor]:
+        """Each row's text ids (image slots dropped; `reading="prompt"` also drops its answer tokens)."""
+        out = []
+        for r in range(batch["input_ids"].shape[0]):
+            ids, labels = _valid(batch, r), _valid(batch, r, "labels")
+            keep = ids != self.serac.image_token_id
+            if reading == "prompt":
+                keep &= labels == PE.IGNORE
+            out.append(ids[keep])
+        return out
+
+    def _embed(self, texts: list[torch.Tensor]) -> torch.Tensor:
+        """The classifier's embeddings `[N, H]` of N texts, one right-padded call."""
+        length = max(len(x) for x in texts)
+        ids = torch.zeros((len(texts), length), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, x in enumerate(texts):
+            ids[r, : len(x)], mask[r, : len(x)] = x, 1
+        return self.serac.embed(ids, mask)
+
+    def _image_keys(self, batch: dict, table: dict) -> torch.Tensor:
+        """`[N, D_img]`: each row's image key (the text-only key where it shows none)."""
+        none = self.serac.image_key_of(None)[0]
+        return torch.stack([none if int(i) < 0 else self.serac.image_key_of(table[int(i)][None])[0]
+                            for i in batch["image_ids"]])
+
+    def run(self, cases: dict, idx: np.ndarray) -> list[dict]:
+        inputs = {name: _stack(cases, name, idx) for name in INPUT_ORDER}
+        meta = self.serac.meta
+        with torch.inference_mode():
+            table = feature_table(self.b, cases, inputs)
+            base_topk = base_locality(self.b, inputs, table)
+            post = _concat([inputs[n] for n in INPUT_ORDER])  # input-major rows: case = row % E
+            hb = self.b.hidden(post["input_ids"], post["attention_mask"], feats_of(post, table))
+            # Scope: the memory keys once per edit, the queries once per row.
+            edit = inputs["edit_inner"]
+            keys = self._embed(self._texts(edit, meta.get("scope_key", "text_input"))).repeat(5, 1)
+            queries = self._embed(self._texts(post, meta["scope_query"]))
+            image_dist = 0.0
+            if self.serac.scope_image is not None:
+                slot = self._image_keys(edit, table).repeat(5, 1)
+                image_dist = ((slot - self._image_keys(post, table)) ** 2).sum(-1)
+            s = self.serac.similarity(keys, queries, image_dist)  # [5E]
+            # The counterfactual: the memory text after the image slots (projected image embeddings).
+            ids, mask, where_of = joined(post, self._texts(edit, "text_input") * 5, self.serac.image_token_id)
+            slots = ids == self.serac.image_token_id
+            emb = self.cf.get_input_embeddings()(ids.clamp(0, self.cf.config.vocab_size - 1))
+            feats = feats_of(post, table)
+            if feats is not None:
+                emb = emb.masked_scatter(slots.unsqueeze(-1), self.serac.projection(feats).to(emb.dtype))
+            hc = self.cf.model(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
+            head = self.cf.get_output_embeddings()
+
+            def logits_at(rows, where):
+                base = self.b.logits_at(hb[rows], where).float()
+                r, t = where_of(rows, where)
+                cf = head(hc[r, t]).float()
+                sr = s[r][:, None]
+                if meta["hard_routing"]:
+                    return torch.where(sr > 0.5, cf, base)
+                p = (1.0 - sr) * torch.softmax(base, -1) + sr * torch.softmax(cf, -1)
+                return torch.log(p + self.serac.eps)
+
+            return score(logits_at, post["labels"], post["attention_mask"], base_topk, cases["case_index"][idx],
+                         self.em)
 
 
 def ke_condition_batch(net: PE.KENet, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -255,8 +433,10 @@ def ke_condition_batch(net: PE.KENet, ids: torch.Tensor, mask: torch.Tensor) -> 
     return torch.tanh(net.cond(h))
 
 
-def make_peer(model, editor: str, mend: str | None = None, ke: str | None = None, exact_match: bool = True):
-    """A `BatchedPeer` on `model` from the faithful peer's editor files (MEND: EasyEdit state dict; KE: `KENet`)."""
+def make_peer(model, editor: str, mend: str | None = None, ke: str | None = None, exact_match: bool = True,
+              serac: str | None = None):
+    """A batched peer on `model` from the faithful peer's editor files (MEND: EasyEdit state dict; KE: `KENet`;
+    SERAC: `compare_peer.serac_to_torch`'s file; IKE: none, the contexts come with the cases)."""
     if editor == "mend":
         blob = torch.load(mend, map_location="cpu", weights_only=True)
         net = PE.MendTransform(blob["state_dict"], blob["meta"])
@@ -264,7 +444,11 @@ def make_peer(model, editor: str, mend: str | None = None, ke: str | None = None
     if editor == "ke":
         ke_editor = PE.make_editor("ke", model, ke_path=ke)
         return BatchedPeer(model, "ke", ke_editor.net, ke_editor.names, exact_match)
-    raise ValueError(f"the best-effort peer has MEND and KE only, not {editor!r}")
+    if editor == "ike":
+        return BatchedIKE(model, exact_match)
+    if editor == "serac":
+        return BatchedSerac(model, PE.make_editor("serac", model, serac_path=serac), exact_match)
+    raise ValueError(f"the best-effort peer has MEND, KE, IKE and SERAC, not {editor!r}")
 
 
 def run_cases(peer: BatchedPeer, cases: dict, batch: int, limit: int | None = None) -> list[dict]:
@@ -280,14 +464,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf", required=True)
     ap.add_argument("--cases", required=True)
-    ap.add_argument("--editor", required=True, choices=("mend", "ke"))
+    ap.add_argument("--editor", required=True, choices=("mend", "ke", "ike", "serac"))
     ap.add_argument("--mend")
     ap.add_argument("--ke")
+    ap.add_argument("--serac")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--token-accuracy", action="store_true")
     args = ap.parse_args(argv)
     model = PE.load_model(args.hf)
-    peer = make_peer(model, args.editor, args.mend, args.ke, not args.token_accuracy)
+    peer = make_peer(model, args.editor, args.mend, args.ke, not args.token_accuracy, args.serac)
     cases = PE.load_cases(args.cases)
     run_cases(peer, cases, args.batch)
     t0 = time.perf_counter()

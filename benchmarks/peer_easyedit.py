@@ -435,9 +435,11 @@ class SeracEditor:
             keep &= x["labels"][0] == IGNORE
         return ids[keep][None]
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`[N, T]` (right-padded where `mask` is given) -> the classifier's CLS embeddings `[N, H]`."""
         ids = ids.clamp(0, self.classifier.config.vocab_size - 1)
-        e = self.classifier(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[:, 0]
+        mask = torch.ones_like(ids) if mask is None else mask
+        e = self.classifier(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
         return torch.tanh(e) if self.meta["bound_embeds"] else e
 
     def image_key(self, model, x: dict) -> torch.Tensor:
@@ -445,19 +447,25 @@ class SeracEditor:
         embeddings (the base model's projected Q-Former outputs, a vision pass of its own) through the trained
         kernel, or the trained `no_image` key for a text-only input."""
         if x["pixel_values"] is None:
+            return self.image_key_of(None)
+        return self.image_key_of(model.get_image_features(pixel_values=x["pixel_values"]).pooler_output)
+
+    def image_key_of(self, image: torch.Tensor | None) -> torch.Tensor:
+        """`[N, D_img]` image keys of image embeddings `[N, nq, D]`; None: the text-only key `[1, D_img]`."""
+        if image is None:
             return self.scope_image["no_image"][None]
-        image = model.get_image_features(pixel_values=x["pixel_values"]).pooler_output
         return image.mean(1) @ self.scope_image["kernel"]
 
     def similarity(self, key: torch.Tensor, query: torch.Tensor, image_dist=0.0) -> torch.Tensor:
-        """`s = exp(-dist)`, the reference's distances (scale 1), plus `image_dist` (`scope_image`)."""
+        """`s = exp(-dist)` `[N]` of keys and queries `[N, H]`, the reference's distances (scale 1), plus
+        `image_dist` (`scope_image`)."""
         if self.meta["cos"]:
             dist = 1.0 - torch.nn.functional.cosine_similarity(key, query, dim=-1)
         else:
             dist = ((key - query) ** 2).sum(-1)
             if not self.meta["square"]:
                 dist = dist.clamp_min(1e-12).sqrt()
-        return torch.exp(-(dist + image_dist))[0]
+        return torch.exp(-(dist + image_dist))
 
     def counterfactual_logits(self, model, ctx: torch.Tensor, x: dict) -> torch.Tensor:
         """`[1, L, V]` at the query's own positions: the counterfactual on `[projected image][ctx][query text]`."""

@@ -18,6 +18,7 @@ from benchmarks import compare_peer as C  # noqa: E402
 from benchmarks import peer_easyedit as PE  # noqa: E402
 
 N = 4
+SERAC_IMAGE = "serac+image"  # the `manifests` key of a SERAC with `scope_image` and `scope_key: prompt`
 
 
 def _args(editor):
@@ -39,8 +40,12 @@ class _Prepared(dict):
         self.demo, self.tmp = demo, tmp_path_factory
 
     def __missing__(self, editor):
-        self[editor] = C.prepare(_args(editor), str(self.tmp.mktemp(editor)), source=self.demo, perturb_mend=0.05,
-                                 mend_stats="random", perturb_ke=1.0)
+        args = _args(editor)
+        if editor == SERAC_IMAGE:  # a fresh SERAC with our image-aware scope, keyed by the edit's prompt
+            args = _args("serac")
+            args.serac_hparams = {"scope_image": True, "scope_image_dim": 4, "scope_key": "prompt"}
+        self[editor] = C.prepare(args, str(self.tmp.mktemp("serac_image" if editor == SERAC_IMAGE else editor)),
+                                 source=self.demo, perturb_mend=0.05, mend_stats="random", perturb_ke=1.0)
         return self[editor]
 
     def ours(self, editor):
@@ -84,6 +89,25 @@ def test_shipped_and_best_effort_peers_agree(manifests, editor):
         side.round()
         assert len(side.rows) == N
         _agree(ours, side.rows)
+
+
+@pytest.mark.parametrize("editor", ["ike", "serac", SERAC_IMAGE])
+def test_best_effort_peer_agrees_ike_serac(manifests, editor):
+    """IKE and SERAC's best-effort peers (the five post-edit inputs as one padded call; SERAC's classifier and
+    counterfactual batched; two batches, 3 + 1 cases) score as ours case by case; so does the faithful peer on the
+    SERAC with the image-aware scope (the text-only SERAC's faithful check is `test_serac_agrees`)."""
+    manifest = manifests[editor]
+    ours = manifests.ours(editor)
+    side = C.PeerSide("best", manifest, batch=3, warmup=1)
+    side.round()
+    assert len(side.rows) == N
+    _agree(ours, side.rows)
+    if editor == SERAC_IMAGE:
+        with np.load(manifest["cases"]) as z:
+            assert z["edit_inner/image_ids"].min() >= 0  # the edits show images: their keys are compared
+        _check(manifests, editor)
+        # The routing is not one of its ends (the mixture is compared): some M-Locality below 1.
+        assert min(r["m_locality"] for r in ours["rows"]) < 1.0 or min(r["t_locality"] for r in ours["rows"]) < 1.0
 
 
 def test_ft_l_agrees(manifests):
