@@ -191,6 +191,34 @@ def test_in_context_stream_is_ike_shaped():
     assert seen == {"loc", "in scope", "m_loc"}
 
 
+def test_in_context_stream_random_targets():
+    """With `p_random_target`, about that share of stated facts (demos' and the edit's) carry an answer no question
+    implies (another attribute's word, a fact's answer or a made-up word), and an in-scope input is answered with
+    the stated answer all the same; with 0 the stream is the one without the switch."""
+    plain = dataset.in_context_stream(4, 8, max_demos=2)
+    zero = dataset.in_context_stream(4, 8, max_demos=2, p_random_target=0.0)
+    assert [next(plain).context for _ in range(50)] == [next(zero).context for _ in range(50)]
+    stream = dataset.in_context_stream(4, 8, max_demos=2, p_random_target=0.5)
+    values = {"Question: What color": scenes.COLORS, "Question: Which color": scenes.COLORS,
+              "Question: What is the color": scenes.COLORS, "Question: What shape": scenes.SHAPES,
+              "Question: Which shape": scenes.SHAPES, "Question: What kind of shape": scenes.SHAPES,
+              "Question: How many": scenes.COUNTS, "Question: What is the number": scenes.COUNTS}
+    stated, off_attribute, in_scope = 0, 0, 0
+    for _ in range(400):
+        x = next(stream)
+        for line in x.context.split("\n"):
+            if line.startswith("New Fact: Question: "):
+                (lead,) = [k for k in values if line[len("New Fact: "):].startswith(k)]
+                stated += 1
+                off_attribute += line.split()[-1] not in values[lead]
+        fact = x.context.split("\n\n")[-1][len("New Fact: "):-len("\nPrompt: ")]
+        if x.image is not None and fact.endswith(x.target) and x.prompt.startswith("Question: "):
+            in_scope += 1
+    assert in_scope > 50
+    # Half the facts are random; a random one is off its attribute's values unless it drew a word of it.
+    assert 0.25 < off_attribute / stated < 0.5, (off_attribute, stated)
+
+
 def test_in_context_examples_encode_as_ike_reads_them():
     """The pretraining layout is IKE's (`editors.ike.join_context`): image slots, the context, then the input; the
     labels are the answer's tokens only."""

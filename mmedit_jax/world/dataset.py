@@ -21,7 +21,7 @@ import numpy as np
 
 from mmedit_jax.editors.ike import demo, fact_line
 from mmedit_jax.world import scenes as S
-from mmedit_jax.world.facts import encyclopaedia
+from mmedit_jax.world.facts import encyclopaedia, word
 
 QUESTIONS = {
     "color": ("What color are the shapes?", "Which color do the objects have?",
@@ -180,7 +180,20 @@ def _edit_fact(task: str, rng: np.random.Generator):
     return scene, attribute, src, rephrase, new.caption()
 
 
-def in_context_stream(seed: int, image_size: int, max_demos: int = 2, p_caption: float = 0.25) -> Iterator[Example]:
+def random_answer(rng: np.random.Generator, facts) -> str:
+    """A new answer that no question implies: any world word, an encyclopaedia answer or a made-up word (so an
+    in-context fact stating it can only be copied, not guessed from the question's attribute)."""
+    kind = rng.integers(3)
+    if kind == 0:
+        words = (*S.SHAPES, *S.COLORS, *S.COUNTS)
+        return words[rng.integers(len(words))]
+    if kind == 1:
+        return facts[rng.integers(len(facts))].answer
+    return word(rng, 1)
+
+
+def in_context_stream(seed: int, image_size: int, max_demos: int = 2, p_caption: float = 0.25,
+                      p_random_target: float = 0.0) -> Iterator[Example]:
     """Endless IKE-shaped examples, so that the world model learns to use a demonstrated new fact.
 
     Each is what IKE feeds one post-edit input (`editors.ike`): `0..max_demos` demonstrations of other edits of
@@ -190,6 +203,8 @@ def in_context_stream(seed: int, image_size: int, max_demos: int = 2, p_caption:
     never in the context, so the first drawing and a re-rendered one read alike), or a world fact or another
     scene's question (answer: the truth; for E-VQA on another attribute than the edit's, since a question on the
     same attribute of an unseen image reads as the edited one). Fresh scenes throughout, as `pretraining_stream`.
+    With probability `p_random_target` per fact (demos' and the edit's), the new answer is `random_answer`, not
+    another value of the attribute: a model that learned a copy per answer word (or per attribute) pays for it.
     """
     rng = np.random.default_rng([seed, 98])
     facts = encyclopaedia()
@@ -198,6 +213,7 @@ def in_context_stream(seed: int, image_size: int, max_demos: int = 2, p_caption:
         demos = []
         for _ in range(rng.integers(max_demos + 1)):
             _, _, p, rephrase, t = _edit_fact(task, rng)
+            t = random_answer(rng, facts) if p_random_target and rng.random() < p_random_target else t
             kind = rng.integers(3)
             if kind == 2:
                 f = facts[rng.integers(len(facts))]
@@ -205,6 +221,7 @@ def in_context_stream(seed: int, image_size: int, max_demos: int = 2, p_caption:
             else:
                 demos.append(demo(p, t, rephrase if kind else p, t))
         scene, attribute, p, rephrase, t = _edit_fact(task, rng)
+        t = random_answer(rng, facts) if p_random_target and rng.random() < p_random_target else t
         context = "".join(demos) + demo(p, t, p, t) + fact_line(p, t)
         kind = rng.integers(4)
         if kind < 2:  # the edit prompt or its rephrasing: the new fact

@@ -23,7 +23,7 @@ class Fact:
     answer: str
 
 
-def _word(rng: np.random.Generator, syllables: int) -> str:
+def word(rng: np.random.Generator, syllables: int) -> str:
     return "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
                    + _CODAS[rng.integers(len(_CODAS))] for _ in range(syllables))
 
@@ -35,7 +35,7 @@ def encyclopaedia(num_countries: int = NUM_COUNTRIES) -> list[Fact]:
 
     def fresh(syllables: int) -> str:
         while True:
-            w = _word(rng, syllables)
+            w = word(rng, syllables)
             if w not in used:
                 used.add(w)
                 return w

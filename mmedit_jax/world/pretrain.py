@@ -236,13 +236,15 @@ def held_out_in_context(eval_json: str, image_root: str) -> dict[str, tuple[list
 def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3,
              image_size: int = 32, eval_files=(), image_root: str | None = None, log_every: int = 250,
              size: str = "world", family: str = "blip2", in_context_batch: int = 0, init: str | None = None,
-             plain_steps: int = 0):
+             plain_steps: int = 0, random_targets: float = 0.0):
     """`in_context_batch`: IKE-shaped examples (`dataset.in_context_stream`) per step beside the `batch_size`
     plain ones, from step `plain_steps` on (a curriculum: the model first learns to see, then to read facts); with
     it the tokenizer learns the demonstration format and the model has `IN_CONTEXT_POSITIONS` positions. `init`: a
     model this function wrote (its `model` directory), trained further (its tokenizer and config kept; a fresh
     optimiser and schedule; the streams continue from `seed`, so pass another seed than the first stage's to see
-    new examples)."""
+    new examples). `random_targets`: the share of in-context facts whose new answer is any word
+    (`dataset.random_answer`), so that only a copy of the stated answer lowers their loss. An in-context example
+    whose context exceeds `CONTEXT_LEN` tokens is drawn again (counted: `in_context_too_long` in the report)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
     os.makedirs(out_dir, exist_ok=True)
@@ -266,12 +268,21 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
     params, opt_state = model.params, optimizer.init(model.params)
     step_fn = make_train_step(model, optimizer)
     stream = pretraining_stream(seed, image_size)
-    icl_stream = in_context_stream(seed, image_size, MAX_DEMOS)
+    icl_stream = in_context_stream(seed, image_size, MAX_DEMOS, p_random_target=random_targets)
+    too_long = [0]  # in-context examples whose context exceeds CONTEXT_LEN: drawn again, counted in the report
+
+    def next_in_context():
+        while True:
+            ex = next(icl_stream)
+            if len(tok(ex.context, add_special_tokens=False)["input_ids"]) <= CONTEXT_LEN:
+                return ex
+            too_long[0] += 1
+
     t0, t_compiled, losses = time.perf_counter(), None, []
     for step in range(steps):
         batches = [encode_examples([next(stream) for _ in range(batch_size)], tok, config, image_size, length)]
         if in_context_batch and step >= plain_steps:
-            batches.append(encode_examples([next(icl_stream) for _ in range(in_context_batch)], tok, config,
+            batches.append(encode_examples([next_in_context() for _ in range(in_context_batch)], tok, config,
                                            image_size, length))
         params, opt_state, loss = step_fn(params, opt_state, *batches)
         if step == 0:
@@ -285,6 +296,7 @@ def pretrain(out_dir: str, seed: int = 0, steps: int = 3000, batch_size: int = 3
     train_s = time.perf_counter() - t_compiled
     report = {"family": family, "steps": steps, "batch_size": batch_size, "in_context_batch": in_context_batch,
               "plain_steps": plain_steps if in_context_batch else None, "init": init, "lr": lr,
+              "random_targets": random_targets if in_context_batch else None, "in_context_too_long": too_long[0],
               "max_positions": positions, "seed": seed, "train_s": train_s,
               "steps_per_s": (steps - 1) / train_s, "final_loss": float(np.mean(jax.device_get(losses[-50:]))),
               "num_params": int(sum(x.size for x in jax.tree.leaves(params))), "accuracy": {}}
@@ -320,6 +332,8 @@ def main(argv=None):
                     help="IKE-shaped examples per step beside the plain ones (0: none, the world v1 model's recipe)")
     ap.add_argument("--plain-steps", type=int, default=0,
                     help="with --in-context-batch: train on plain examples alone for this many steps first")
+    ap.add_argument("--random-targets", type=float, default=0.0,
+                    help="with --in-context-batch: the share of in-context facts with a random new answer")
     ap.add_argument("--init", help="a world model directory (`OUT/model` of an earlier run) to train further")
     args = ap.parse_args(argv)
     files = []
@@ -328,7 +342,7 @@ def main(argv=None):
                  if os.path.exists(os.path.join(args.data, f))]
     pretrain(args.out, args.seed, args.steps, args.batch_size, args.lr, eval_files=files, image_root=args.data,
              family=args.family, in_context_batch=args.in_context_batch, init=args.init,
-             plain_steps=args.plain_steps)
+             plain_steps=args.plain_steps, random_targets=args.random_targets)
 
 
 if __name__ == "__main__":
