@@ -14,9 +14,11 @@ Per batch of E cases:
   4. one post-edit call over the 5E rows, each edited Linear adding its row's case patch as
      `bmm(bmm(x, u^T), d)` (`Factored`); accuracies from the head at answer positions, localities from top-k at
      valid positions against step 2.
-Forwards run under `torch.inference_mode` (the edit under grad). The frozen-prefix idea (the edit and locality
-inputs' unedited layers shared between the base, edit and post passes) is not used here: transformers' OPT gives
-no entry point at an inner layer. FT-L has no batched form here (each case would need its own weight copy).
+Forwards run under `torch.inference_mode` (the edit under grad). `compile=True` (compare_peer's "compiled" side)
+puts the decoders, the vision side and SERAC's classifier under `torch.compile(dynamic=True)`. The frozen-prefix
+idea (the edit and locality inputs' unedited layers shared between the base, edit and post passes) is not used
+here: transformers' OPT gives no entry point at an inner layer. FT-L has no batched form here (each case would
+need its own weight copy).
 
 IKE and SERAC change no weight; their post-edit pass is what differs (steps 1-2 as above, no step 3):
   * IKE (`BatchedIKE`): one call over the 5E rows `[image slots][case's context][input text]`, right-padded;
@@ -83,19 +85,26 @@ def install(model, names) -> dict[str, Factored]:
     return out
 
 
-class Batched:
-    """Padded multi-row forwards of a transformers BLIP-2 (OPT decoder), the head at chosen positions only."""
+def maybe_compile(fn, compile: bool):
+    """`torch.compile(fn, dynamic=True)` (one program for every padded length and batch) or `fn`."""
+    return torch.compile(fn, dynamic=True) if compile else fn
 
-    def __init__(self, model):
+
+class Batched:
+    """Padded multi-row forwards of a transformers BLIP-2 (OPT decoder), the head at chosen positions only;
+    `compile`: the decoder and the vision side under `torch.compile`."""
+
+    def __init__(self, model, compile: bool = False):
         self.model = model
         self.embed = model.get_input_embeddings()
-        self.decoder = model.language_model.model
+        self.decoder = maybe_compile(model.language_model.model, compile)
         self.head = model.language_model.get_output_embeddings()
         self.image_token = model.config.image_token_id
+        self._features = maybe_compile(model.get_image_features, compile)
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[n, 3, H, W]` -> projected query outputs `[n, nq, D]`."""
-        return self.model.get_image_features(pixel_values=pixels).pooler_output
+        return self._features(pixel_values=pixels).pooler_output
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor | None) -> torch.Tensor:
         """`[R, L, D]` final hidden states; `feats` `[r, nq, D]`: one per row holding image slots, in row order."""
@@ -142,11 +151,12 @@ def _per_row(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
 class BatchedPeer:
     """Edits and scores E cases per call; `editor` is "mend" (a `PE.MendTransform`) or "ke" (a `PE.KENet`)."""
 
-    def __init__(self, model, editor: str, net, names, exact_match: bool = True):
+    def __init__(self, model, editor: str, net, names, exact_match: bool = True, compile: bool = False):
         for p in model.parameters():
             p.requires_grad_(False)
-        self.b, self.editor, self.net, self.names, self.em = Batched(model), editor, net, list(names), exact_match
-        self.layers = install(model, self.names)
+        self.layers = install(model, names)  # before compiling: the wrapped Linears are part of the program
+        self.b, self.editor, self.net, self.names = Batched(model, compile), editor, net, list(names)
+        self.em = exact_match
 
     def _feats(self, batch: dict, table: dict) -> torch.Tensor | None:
         return feats_of(batch, table)
@@ -316,10 +326,10 @@ class BatchedIKE:
     case's context (the ids our side retrieved and tokenised, saved with the cases) between its image slots and its
     text; the head only at the scored positions of the inputs' own tokens."""
 
-    def __init__(self, model, exact_match: bool = True):
+    def __init__(self, model, exact_match: bool = True, compile: bool = False):
         for p in model.parameters():
             p.requires_grad_(False)
-        self.b, self.em = Batched(model), exact_match
+        self.b, self.em = Batched(model, compile), exact_match
 
     def run(self, cases: dict, idx: np.ndarray) -> list[dict]:
         inputs = {name: _stack(cases, name, idx) for name in INPUT_ORDER}
@@ -346,11 +356,13 @@ class BatchedSerac:
     keys from the batch's features (`scope_image`), the counterfactual over the 5E rows `[projected image][memory
     text][query text]` (one call), and the mixture (or the hard switch) at the scored positions only."""
 
-    def __init__(self, model, serac: PE.SeracEditor, exact_match: bool = True):
+    def __init__(self, model, serac: PE.SeracEditor, exact_match: bool = True, compile: bool = False):
         for p in model.parameters():
             p.requires_grad_(False)
-        self.b, self.serac, self.em = Batched(model), serac, exact_match
+        self.b, self.serac, self.em = Batched(model, compile), serac, exact_match
         self.cf = serac.counterfactual
+        self.cf_decoder = maybe_compile(self.cf.model, compile)
+        serac.classifier = maybe_compile(serac.classifier, compile)  # this peer's own SeracEditor
 
     def _texts(self, batch: dict, reading: str) -> list[torch.Tensor]:
         """Each row's text ids (image slots dropped; `reading="prompt"` also drops its answer tokens)."""
@@ -402,7 +414,7 @@ class BatchedSerac:
             feats = feats_of(post, table)
             if feats is not None:
                 emb = emb.masked_scatter(slots.unsqueeze(-1), self.serac.projection(feats).to(emb.dtype))
-            hc = self.cf.model(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
+            hc = self.cf_decoder(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state
             head = self.cf.get_output_embeddings()
 
             def logits_at(rows, where):
@@ -434,20 +446,20 @@ def ke_condition_batch(net: PE.KENet, ids: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def make_peer(model, editor: str, mend: str | None = None, ke: str | None = None, exact_match: bool = True,
-              serac: str | None = None):
+              serac: str | None = None, compile: bool = False):
     """A batched peer on `model` from the faithful peer's editor files (MEND: EasyEdit state dict; KE: `KENet`;
     SERAC: `compare_peer.serac_to_torch`'s file; IKE: none, the contexts come with the cases)."""
     if editor == "mend":
         blob = torch.load(mend, map_location="cpu", weights_only=True)
         net = PE.MendTransform(blob["state_dict"], blob["meta"])
-        return BatchedPeer(model, "mend", net, net.names, exact_match)
+        return BatchedPeer(model, "mend", net, net.names, exact_match, compile)
     if editor == "ke":
         ke_editor = PE.make_editor("ke", model, ke_path=ke)
-        return BatchedPeer(model, "ke", ke_editor.net, ke_editor.names, exact_match)
+        return BatchedPeer(model, "ke", ke_editor.net, ke_editor.names, exact_match, compile)
     if editor == "ike":
-        return BatchedIKE(model, exact_match)
+        return BatchedIKE(model, exact_match, compile)
     if editor == "serac":
-        return BatchedSerac(model, PE.make_editor("serac", model, serac_path=serac), exact_match)
+        return BatchedSerac(model, PE.make_editor("serac", model, serac_path=serac), exact_match, compile)
     raise ValueError(f"the best-effort peer has MEND, KE, IKE and SERAC, not {editor!r}")
 
 
