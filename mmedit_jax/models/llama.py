@@ -39,8 +39,10 @@ from mmedit_jax.models.layers import (
     below_layer,
     child,
     from_layer,
+    heads_major,
     init_stack,
     run_stack,
+    sequence_major,
     take_rows,
 )
 from mmedit_jax.sites import LM_STACK
@@ -126,11 +128,13 @@ class LlamaAttention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
             new_cache = (k, v)
         q = q.reshape(*q.shape[:2], kv_heads, heads // kv_heads, dh)  # query head h = (h // G, h % G)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k.astype(q.dtype)) * jnp.asarray(dh**-0.5, q.dtype)
+        scores = jnp.einsum("bhgqd,bhkd->bhgqk", heads_major(q), heads_major(k.astype(q.dtype)))
+        scores = scores * jnp.asarray(dh**-0.5, q.dtype)
         # A finite fill: rows with no visible key (left padding) get a uniform softmax, not NaN.
         scores = jnp.where(mask[:, :, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(self.dtype)).reshape(*xq.shape[:-1], heads * dh)
+        out = sequence_major(jnp.einsum("bhgqk,bhkd->bhgqd", probs, heads_major(v.astype(self.dtype))))
+        out = out.reshape(*xq.shape[:-1], heads * dh)
         return dense(cfg.hidden_size, "o_proj")(out, child(edits, "o_proj")), new_cache
 
 

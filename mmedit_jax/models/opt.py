@@ -25,8 +25,10 @@ from mmedit_jax.models.layers import (
     below_layer,
     child,
     from_layer,
+    heads_major,
     init_stack,
     run_stack,
+    sequence_major,
     take_rows,
 )
 from mmedit_jax.models.vit import activation
@@ -79,11 +81,12 @@ class OPTAttention(nn.Module):
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
             new_cache = (k, v)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", heads_major(q), heads_major(k.astype(q.dtype))).astype(jnp.float32)
         # A finite fill: rows with no visible key (left padding) get a uniform softmax, not NaN.
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)).reshape(xq.shape[:-1] + (d,))
+        out = sequence_major(jnp.einsum("bhqk,bhkd->bhqd", probs, heads_major(v.astype(self.dtype))))
+        out = out.reshape(xq.shape[:-1] + (d,))
         return dense("out_proj")(out, child(edits, "out_proj")), new_cache
 
 

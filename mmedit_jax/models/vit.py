@@ -20,7 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmedit_jax.models.config import VisionConfig
-from mmedit_jax.models.layers import EditView, PatchableDense, child, init_stack, run_stack
+from mmedit_jax.models.layers import (
+    EditView,
+    PatchableDense,
+    child,
+    heads_major,
+    init_stack,
+    run_stack,
+    sequence_major,
+)
 
 STACK_PREFIX = "vision_model/layers"
 
@@ -54,11 +62,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     transformers' additive mask does). Scores are formed in the compute dtype and the softmax runs in float32.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
+    q, k, v = heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v)
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return sequence_major(jnp.einsum("bhqk,bhkd->bhqd", probs, v))
 
 
 class VisionModule(nn.Module):
