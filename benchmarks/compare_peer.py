@@ -1,5 +1,5 @@
-"""Ours (the JAX harness: vmapped edits, compiled edit + score) against three PyTorch peers on the same model, cases
-and editor weights, timed interleaved in one window.
+"""Ours (the JAX harness: vmapped edits, compiled edit + score) against up to four PyTorch peers on the same model,
+cases and editor weights, timed interleaved in one window.
 
     python benchmarks/compare_peer.py --editor mend                       # demo: tiny random BLIP-2, synthetic data
     python benchmarks/compare_peer.py --editor ft-l --model DIR --data FILE --image-root DIR --peers faithful,shipped
@@ -17,7 +17,9 @@ The sides (each its own process, so each peak RSS is its own):
     the unedited model ("pre"), the edit, the five again on the edited model (11 forwards, 9 through the ViT);
   * best (`peer_batched`): the same procedure as well as PyTorch allows, --peer-batch cases at a time (features
     once per image, one padded call per pass, factored per-case patches, head at answer rows); MEND, KE, IKE and
-    SERAC (no FT-L).
+    SERAC (no FT-L);
+  * compiled: the best-effort peer under `torch.compile(dynamic=True)` (decoders, vision side, SERAC's
+    classifier), warmed up on every batch before the timed rounds (`--peers ...,compiled`).
 IKE (`--editor ike`) has ours, the faithful and the best-effort peer: the contexts are retrieved and tokenised once,
 by our side's `Editor.prepare` (host work neither side's timed round repeats), and every side reads the same ids;
 the faithful peer runs the two base forwards and the five post-edit forwards on `[image slots][context][input]`
@@ -97,7 +99,7 @@ def source_world(args, workdir):
     from mmedit_jax.data.mmedit import load_mmedit
 
     task = args.task or "vqa"
-    model_dir, tokenizer_dir, eval_json, image_root, ckpts = pipeline.world_inputs(task)
+    model_dir, tokenizer_dir, eval_json, image_root, ckpts = pipeline.world_inputs(task, editor=args.editor)
     model, tok = pipeline.load_model(model_dir, tokenizer_dir)
     loaded = load_mmedit(eval_json, task, image_root, image_root, size=args.limit)
     return model, tok, loaded.records, task, ckpts.get(args.editor)

@@ -113,6 +113,12 @@ def test_assets_lookup(tmp_path):
     w = assets.ensure(assets=str(tmp_path / "shipped"), cache_dir=str(tmp_path / "cache"))
     assert w.editor_ckpts == {"mend": str(tmp_path / "shipped" / "mend_vqa")}
     assert os.path.exists(w.eval_json) and os.path.exists(os.path.join(w.data_dir, "COMPLETE"))
+    assert w.model_for("ike") == w.model_for("mend") == w.model_dir  # no in-context model shipped: the one model
+    (tmp_path / "shipped" / assets.IN_CONTEXT_MODEL).mkdir()
+    w = assets.ensure(assets=str(tmp_path / "shipped"), cache_dir=str(tmp_path / "cache"))
+    assert w.model_for("ike") == str(tmp_path / "shipped" / assets.IN_CONTEXT_MODEL)
+    assert w.model_for("mend") == w.model_for(None) == w.model_dir == str(tmp_path / "shipped" / "model")
+    assert "model_incontext" not in w.editor_ckpts
 
 
 def test_counts_are_visible_in_the_pixels(tmp_path):
@@ -140,11 +146,20 @@ def test_build_runs_the_finetune_stage_from_the_first_stage_editor(tmp_path, mon
         calls.append((editor, os.path.basename(config), os.path.basename(out), init))
         os.makedirs(os.path.join(out, "editor"))
 
+    pretrained = []
+
+    def fake_pretrain(out_dir, seed, steps, **kw):
+        pretrained.append((os.path.basename(out_dir), kw.get("init"), kw.get("random_targets")))
+        os.makedirs(os.path.join(out_dir, "model"))
+
     monkeypatch.setattr(build, "train_editor", fake_train)
+    monkeypatch.setattr(build, "pretrain", fake_pretrain)
     monkeypatch.setattr(build.assets, "ensure_data", lambda *a, **k: str(tmp_path))
     work = tmp_path / "work"
     os.makedirs(work / "pretrain" / "model")
     build.main(["--work", str(work), "--editors", "mend,ke"])
+    # IKE's in-context model: trained further from the pretrained model, with random stated answers; once.
+    assert pretrained == [("pretrain_incontext", str(work / "pretrain" / "model"), 0.5)]
     stage1 = os.path.join(str(work), "mend_vqa", "editor")
     want = [("mend", "mend_world.yaml", "mend_vqa", None)]
     if os.path.exists(os.path.join(build.REPO, "configs", "mend_world_finetune.yaml")):
@@ -152,7 +167,7 @@ def test_build_runs_the_finetune_stage_from_the_first_stage_editor(tmp_path, mon
     want.append(("ke", "ke_world.yaml", "ke_vqa", None))
     assert calls == want
     build.main(["--work", str(work), "--editors", "mend,ke"])
-    assert len(calls) == len(want)  # everything DONE: nothing retrained
+    assert len(calls) == len(want) and len(pretrained) == 1  # everything DONE: nothing retrained
     # SERAC has four stages, each warm-started from the one before
     del calls[:]
     build.main(["--work", str(work), "--editors", "serac"])

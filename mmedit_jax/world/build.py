@@ -7,13 +7,14 @@
 1. the world's MMEdit files (`assets.ensure_data`; an editor's config may ask for a larger train split with
    `world_n_train`, generated beside it: same eval split, same first train records);
 2. `world.pretrain` of the family's model -> `WORK/pretrain/model` (+ `pretrain_report.json` with held-out
-   accuracy);
+   accuracy); for BLIP-2, IKE's in-context model from it (`IN_CONTEXT_STAGE`: IKE-shaped examples with random
+   stated answers, so that it learns to copy a demonstrated fact) -> `WORK/pretrain_incontext/model`;
 3. `python -m mmedit_jax.train --editor E --config configs/E_world.yaml` on the E-VQA train split, validated on
    the eval split -> `WORK/E_vqa/editor`; where `configs/E_world_finetune.yaml` exists, a second stage
    warm-starts from that editor (`--init-editor`) -> `WORK/E_vqa_finetune/editor`, the one installed (for the
    MiniGPT-4 family the configs are `E_world_minigpt4.yaml` and `E_world_minigpt4_finetune.yaml`);
-4. with `--install`, copies the model and editors into the family's assets (`mmedit_jax/assets/world/`,
-   `mmedit_jax/assets/world_minigpt4/`: what `bench --family` loads).
+4. with `--install`, copies the model(s) and editors into the family's assets (`mmedit_jax/assets/world/`,
+   `mmedit_jax/assets/world_minigpt4/`: what `bench --family` loads; the in-context model as `model_incontext`).
 `--model DIR` skips step 2 and meta-trains on that pretrained model (the shipped one, to add editors for another
 task); the model itself is then not installed. Where `configs/E_{world}_{task}.yaml` exists, that task has its own
 recipe: it and `configs/E_{world}_finetune_{task}.yaml` (if any) replace the files above. A config's
@@ -45,6 +46,9 @@ DEFAULTS = {"blip2": ("runs/world_build", "mend,ke", 3000), "minigpt4": ("runs/w
 # IKE-shaped examples per pretraining step (`pretrain.in_context_batch`): the BLIP-2 world is IKE's; the MiniGPT-4
 # world runs no IKE and keeps its recipe.
 IN_CONTEXT_BATCH = {"blip2": 8, "minigpt4": 0}
+# IKE's world model (`assets.IN_CONTEXT_MODEL`): the pretrained BLIP-2 world model trained further on twice as many
+# in-context examples per step, half of their stated answers random words (`pretrain.random_targets`).
+IN_CONTEXT_STAGE = dict(steps=1500, lr=1e-3, in_context_batch=16, random_targets=0.5, seed_offset=2)
 
 
 def own_build_of(asset: str, work: str) -> str | None:
@@ -103,6 +107,13 @@ def main(argv=None):
         evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
         pretrain(os.path.join(work, "pretrain"), args.seed, steps, eval_files=evals, image_root=data,
                  family=args.family, in_context_batch=IN_CONTEXT_BATCH[args.family])
+    incontext_dir = os.path.join(work, "pretrain_incontext", "model")
+    if not args.model and args.family == "blip2" and not os.path.isdir(incontext_dir):
+        st = IN_CONTEXT_STAGE
+        evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
+        pretrain(os.path.dirname(incontext_dir), args.seed + st["seed_offset"], st["steps"], lr=st["lr"],
+                 eval_files=evals, image_root=data, family=args.family, in_context_batch=st["in_context_batch"],
+                 init=model_dir, random_targets=st["random_targets"])
     editor_dirs = {}
     for editor in [e for e in editors.split(",") if e]:
         init = None  # stage 1: from scratch, or the config's `world_init_editor`; later stages: the previous one
@@ -125,15 +136,19 @@ def main(argv=None):
         targets = {f"{e}_{args.task}": d for e, d in editor_dirs.items()}
         if not args.model:
             targets["model"] = model_dir
+            if os.path.isdir(incontext_dir):
+                targets[assets.IN_CONTEXT_MODEL] = incontext_dir
         for name, src in targets.items():
             dst = os.path.join(installed, name)
             if os.path.exists(dst):
                 shutil.rmtree(dst)
             shutil.copytree(src, dst)
             print(f"installed {dst}")
-        report = os.path.join(work, "pretrain", "pretrain_report.json")
-        if os.path.exists(report):
-            shutil.copy2(report, os.path.join(installed, "pretrain_report.json"))
+        reports = (("pretrain", "pretrain_report.json"), ("pretrain_incontext", "pretrain_report_incontext.json"))
+        for run, name in reports:
+            report = os.path.join(work, run, "pretrain_report.json")
+            if os.path.exists(report) and not args.model:
+                shutil.copy2(report, os.path.join(installed, name))
 
 
 if __name__ == "__main__":

@@ -180,9 +180,14 @@ def _edit_fact(task: str, rng: np.random.Generator):
     return scene, attribute, src, rephrase, new.caption()
 
 
-def random_answer(rng: np.random.Generator, facts) -> str:
-    """A new answer that no question implies: any world word, an encyclopaedia answer or a made-up word (so an
-    in-context fact stating it can only be copied, not guessed from the question's attribute)."""
+def random_answer(rng: np.random.Generator, facts, task: str = "vqa") -> str:
+    """A new answer that nothing but its statement implies (so an in-context fact stating it can only be copied,
+    not guessed from the question's attribute or the image): for E-VQA any world word, an encyclopaedia answer or
+    a made-up word; for E-IC a caption's shape, a random scene's caption or three such words."""
+    if task == "caption":
+        if rng.random() < 0.5:
+            return S.random_scene(rng).caption()
+        return " ".join(random_answer(rng, facts) for _ in range(3))
     kind = rng.integers(3)
     if kind == 0:
         words = (*S.SHAPES, *S.COLORS, *S.COUNTS)
@@ -213,7 +218,7 @@ def in_context_stream(seed: int, image_size: int, max_demos: int = 2, p_caption:
         demos = []
         for _ in range(rng.integers(max_demos + 1)):
             _, _, p, rephrase, t = _edit_fact(task, rng)
-            t = random_answer(rng, facts) if p_random_target and rng.random() < p_random_target else t
+            t = random_answer(rng, facts, task) if p_random_target and rng.random() < p_random_target else t
             kind = rng.integers(3)
             if kind == 2:
                 f = facts[rng.integers(len(facts))]
@@ -221,7 +226,7 @@ def in_context_stream(seed: int, image_size: int, max_demos: int = 2, p_caption:
             else:
                 demos.append(demo(p, t, rephrase if kind else p, t))
         scene, attribute, p, rephrase, t = _edit_fact(task, rng)
-        t = random_answer(rng, facts) if p_random_target and rng.random() < p_random_target else t
+        t = random_answer(rng, facts, task) if p_random_target and rng.random() < p_random_target else t
         context = "".join(demos) + demo(p, t, p, t) + fact_line(p, t)
         kind = rng.integers(4)
         if kind < 2:  # the edit prompt or its rephrasing: the new fact
