@@ -387,3 +387,19 @@ def test_serac_through_the_api_routes_through_its_memory(world):
         mj.compose(patch, mj.EditPatch({}))
     with pytest.raises(TypeError, match="SERAC edit is a memory"):
         mj.save_patch(patch, "unused.safetensors")
+
+
+def test_ike_on_the_in_context_world_model_gives_the_new_answers(world):
+    """`from_pretrained("world-incontext")`: IKE's world model (one of the world models: its bank and answer
+    lengths apply; not the one the other shipped editors were trained on). Edited by IKE, it answers the new fact
+    for every edit of a batch, where the unedited model does not."""
+    _, _, records = world
+    model = mj.from_pretrained("world-incontext")
+    assert model.name == "world-incontext" and model.of_world and not model.is_world
+    assert model.config.text.max_position_embeddings == 192
+    editor = mj.load_editor("ike", model, hparams={"k": 2})
+    recs = [r for r in records if r["alt"] != r["pred"]][:4]
+    images, questions, targets = [r["image"] for r in recs], [r["src"] for r in recs], [r["alt"] for r in recs]
+    batch = editor.edit_batch(images, questions, targets)
+    assert model.answer(images, questions, patch=batch) == targets
+    assert model.answer(images, questions) != targets

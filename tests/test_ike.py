@@ -209,3 +209,10 @@ def test_encoder_embedder_is_padding_free(demo_world):
         hidden, _ = module.apply({"params": params}, ids, jnp.ones_like(ids))
         np.testing.assert_allclose(got[i], np.asarray(sentence_embedding(hidden, jnp.ones_like(ids)))[0],
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_context_report_summary_counts_what_was_kept():
+    """The log line's figures: the mean and least number of retrieved demos kept, and the cases that lost any."""
+    report = ike.ContextReport(2, np.array([2, 2, 1]), 80, 73, 192)
+    assert "kept 1.67 on average (min 1); 1 cases lost demos" in report.summary()
+    assert "(min 2); 0 cases lost demos" in ike.ContextReport(2, np.array([2, 2]), 80, 73, 192).summary()

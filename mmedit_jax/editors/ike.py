@@ -220,8 +220,9 @@ class ContextReport:
         return int((self.kept < self.asked).sum())
 
     def summary(self) -> str:
+        least = self.kept.min(initial=self.asked)
         return (f"IKE contexts: {len(self.kept)} cases, {self.asked} demos retrieved each, kept {self.kept.mean():.2f} "
-                f"on average (min {self.kept.min(initial=0)}); {self.truncated} cases lost demos to the model's "
+                f"on average (min {least}); {self.truncated} cases lost demos to the model's "
                 f"{self.limit} positions; longest context {self.longest} tokens, padded to {self.length}")
 
 
