@@ -131,6 +131,14 @@ def sequence_major(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, -2, 1)
 
 
+def masked_scores(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """float32 `scores` with hidden keys (`mask` False, broadcastable) at float32's most negative value: added as a
+    0 / min bias, not selected with `where`. Same values (min + a finite score rounds to min), and XLA CPU fuses the
+    add into the scores' producer where the select cost a pass of its own (IKE's `[32, 4, 175, 175]` attention:
+    21.6 -> 14.6 ms). A row with no visible key gets a uniform softmax, not NaN."""
+    return scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
 def attention_bias(query_pos: jax.Array, key_mask: jax.Array) -> jax.Array:
     """Boolean `[B, 1, Lq, Lk]`: key j is visible to query i when `j <= query_pos[i]` and key j is not padding.
 

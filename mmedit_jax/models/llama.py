@@ -41,6 +41,7 @@ from mmedit_jax.models.layers import (
     from_layer,
     heads_major,
     init_stack,
+    masked_scores,
     run_stack,
     sequence_major,
     take_rows,
@@ -131,7 +132,7 @@ class LlamaAttention(nn.Module):
         scores = jnp.einsum("bhgqd,bhkd->bhgqk", heads_major(q), heads_major(k.astype(q.dtype)))
         scores = scores * jnp.asarray(dh**-0.5, q.dtype)
         # A finite fill: rows with no visible key (left padding) get a uniform softmax, not NaN.
-        scores = jnp.where(mask[:, :, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        scores = masked_scores(scores.astype(jnp.float32), mask[:, :, None])
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = sequence_major(jnp.einsum("bhgqk,bhkd->bhgqd", probs, heads_major(v.astype(self.dtype))))
         out = out.reshape(*xq.shape[:-1], heads * dh)

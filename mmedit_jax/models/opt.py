@@ -27,6 +27,7 @@ from mmedit_jax.models.layers import (
     from_layer,
     heads_major,
     init_stack,
+    masked_scores,
     run_stack,
     sequence_major,
     take_rows,
@@ -83,7 +84,7 @@ class OPTAttention(nn.Module):
             new_cache = (k, v)
         scores = jnp.einsum("bhqd,bhkd->bhqk", heads_major(q), heads_major(k.astype(q.dtype))).astype(jnp.float32)
         # A finite fill: rows with no visible key (left padding) get a uniform softmax, not NaN.
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = masked_scores(scores, mask)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = sequence_major(jnp.einsum("bhqk,bhkd->bhqd", probs, heads_major(v.astype(self.dtype))))
         out = out.reshape(xq.shape[:-1] + (d,))

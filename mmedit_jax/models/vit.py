@@ -26,6 +26,7 @@ from mmedit_jax.models.layers import (
     child,
     heads_major,
     init_stack,
+    masked_scores,
     run_stack,
     sequence_major,
 )
@@ -65,7 +66,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     q, k, v = heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v)
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
     if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        scores = masked_scores(scores, mask)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return sequence_major(jnp.einsum("bhqk,bhkd->bhqd", probs, v))
 
