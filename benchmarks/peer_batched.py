@@ -384,11 +384,13 @@ class BatchedSerac:
             ids[r, : len(x)], mask[r, : len(x)] = x, 1
         return self.serac.embed(ids, mask)
 
-    def _image_keys(self, batch: dict, table: dict) -> torch.Tensor:
-        """`[N, D_img]`: each row's image key (the text-only key where it shows none)."""
-        none = self.serac.image_key_of(None)[0]
-        return torch.stack([none if int(i) < 0 else self.serac.image_key_of(table[int(i)][None])[0]
-                            for i in batch["image_ids"]])
+    def _image_keys(self, batch: dict, feats: torch.Tensor | None) -> torch.Tensor:
+        """`[N, D_img]`: each row's image key, one matmul over the rows' features `feats` (`feats_of`, rows with an
+        image in order), the text-only key where a row shows none."""
+        keys = self.serac.image_key_of(None).expand(batch["image_ids"].shape[0], -1).clone()
+        if feats is not None:
+            keys[batch["image_ids"] >= 0] = self.serac.image_key_of(feats)
+        return keys
 
     def run(self, cases: dict, idx: np.ndarray) -> list[dict]:
         inputs = {name: _stack(cases, name, idx) for name in INPUT_ORDER}
@@ -397,21 +399,22 @@ class BatchedSerac:
             table = feature_table(self.b, cases, inputs)
             base_topk = base_locality(self.b, inputs, table)
             post = _concat([inputs[n] for n in INPUT_ORDER])  # input-major rows: case = row % E
-            hb = self.b.hidden(post["input_ids"], post["attention_mask"], feats_of(post, table))
+            feats = feats_of(post, table)
+            hb = self.b.hidden(post["input_ids"], post["attention_mask"], feats)
             # Scope: the memory keys once per edit, the queries once per row.
             edit = inputs["edit_inner"]
             keys = self._embed(self._texts(edit, meta.get("scope_key", "text_input"))).repeat(5, 1)
             queries = self._embed(self._texts(post, meta["scope_query"]))
             image_dist = 0.0
             if self.serac.scope_image is not None:
-                slot = self._image_keys(edit, table).repeat(5, 1)
-                image_dist = ((slot - self._image_keys(post, table)) ** 2).sum(-1)
+                query_keys = self._image_keys(post, feats)
+                slot = query_keys[: len(idx)].repeat(5, 1)  # the edit rows come first: their keys are the slots'
+                image_dist = ((slot - query_keys) ** 2).sum(-1)
             s = self.serac.similarity(keys, queries, image_dist)  # [5E]
             # The counterfactual: the memory text after the image slots (projected image embeddings).
             ids, mask, where_of = joined(post, self._texts(edit, "text_input") * 5, self.serac.image_token_id)
             slots = ids == self.serac.image_token_id
             emb = self.cf.get_input_embeddings()(ids.clamp(0, self.cf.config.vocab_size - 1))
-            feats = feats_of(post, table)
             if feats is not None:
                 emb = emb.masked_scatter(slots.unsqueeze(-1), self.serac.projection(feats).to(emb.dtype))
             hc = self.cf_decoder(inputs_embeds=emb, attention_mask=mask, use_cache=False).last_hidden_state

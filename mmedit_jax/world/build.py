@@ -100,17 +100,16 @@ def main(argv=None):
     work, editors, steps = args.work or work, args.editors or editors, args.steps or steps
 
     data = assets.ensure_data()
+    evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
     model_dir = args.model or os.path.join(work, "pretrain", "model")
     if not os.path.isdir(model_dir):
         if args.model:
             raise SystemExit(f"--model {args.model}: no such directory")
-        evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
         pretrain(os.path.join(work, "pretrain"), args.seed, steps, eval_files=evals, image_root=data,
                  family=args.family, in_context_batch=IN_CONTEXT_BATCH[args.family])
     incontext_dir = os.path.join(work, "pretrain_incontext", "model")
     if not args.model and args.family == "blip2" and not os.path.isdir(incontext_dir):
         st = IN_CONTEXT_STAGE
-        evals = [os.path.join(data, f) for f in ("vqa_eval.json", "caption_eval_edit.json")]
         pretrain(os.path.dirname(incontext_dir), args.seed + st["seed_offset"], st["steps"], lr=st["lr"],
                  eval_files=evals, image_root=data, family=args.family, in_context_batch=st["in_context_batch"],
                  init=model_dir, random_targets=st["random_targets"])
