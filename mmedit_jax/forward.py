@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Protocol
 
 import flax.linen as nn
@@ -46,6 +47,11 @@ class ModelFns(Protocol):
 
     def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):
         """-> `(logits [L, V] (or [R, V] at `rows`), captured {site: layer input})`."""
+        ...
+
+    def forward_group(self, params, patch, seqs: Sequence[Seq], image, rows: Sequence | None = None) -> list:
+        """`forward`'s logits of several inputs showing the same `image` (`rows[i]` or None for each): a model
+        whose inputs share a leading block may run it once (IKE: `[image slots][context]`); else one forward each."""
         ...
 
     def logits(self, params, patch, seq: Seq, image) -> jax.Array:
@@ -115,13 +121,18 @@ class Blip2Fns:
                              "model's vision weights may be damaged (verify the checkpoint)")
         return table
 
-    def forward(self, params, patch, seq: Seq, image, taps=None, rows=None):
+    def forward(self, params, patch, seq: Seq, image, taps=None, rows=None, packed: bool = False):
         """One example: `seq` fields `[L]`, `image` `[nq, E]` / `[3, H, W]` / None -> (logits `[L, V]`, captured).
 
         `captured` maps each tapped site to its layer input without the batch axis. `rows` `[R]`: logits at those
-        positions only, `[R, V]` (the last language-model layer and the head run R rows).
+        positions only, `[R, V]` (the last language-model layer and the head run R rows). `packed`: position ids
+        count real tokens only (`generation_positions`), as if the padding inside `seq` were not there (OPT's
+        always do; LLaMA's otherwise count every slot).
         """
         kw = {} if rows is None else {"rows": rows[None]}
+        if packed:
+            kw["positions"] = self.module.apply({"params": params}, seq.attention_mask[None],
+                                                method="generation_positions")
         if image is not None and self.pixels:
             kw["pixel_values"] = jnp.transpose(image[None], (0, 2, 3, 1))  # the table holds [3, H, W]
         elif image is not None:
@@ -133,6 +144,49 @@ class Blip2Fns:
 
     def logits(self, params, patch, seq: Seq, image) -> jax.Array:
         return self.forward(params, patch, seq, image)[0]
+
+    def forward_group(self, params, patch, seqs: Sequence[Seq], image, rows: Sequence | None = None) -> list:
+        """One forward per input (their shared leading positions are image slots and a word or two: not worth a
+        second program)."""
+        rows = [None] * len(seqs) if rows is None else rows
+        return [self.forward(params, patch, s, image, rows=r)[0] for s, r in zip(seqs, rows)]
+
+    def forward_shared(self, params, head: Seq, tails: Sequence[Seq], image, rows: Sequence | None = None) -> list:
+        """The unpatched logits of inputs `[head][tail_i]` that begin with the same `head` `[P]` (ids, mask and
+        `image`, whose slots lie in the head): the head runs once and its keys and values (a KV cache of
+        `P + max Lt` slots) serve every tail, which runs its `Lt_i` positions only.
+
+        -> per input, logits `[P + Lt_i, V]`, or with `rows[i]` `[R]` (positions in the joined input) `[R, V]`:
+        rows inside the head get zero logits there (their logits are not computed; scored rows lie in the tails).
+        Positions and masks are the joined input's, so the logits are `forward`'s on the joined input.
+        """
+        apply = functools.partial(self.module.apply, {"params": params})
+        feats = None
+        if image is not None:
+            feats = self.encode(params, {}, image[None]) if self.pixels else image[None]
+        p = head.input_ids.shape[-1]
+        slots = p + max(t.input_ids.shape[-1] for t in tails)
+        shape = apply(1, slots, method="cache_shape")
+        cache = (jnp.zeros(shape, self.module.dtype), jnp.zeros(shape, self.module.dtype))
+        head_mask = head.attention_mask.astype(jnp.int32)
+        keys = jnp.zeros((1, slots), jnp.int32).at[0, :p].set(head_mask)
+        embeds = apply(head.input_ids[None], feats, method="embed_inputs")
+        head_logits, cache = apply(embeds, apply(head_mask[None], method="generation_positions"), cache, 0, keys,
+                                   method="decode")
+        rows = [None] * len(tails) if rows is None else rows
+        out = []
+        for tail, r in zip(tails, rows):
+            lt = tail.input_ids.shape[-1]
+            joined = jnp.concatenate([head_mask, tail.attention_mask.astype(jnp.int32)])
+            positions = apply(joined[None], method="generation_positions")[:, p:]
+            logits, _ = apply(apply(tail.input_ids[None], None, method="embed_inputs"), positions, cache, p,
+                              keys.at[0, p : p + lt].set(joined[p:]), method="decode")
+            if r is None:
+                out.append(jnp.concatenate([head_logits[0], logits[0]]))
+            else:
+                at = logits[0][jnp.clip(r - p, 0, lt - 1)]
+                out.append(jnp.where((r >= p)[:, None], at, jnp.zeros_like(at)))
+        return out
 
     def prefix(self, params, seq: Seq, image, stop: int) -> jax.Array:
         """The unedited language model up to layer `stop` (excluded): -> hidden states `[L, D]`.
@@ -185,6 +239,10 @@ class RoutedFns:
     def logits(self, params, patch, seq: Seq, image) -> jax.Array:
         return self.forward(params, patch, seq, image)[0]
 
+    def forward_group(self, params, patch, seqs: Sequence[Seq], image, rows: Sequence | None = None) -> list:
+        rows = [None] * len(seqs) if rows is None else rows
+        return [self.forward(params, patch, s, image, rows=r)[0] for s, r in zip(seqs, rows)]
+
     def prefix(self, params, seq: Seq, image, stop: int):
         raise ValueError(f"{type(self).__name__} has no frozen-prefix split (supports_prefix is False)")
 
@@ -201,6 +259,18 @@ def fns_for(model, sites, feature_cache: bool = True) -> Blip2Fns:
     otherwise. The one place that choice is made; the editor carries the result (`Editor.fns`) and everything
     downstream asks it."""
     return Blip2Fns(model.module, pixels=touches_vision(sites) or not feature_cache)
+
+
+def _answer_layout(seq: Seq):
+    """`(rows [R], targets [R + 1])` of an input with `answer_rows`: the rows whose logits are scored and the
+    targets of `[their logits; a zero row]` (-100 first and at unused rows)."""
+    rows, valid = answer_rows_of(seq)
+    targets = jnp.where(valid, seq.labels[jnp.minimum(rows + 1, seq.labels.shape[0] - 1)], -100)
+    return rows, jnp.concatenate([jnp.full((1,), -100, targets.dtype), targets])
+
+
+def _with_zero_row(logits: jax.Array) -> jax.Array:
+    return jnp.concatenate([logits, jnp.zeros_like(logits[:1])])
 
 
 def teacher_forced(model: ModelFns, params, patch, seq: Seq, image, taps=None, prefix=None):
@@ -223,8 +293,14 @@ def teacher_forced(model: ModelFns, params, patch, seq: Seq, image, taps=None, p
     if seq.answer_rows is None:
         logits, captured = run()
         return logits, seq.labels, captured
-    rows, valid = answer_rows_of(seq)
+    rows, targets = _answer_layout(seq)
     logits, captured = run(rows)
-    targets = jnp.where(valid, seq.labels[jnp.minimum(rows + 1, seq.labels.shape[0] - 1)], -100)
-    logits = jnp.concatenate([logits, jnp.zeros_like(logits[:1])])
-    return logits, jnp.concatenate([jnp.full((1,), -100, targets.dtype), targets]), captured
+    return _with_zero_row(logits), targets, captured
+
+
+def teacher_forced_group(model: ModelFns, params, patch, seqs: Sequence[Seq], image) -> list:
+    """`teacher_forced`'s `(logits, labels)` of several inputs showing the same `image` (no taps, no prefix),
+    through the model's `forward_group` (inputs that share a leading block may run it once)."""
+    layouts = [None if s.answer_rows is None else _answer_layout(s) for s in seqs]
+    logits = model.forward_group(params, patch, seqs, image, rows=[None if a is None else a[0] for a in layouts])
+    return [(lg, s.labels) if a is None else (_with_zero_row(lg), a[1]) for lg, s, a in zip(logits, seqs, layouts)]

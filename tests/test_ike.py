@@ -158,6 +158,38 @@ def test_in_context_forward_equals_base_on_joined_input(setup):
         np.testing.assert_allclose(at_rows, got[np.asarray(rows)], rtol=2e-5, atol=2e-5)  # rows map too
 
 
+def test_shared_context_runs_once_and_equals_separate_forwards(setup):
+    """The edit input and its rephrase share `[image slots][context]`: `forward_group` runs it once (a KV prefix)
+    and each input's text from it, with the logits of separate forwards (all positions, and at answer rows);
+    the scores of a batch are those of the forwards one by one."""
+    model, tok, records, editor, cases = setup
+    fns = editor.fns
+    case = jax.tree.map(lambda a: jnp.asarray(a[2]), cases)
+    patch = editor.edit(None, model.params, case, {})
+    seqs = [case.seq("edit"), case.seq("rephrase")]
+    assert seqs[0].input_ids.shape != seqs[1].input_ids.shape or not np.array_equal(seqs[0].input_ids,
+                                                                                     seqs[1].input_ids)
+    rows = [jnp.where(s.answer_rows >= 0, s.answer_rows, 0) for s in seqs]
+
+    @jax.jit
+    def run(params, patch, image):
+        apart = [fns.forward(params, patch, s, image)[0] for s in seqs]
+        apart_rows = [fns.forward(params, patch, s, image, rows=r)[0] for s, r in zip(seqs, rows)]
+        return apart, apart_rows, fns.forward_group(params, patch, seqs, image), \
+            fns.forward_group(params, patch, seqs, image, rows=rows)
+
+    apart, apart_rows, shared, shared_rows = run(model.params, patch, case.images["edit"])
+    for s, a, b, ar, br in zip(seqs, apart, shared, apart_rows, shared_rows):
+        real = np.asarray(s.attention_mask) > 0
+        np.testing.assert_allclose(np.asarray(b)[real], np.asarray(a)[real], rtol=2e-5, atol=2e-5)
+        scored = np.asarray(s.answer_rows) >= 0
+        np.testing.assert_allclose(np.asarray(br)[scored], np.asarray(ar)[scored], rtol=2e-5, atol=2e-5)
+    # Without a context (the pre-edit model) the group is the separate forwards.
+    plain = jax.jit(lambda p, i: fns.forward_group(p, {}, seqs, i))(model.params, case.images["edit"])
+    np.testing.assert_array_equal(np.asarray(plain[0]), np.asarray(fns.logits(model.params, {}, seqs[0],
+                                                                                case.images["edit"])))
+
+
 def test_vmap_over_cases_equals_one_by_one(setup):
     model, tok, records, editor, cases = setup
     batch = jax.tree.map(jnp.asarray, take(cases, np.arange(3)))

@@ -524,3 +524,20 @@ def test_ike_context_follows_the_whole_image_block(api_model):
     asked = model.prompt_ids(q, True, context=patch.ids)
     assert real[:len(block)] == block and real[len(block):len(block) + len(patch.ids)] == list(patch.ids)
     assert real[:len(asked)] == asked and model.tokenizer.decode(real[len(asked):]).strip() == t
+    # The edit input and its rephrase read the context from one run of `[image block][context]` (a KV prefix
+    # through LLaMA's cache) with the logits of separate forwards; both count positions over real tokens, as the
+    # packed string EasyEdit tokenises (LLaMA's default would count the context's padding slots too).
+    fns, rephrase = editor.editor.fns, "Which shape do the objects have?"
+    cases = editor.cases([image, image], [q, rephrase], [t, t])
+    pair = [jax.tree.map(lambda a, i=i: jnp.asarray(a[i]), cases) for i in (0, 1)]
+    seqs = [c.edit for c in pair]
+    feats = jnp.asarray(fns.image_table(model.params, np.asarray(pair[0].images["edit"])[None])[0])  # as fns takes it
+
+    @jax.jit
+    def run(params, patch):
+        return [fns.forward(params, patch, s, feats)[0] for s in seqs], fns.forward_group(params, patch, seqs, feats)
+
+    apart, shared = run(model.params, editor.editor.edit(None, model.params, pair[0], {}))
+    for s, a, b in zip(seqs, apart, shared):
+        real = np.asarray(s.attention_mask) > 0
+        np.testing.assert_allclose(np.asarray(b)[real], np.asarray(a)[real], rtol=1e-4, atol=1e-4)

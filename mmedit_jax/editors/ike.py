@@ -14,7 +14,11 @@ case (`attach_contexts`), and rides in the `Case` (`context_ids`, `context_mask`
 returns it as the "patch"; the editor's `fns` (`InContextFns`) runs the base model on `[image slots][context][text]`
 when the patch holds a context and on the input alone when it is `{}`, returning logits at the input's own
 positions, so labels, answer rows, scoring and the harness are those of every other editor. Padding inside the
-sequence is harmless: OPT's positions come from `cumsum(mask)` and padded keys are masked.
+sequence is harmless: padded keys are masked and position ids count real tokens only (`Blip2Fns.forward(...,
+packed=True)`; LLaMA's default would count the context's padding slots). The edit input and its rephrase show the
+same image and so share `[image slots][context]`: `forward_group` runs that block once per case and both texts from
+its keys and values (a KV prefix); the other inputs show other images (or none), under which the context's keys
+differ.
 
 Choices and deviations (see the README section on IKE):
   * p = the edit input's prompt as this package builds it (`data.cases.case_inputs`: templated for E-VQA), t = alt;
@@ -308,10 +312,34 @@ class InContextFns(RoutedFns):
         lc, length = patch["context_ids"].shape[-1], seq.input_ids.shape[-1]
         full = join_context(seq, patch["context_ids"], patch["context_mask"], n)
         if rows is not None:
-            return self.base.forward(params, {}, full, image, taps=taps, rows=jnp.where(rows >= n, rows + lc, rows))
-        logits, captured = self.base.forward(params, {}, full, image, taps=taps)
-        at = jnp.concatenate([jnp.arange(n), n + lc + jnp.arange(length - n)])
-        return logits[at], captured
+            return self.base.forward(params, {}, full, image, taps=taps, rows=jnp.where(rows >= n, rows + lc, rows),
+                                     packed=True)
+        logits, captured = self.base.forward(params, {}, full, image, taps=taps, packed=True)
+        return logits[own_positions(n, lc, length)], captured
+
+    def forward_group(self, params, patch, seqs, image, rows=None):
+        """Inputs showing the same image (the edit input and its rephrase) share `[image block][context]`: with a
+        context, that block runs once and each input's text from its keys and values (`forward_shared`, the
+        base model's KV prefix). The inputs' first `image_block` ids must be the same (the image slots are)."""
+        rows = [None] * len(seqs) if rows is None else rows
+        if not patch or image is None or len(seqs) < 2:
+            return [self.forward(params, patch, s, image, rows=r)[0] for s, r in zip(seqs, rows)]
+        n, lc = self.image_block, patch["context_ids"].shape[-1]
+        first = seqs[0]
+        head = Seq(jnp.concatenate([first.input_ids[:n], patch["context_ids"].astype(first.input_ids.dtype)]),
+                   jnp.concatenate([first.attention_mask[:n],
+                                    patch["context_mask"].astype(first.attention_mask.dtype)]),
+                   jnp.full((n + lc,), -100, first.labels.dtype))
+        tails = [Seq(s.input_ids[n:], s.attention_mask[n:], s.labels[n:]) for s in seqs]
+        joined_rows = [None if r is None else jnp.where(r >= n, r + lc, r) for r in rows]
+        out = self.base.forward_shared(params, head, tails, image, rows=joined_rows)
+        return [lg if r is not None else lg[own_positions(n, lc, s.input_ids.shape[-1])]
+                for lg, r, s in zip(out, rows, seqs)]
+
+
+def own_positions(n: int, lc: int, length: int) -> jax.Array:
+    """Where an input's `length` positions lie in `[its first n][context Lc][the rest]`."""
+    return jnp.concatenate([jnp.arange(n), n + lc + jnp.arange(length - n)])
 
 
 def ike_edit(editor_params, params, case: Case, prior: dict, prefix=None) -> dict:

@@ -12,18 +12,23 @@ import jax.numpy as jnp
 
 from mmedit_jax.case import ACCURACY_INPUTS, LOCALITY_INPUTS, SPEC, Case, answer_rows_of
 from mmedit_jax.eval import metrics as M
-from mmedit_jax.forward import ModelFns, teacher_forced
+from mmedit_jax.forward import ModelFns, teacher_forced, teacher_forced_group
 
 
 def _accuracies(model: ModelFns, params, patch, case: Case, exact_match: bool, prefixes: dict | None = None):
     """Reliability / T- / M-Generality, and the predicted tokens `[L]` (at the answer positions only where the
     inputs carry `answer_rows`, 0 elsewhere: what the rows' text needs). `prefixes`: `{input: (h, k)}` inputs
     whose forwards start from their hidden states entering layer k."""
+    prefixes = prefixes or {}
+    forwards = {name: teacher_forced(model, params, patch, case.seq(name), case.image(name), prefix=prefixes[name])[:2]
+                for name in ACCURACY_INPUTS if name in prefixes}
+    for names in _same_image([n for n in ACCURACY_INPUTS if n not in prefixes]):
+        seqs = [case.seq(name) for name in names]
+        forwards.update(zip(names, teacher_forced_group(model, params, patch, seqs, case.image(names[0]))))
     out, preds = {}, {}
     for name in ACCURACY_INPUTS:
         seq = case.seq(name)
-        logits, labels, _ = teacher_forced(model, params, patch, seq, case.image(name),
-                                           prefix=(prefixes or {}).get(name))
+        logits, labels = forwards[name]
         out[SPEC[name].metric] = M.edit_accuracy(logits[None], labels[None], exact_match)[0]
         pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # the token predicted at each step
         if seq.answer_rows is not None:  # R rows (+ the appended zero row) back to their positions
@@ -32,6 +37,14 @@ def _accuracies(model: ModelFns, params, patch, case: Case, exact_match: bool, p
             pred = jnp.zeros(seq.labels.shape, jnp.int32).at[at].set(pred[:-1], mode="drop")
         preds[name] = pred
     return out, preds
+
+
+def _same_image(names) -> list[list[str]]:
+    """`names` grouped by the image they show (the edit input and its rephrase share one), in order."""
+    groups: dict = {}
+    for name in names:
+        groups.setdefault(SPEC[name].image, []).append(name)
+    return list(groups.values())
 
 
 def _prefixes(pre: dict, prefix_layer: int | None) -> dict:

@@ -114,15 +114,17 @@ class Blip2(nn.Module):
         return splice_image_embeds(embeds, input_ids, image_embeds, self.config.image_token_index)
 
     def __call__(self, input_ids, attention_mask, pixel_values=None, image_embeds=None, patch=None, taps=None,
-                 rows=None):
-        """-> `(logits [B, L, V], captured)`; with `rows` `[B, R]`, logits at those positions only `[B, R, V]`."""
+                 rows=None, positions=None):
+        """-> `(logits [B, L, V], captured)`; with `rows` `[B, R]`, logits at those positions only `[B, R, V]`.
+        `positions` `[B, L]`: the language model's, instead of its default for the mask."""
         captured = {}
         if pixel_values is not None:
             if image_embeds is not None:
                 raise ValueError("pass pixel_values or image_embeds, not both")
             image_embeds, captured = self.encode_image(pixel_values, patch, taps)
         embeds = self.embed_inputs(input_ids, image_embeds)
-        logits, cap_t = self.language_model(embeds, attention_mask, patch=patch, taps=taps, rows=rows)
+        logits, cap_t = self.language_model(embeds, attention_mask, patch=patch, taps=taps, rows=rows,
+                                            positions=positions)
         return logits, {**captured, **cap_t}
 
     def text_prefix(self, input_ids, attention_mask, image_embeds=None, stop: int = 0):
