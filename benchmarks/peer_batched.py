@@ -21,8 +21,10 @@ here: transformers' OPT gives no entry point at an inner layer. FT-L has no batc
 need its own weight copy).
 
 IKE and SERAC change no weight; their post-edit pass is what differs (steps 1-2 as above, no step 3):
-  * IKE (`BatchedIKE`): one call over the 5E rows `[image slots][case's context][input text]`, right-padded;
-    the input's own positions scored (the head at answer positions, top-k at its valid positions);
+  * IKE (`BatchedIKE`): the edit and rephrase rows' shared `[image slots][case's context]` once per case (a KV
+    cache, `use_cache`) and their texts from it, then one call over the other 3E rows `[image slots][case's
+    context][input text]`, right-padded; the input's own positions scored (the head at answer positions, top-k at
+    its valid positions);
   * SERAC (`BatchedSerac`): the base model over the 5E rows (one call), the scope classifier once over the E
     memory keys and once over the 5E queries (padded rows), the image keys from the batch's feature table, the
     counterfactual over the 5E rows `[projected image][memory text][query text]` (one call), and the mixture
@@ -295,6 +297,16 @@ def _valid(batch: dict, r: int, field: str = "input_ids") -> torch.Tensor:
     return batch[field][r, : int(batch["attention_mask"][r].sum())]
 
 
+def _right_padded(rows: list[torch.Tensor], pad: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length id rows -> `(ids [R, L], mask [R, L])`, right-padded (pad id never read: masked)."""
+    length = max(len(x) for x in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, x in enumerate(rows):
+        ids[r, : len(x)], mask[r, : len(x)] = x, 1
+    return ids, mask
+
+
 def joined(post: dict, contexts: list[torch.Tensor], image_token: int, pad: int = 1):
     """Rows `[image slots][context][input text]` (each row's context spliced in after its image slots), right-padded
     -> `(ids [R, Lj], mask [R, Lj], where_of)`; `where_of(rows, where)` maps a mask `where` over `post`'s rows
@@ -306,11 +318,7 @@ def joined(post: dict, contexts: list[torch.Tensor], image_token: int, pad: int 
         n = int((ids == image_token).sum())
         parts.append(torch.cat([ids[:n], contexts[r], ids[n:]]))
         n_img[r], n_ctx[r] = n, len(contexts[r])
-    length = max(len(x) for x in parts)
-    ids = torch.full((R, length), pad, dtype=torch.long)
-    mask = torch.zeros((R, length), dtype=torch.long)
-    for r, x in enumerate(parts):
-        ids[r, : len(x)], mask[r, : len(x)] = x, 1
+    ids, mask = _right_padded(parts, pad)
     t = torch.arange(L)
     pos = t[None] + (t[None] >= n_img[:, None]) * n_ctx[:, None]  # [R, L]: where each input position went
 
@@ -322,32 +330,73 @@ def joined(post: dict, contexts: list[torch.Tensor], image_token: int, pad: int 
 
 
 class BatchedIKE:
-    """IKE, E cases per call: the unedited locality pass, then one call over the 5E post-edit rows, each reading its
-    case's context (the ids our side retrieved and tokenised, saved with the cases) between its image slots and its
-    text; the head only at the scored positions of the inputs' own tokens."""
+    """IKE, E cases per call: the unedited locality pass; then the edit input and its rephrase, which show the same
+    image, share `[image slots][case's context]`: that block runs once per case (E rows, `use_cache`) and the 2E
+    texts from its keys and values (one call); the other 3E post-edit rows `[image slots][context][input text]`
+    as one right-padded call. The contexts are the ids our side retrieved and tokenised, saved with the cases; the
+    head runs at the scored positions of the inputs' own tokens only."""
 
     def __init__(self, model, exact_match: bool = True, compile: bool = False):
         for p in model.parameters():
             p.requires_grad_(False)
         self.b, self.em = Batched(model, compile), exact_match
 
+    def _shared(self, post: dict, ctx: list[torch.Tensor], feats: torch.Tensor, E: int):
+        """Final hidden states `[2E, Lt, D]` of the edit and rephrase rows' texts (row `2j + k`: case j, input k)
+        from one run of their shared `[image slots][context]`, and `[2E]` each row's image-slot count."""
+        heads, tails, n_img = [], [], []
+        for j in range(E):
+            ids = _valid(post, j)
+            n = int((ids == self.b.image_token).sum())
+            heads.append(torch.cat([ids[:n], ctx[j]]))
+            for r in (j, E + j):
+                tails.append(_valid(post, r)[n:])
+                n_img.append(n)
+        head_ids, head_mask = _right_padded(heads)
+        tail_ids, tail_mask = _right_padded(tails)
+        emb = self.b.embed(head_ids)
+        emb = emb.masked_scatter((head_ids == self.b.image_token).unsqueeze(-1), feats.to(emb.dtype))
+        cache = self.b.decoder(inputs_embeds=emb, attention_mask=head_mask, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(2)
+        mask = torch.cat([head_mask.repeat_interleave(2, 0), tail_mask], 1)
+        h = self.b.decoder(inputs_embeds=self.b.embed(tail_ids), attention_mask=mask, cache=cache,
+                           use_cache=True).last_hidden_state
+        return h, torch.tensor(n_img)
+
     def run(self, cases: dict, idx: np.ndarray) -> list[dict]:
         inputs = {name: _stack(cases, name, idx) for name in INPUT_ORDER}
         ctx = [torch.from_numpy(cases["context_ids"][i][cases["context_mask"][i].astype(bool)].astype(np.int64))
                for i in idx]
+        E = len(idx)
         with torch.inference_mode():
             table = feature_table(self.b, cases, inputs)
             base_topk = base_locality(self.b, inputs, table)
-            post = _concat([inputs[n] for n in INPUT_ORDER])
-            ids, mask, where_of = joined(post, ctx * 5, self.b.image_token)  # input-major rows: case = row % E
-            h = self.b.hidden(ids, mask, feats_of(post, table))
+            post = _concat([inputs[n] for n in INPUT_ORDER])  # input-major rows: case = row % E
+            hidden_at = self.post_hidden(post, ctx, table, E)
+            return score(lambda rows, where: self.b.head(hidden_at(rows, where)), post["labels"],
+                         post["attention_mask"], base_topk, cases["case_index"][idx], self.em)
 
-            def logits_at(rows, where):
-                r, t = where_of(rows, where)
-                return self.b.head(h[r, t])
+    def post_hidden(self, post: dict, ctx: list[torch.Tensor], table: dict, E: int):
+        """The post-edit pass over the 5E input-major rows: -> `hidden_at(rows, where)`, the final hidden states
+        `[P, D]` at the True positions of `where` (a mask over `post`'s rows `rows`, a slice), row-major."""
+        h_shared, n_img = self._shared(post, ctx, feats_of({"image_ids": post["image_ids"][:E]}, table), E)
+        rest = {k: v[2 * E :] for k, v in post.items()}  # image rephrase, loc, loc_image
+        ids, mask, where_of = joined(rest, ctx * 3, self.b.image_token)
+        h_rest = self.b.hidden(ids, mask, feats_of(rest, table))
 
-            return score(logits_at, post["labels"], post["attention_mask"], base_topk, cases["case_index"][idx],
-                         self.em)
+        def hidden_at(rows: slice, where: torch.Tensor) -> torch.Tensor:
+            parts = []
+            if rows.start < 2 * E:  # the edit and rephrase rows: from the shared run
+                at = where[: 2 * E - rows.start].nonzero()
+                i = at[:, 0] + rows.start
+                parts.append(h_shared[2 * (i % E) + i // E, at[:, 1] - n_img[i]])
+            if rows.stop > 2 * E:
+                lo = max(rows.start, 2 * E)
+                r, t = where_of(slice(lo - 2 * E, rows.stop - 2 * E), where[lo - rows.start :])
+                parts.append(h_rest[r, t])
+            return torch.cat(parts)
+
+        return hidden_at
 
 
 class BatchedSerac:

@@ -116,6 +116,36 @@ def test_best_effort_peer_agrees_ike_serac(manifests, editor):
         assert min(r["m_locality"] for r in ours["rows"]) < 1.0 or min(r["t_locality"] for r in ours["rows"]) < 1.0
 
 
+def test_best_effort_ike_shares_its_prefix_exactly(manifests):
+    """The best-effort IKE peer's post-edit pass (the edit and rephrase texts from one KV cache of their shared
+    `[image slots][context]`, the other rows joined) has, at every valid text position of every row, the hidden
+    states of all 5E rows run as whole joined sequences (the metrics alone cannot tell: the demo model answers
+    nothing right either way)."""
+    import torch
+
+    from benchmarks import peer_batched as PB
+
+    manifest = manifests["ike"]
+    side = C.PeerSide("best", manifest, batch=3, warmup=1)
+    peer, cases, E = side.peer, side.cases, 3
+    idx = np.arange(E)
+    inputs = {name: PB._stack(cases, name, idx) for name in PB.INPUT_ORDER}
+    ctx = [torch.from_numpy(cases["context_ids"][i][cases["context_mask"][i].astype(bool)].astype(np.int64))
+           for i in idx]
+    with torch.inference_mode():
+        table = PB.feature_table(peer.b, cases, inputs)
+        post = PB._concat([inputs[n] for n in PB.INPUT_ORDER])
+        hidden_at = peer.post_hidden(post, ctx, table, E)
+        ids, mask, where_of = PB.joined(post, ctx * 5, peer.b.image_token)
+        whole = peer.b.hidden(ids, mask, PB.feats_of(post, table))
+        text = post["attention_mask"].bool() & (post["input_ids"] != peer.b.image_token)
+        for rows in (slice(0, 3 * E), slice(3 * E, 5 * E), slice(E, 4 * E)):
+            got = hidden_at(rows, text[rows])
+            r, t = where_of(rows, text[rows])
+            np.testing.assert_allclose(got.numpy(), whole[r, t].numpy(), rtol=1e-4, atol=1e-4)
+            assert len(t) > 3 * E
+
+
 def test_ft_l_agrees(manifests):
     manifest = manifests["ft-l"]
     assert manifest["ft"]["num_steps"] == 2 and manifest["ft"]["edit_lr"] == 2e-4
