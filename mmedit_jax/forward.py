@@ -5,7 +5,9 @@ A `ModelFns` runs ONE example (no batch axis; callers vmap), with an optional pa
 pixels `[3, H, W]` for a model whose vision side may be edited (FT-V), and builds the matching per-run table
 once (`image_table`), so the pixels-or-embeddings choice is made in one place. `prefix` / `resume` split the
 language model at a layer, for the frozen-prefix cache (only with cached embeddings: `supports_prefix`).
-`teacher_forced` is the one path from an input to the logits and labels that losses and accuracies take.
+`forward_group` runs several inputs showing one image, so that a model whose inputs share a leading block runs it
+once (IKE's context, through `Blip2Fns.forward_shared`'s KV cache). `teacher_forced` (`teacher_forced_group` for
+such a group) is the one path from an input to the logits and labels that losses and accuracies take.
 """
 
 from __future__ import annotations
