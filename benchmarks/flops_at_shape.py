@@ -30,7 +30,7 @@ def count(preset: str, batches, dtype: str = "float32") -> dict:
     _, tok_dir, data, image_root, _ = pipeline.world_inputs("vqa")
     tok = pipeline.load_tokenizer(tok_dir)
     config = presets.with_tokens(presets.preset(preset), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id,
-                                 tok.bos_token_id, tok.eos_token_id)
+                                 tok.bos_token_id, tok.eos_token_id, vocab=len(tok))
     params = presets.param_shapes(config, jnp.dtype(dtype))
     model = Blip2Model(config, params, dtype=dtype)
     loaded = pipeline.load_split(data, "vqa", image_root, image_root, limit=max(batches), log=lambda m: None)

@@ -64,7 +64,7 @@ def preset_model(name: str, tokenizer_dir: str, dtype: str = "float32", seed: in
     tok = load_tokenizer(tokenizer_dir)
     image_token = tok.convert_tokens_to_ids("<image>")
     config = presets.with_tokens(presets.preset(name), image_token, tok.pad_token_id, tok.bos_token_id,
-                                 tok.eos_token_id)
+                                 tok.eos_token_id, vocab=len(tok))
     return presets.random_model(config, seed, dtype), tok
 
 
@@ -225,6 +225,14 @@ def prepare_data(records, tok, model, task: str, pad_multiple: int | None = None
     images = ImageTable(lambda p: load_image(p, model.config.vision.image_size))
     batch = build_edit_batch(records, tok, images, cfg,
                              lengths=max_lengths(records, tok, cfg, pad_multiple, lengths=lengths))
+    vocab, image_id = model.config.text.vocab_size, model.config.image_token_index
+    ids = np.concatenate([np.ravel(x) for x in (batch.edit.input_ids, batch.rephrase.input_ids,
+                                                batch.image_rephrase.input_ids, batch.loc.input_ids,
+                                                batch.loc_image.input_ids)])
+    top = int(np.max(ids[ids != image_id], initial=0))  # image slots are spliced, never looked up (MiniGPT-4's
+    if top >= vocab:  # sit past the table); another id past it would read NaN in the compiled forward, not fail
+        raise ValueError(f"token id {top} is outside the model's vocabulary of {vocab}: the tokenizer "
+                         f"({len(tok)} tokens) does not belong to this model")
     return Prepared(batch, images.stack(), [record_meta(r) for r in records], dropped, list(records))
 
 

@@ -95,7 +95,7 @@ def hf_count(cfg, **layers):
 
 def test_preset_parameter_counts():
     mid = presets.preset("mid")
-    assert presets.param_count(mid) == hf_count(mid) == 489_212_160
+    assert presets.param_count(mid) == hf_count(mid) == 489_343_232
     # At 2.7B, transformers' meta-device build takes ~25 s: it checks two layers of each stack at the real widths
     # (every other term of the count is one layer's times the depth), our abstract count the whole model.
     big = presets.preset("blip2-opt-2.7b")
@@ -117,4 +117,21 @@ def test_random_params_init_and_dtype(demo_world):
     assert abs(kernels.std() - presets.INIT_STD) < 0.002 and abs(kernels.mean()) < 0.002
     assert jax.tree.structure(params) == jax.tree.structure(demo_world.model.params)
     with pytest.raises(ValueError, match="does not fit"):
-        presets.with_tokens(presets.preset("mid"), 600, 1, 2, 2)
+        presets.with_tokens(presets.preset("mid"), 700, 1, 2, 2)
+    with pytest.raises(ValueError, match="tokenizer's 700 tokens do not fit"):
+        presets.with_tokens(presets.preset("mid"), 3, 1, 2, 2, vocab=700)
+
+
+def test_data_with_ids_past_the_vocabulary_is_refused(demo_world):
+    """A tokenizer whose ids run past the model's embedding table is an error at data preparation, not NaN logits
+    in the compiled forward (an out-of-range gather reads NaN)."""
+    import dataclasses
+    import types
+
+    from mmedit_jax import pipeline
+
+    cfg = demo_world.model.config
+    small = types.SimpleNamespace(config=dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=8)))
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 8"):
+        pipeline.prepare_data(demo_world.records[:2], demo_world.tok, small, "vqa")
+    assert pipeline.prepare_data(demo_world.records[:2], demo_world.tok, demo_world.model, "vqa").batch is not None

@@ -7,11 +7,12 @@ BLIP-2 and OPT: N(0, 0.02) for kernels, embeddings and queries, ones for LayerNo
 
 | preset           | vision                          | Q-Former         | language model                 | params  |
 |------------------|---------------------------------|------------------|--------------------------------|---------|
-| `mid`            | ViT-B/16 at 224 px: 12 x 768    | 12 layers, 32 q. | OPT 24 x 1024, vocab 512       | 489.2 M |
+| `mid`            | ViT-B/16 at 224 px: 12 x 768    | 12 layers, 32 q. | OPT 24 x 1024, vocab 640       | 489.3 M |
 | `blip2-opt-2.7b` | EVA ViT-g/14 at 224: 39 x 1408  | 12 layers, 32 q. | OPT-2.7B 32 x 2560, vocab 50272 | 3.745 B |
 
-`mid` is the model issue 13 timed against the PyTorch peer (the built-in world's 512-token vocabulary and 512
-positions); `blip2-opt-2.7b` is Salesforce/blip2-opt-2.7b's shapes (`param_count` is tested against both).
+`mid` is the model issue 13 timed against the PyTorch peer (a vocabulary that holds the built-in world's
+tokenizer, 617 tokens, and 512 positions); `blip2-opt-2.7b` is Salesforce/blip2-opt-2.7b's shapes (`param_count`
+is tested against both).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ PRESETS: dict[str, Blip2Config] = {
         vision=VisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             image_size=224, patch_size=16),
         qformer=QFormerConfig(encoder_hidden_size=768),
-        text=OPTConfig(vocab_size=512, hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
+        text=OPTConfig(vocab_size=640, hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
                        max_position_embeddings=512),
     ),
     "blip2-opt-2.7b": Blip2Config(
@@ -51,11 +52,15 @@ def preset(name: str) -> Blip2Config:
 
 
 def with_tokens(config: Blip2Config, image_token_index: int, pad: int | None, bos: int | None,
-                eos: int | None) -> Blip2Config:
-    """`config` with a tokenizer's special ids; the ids must fit the preset's vocabulary."""
+                eos: int | None, vocab: int | None = None) -> Blip2Config:
+    """`config` with a tokenizer's special ids; the ids, and the tokenizer's `vocab` tokens when given, must fit
+    the preset's vocabulary (an id past the embedding table would read NaN, not fail)."""
     ids = [i for i in (image_token_index, pad, bos, eos) if i is not None]
     if max(ids) >= config.text.vocab_size:
         raise ValueError(f"token id {max(ids)} does not fit the preset's vocabulary of {config.text.vocab_size}")
+    if vocab is not None and vocab > config.text.vocab_size:
+        raise ValueError(f"the tokenizer's {vocab} tokens do not fit the preset's vocabulary of "
+                         f"{config.text.vocab_size}")
     text = dataclasses.replace(config.text, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos)
     return dataclasses.replace(config, text=text, image_token_index=image_token_index)
 
