@@ -150,8 +150,7 @@ class Blip2Fns:
     def forward_group(self, params, patch, seqs: Sequence[Seq], image, rows: Sequence | None = None) -> list:
         """One forward per input (their shared leading positions are image slots and a word or two: not worth a
         second program)."""
-        rows = [None] * len(seqs) if rows is None else rows
-        return [self.forward(params, patch, s, image, rows=r)[0] for s, r in zip(seqs, rows)]
+        return forward_each(self, params, patch, seqs, image, rows)
 
     def forward_shared(self, params, head: Seq, tails: Sequence[Seq], image, rows: Sequence | None = None) -> list:
         """The unpatched logits of inputs `[head][tail_i]` that begin with the same `head` `[P]` (ids, mask and
@@ -242,8 +241,7 @@ class RoutedFns:
         return self.forward(params, patch, seq, image)[0]
 
     def forward_group(self, params, patch, seqs: Sequence[Seq], image, rows: Sequence | None = None) -> list:
-        rows = [None] * len(seqs) if rows is None else rows
-        return [self.forward(params, patch, s, image, rows=r)[0] for s, r in zip(seqs, rows)]
+        return forward_each(self, params, patch, seqs, image, rows)
 
     def prefix(self, params, seq: Seq, image, stop: int):
         raise ValueError(f"{type(self).__name__} has no frozen-prefix split (supports_prefix is False)")
@@ -261,6 +259,12 @@ def fns_for(model, sites, feature_cache: bool = True) -> Blip2Fns:
     otherwise. The one place that choice is made; the editor carries the result (`Editor.fns`) and everything
     downstream asks it."""
     return Blip2Fns(model.module, pixels=touches_vision(sites) or not feature_cache)
+
+
+def forward_each(model: ModelFns, params, patch, seqs: Sequence[Seq], image, rows: Sequence | None = None) -> list:
+    """`forward_group` as one `model.forward` per input: `[logits of seqs[i] (at rows[i])]`."""
+    rows = [None] * len(seqs) if rows is None else rows
+    return [model.forward(params, patch, s, image, rows=r)[0] for s, r in zip(seqs, rows)]
 
 
 def _answer_layout(seq: Seq):

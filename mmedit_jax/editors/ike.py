@@ -45,7 +45,7 @@ import numpy as np
 from mmedit_jax.case import Case, Seq
 from mmedit_jax.data.cases import case_inputs
 from mmedit_jax.editors.base import Editor
-from mmedit_jax.forward import ModelFns, RoutedFns
+from mmedit_jax.forward import ModelFns, RoutedFns, forward_each
 from mmedit_jax.models.bert import TextEncoder, sentence_embedding
 
 Embed = Callable[[Sequence[str]], np.ndarray]  # sentences -> [n, D] float32 (normalised by `retrieve`)
@@ -321,15 +321,12 @@ class InContextFns(RoutedFns):
         """Inputs showing the same image (the edit input and its rephrase) share `[image block][context]`: with a
         context, that block runs once and each input's text from its keys and values (`forward_shared`, the
         base model's KV prefix). The inputs' first `image_block` ids must be the same (the image slots are)."""
-        rows = [None] * len(seqs) if rows is None else rows
         if not patch or image is None or len(seqs) < 2:
-            return [self.forward(params, patch, s, image, rows=r)[0] for s, r in zip(seqs, rows)]
+            return forward_each(self, params, patch, seqs, image, rows)
+        rows = [None] * len(seqs) if rows is None else rows
         n, lc = self.image_block, patch["context_ids"].shape[-1]
-        first = seqs[0]
-        head = Seq(jnp.concatenate([first.input_ids[:n], patch["context_ids"].astype(first.input_ids.dtype)]),
-                   jnp.concatenate([first.attention_mask[:n],
-                                    patch["context_mask"].astype(first.attention_mask.dtype)]),
-                   jnp.full((n + lc,), -100, first.labels.dtype))
+        first = Seq(seqs[0].input_ids[:n], seqs[0].attention_mask[:n], seqs[0].labels[:n])  # the image block
+        head = join_context(first, patch["context_ids"], patch["context_mask"], n)  # [image block][context]
         tails = [Seq(s.input_ids[n:], s.attention_mask[n:], s.labels[n:]) for s in seqs]
         joined_rows = [None if r is None else jnp.where(r >= n, r + lc, r) for r in rows]
         out = self.base.forward_shared(params, head, tails, image, rows=joined_rows)
