@@ -42,12 +42,19 @@ round time), the ratios, peak memory, and per metric each peer's agreement with 
 disagreeing cases listed); `--json` writes it all.
 
 Model and data sources are pluggable (`SOURCES`): `files` (--model/--data/--image-root), `world` (the built-in
-world's shipped model, eval split and editors via `mmedit_jax.world.assets`, the default once it exists) and
-`demo` (`mmedit_jax.demo.demo_setup`; for MEND without a checkpoint a freshly initialised MEND over the last two
-layers' fc1/fc2, statistics gathered from the cases' own edit gradients; for KE without a checkpoint a fresh KE over the
+world's shipped model, eval split and editors via `mmedit_jax.world.assets`, the default once it exists),
+`preset` (--preset mid | blip2-opt-2.7b: a random-weight BLIP-2 at real sizes on the world's eval cases, fresh
+editors as for `demo`; every side holds its own copy of the weights, so 2.7B does not fit 24 GB) and `demo`
+(`mmedit_jax.demo.demo_setup`; for MEND without a checkpoint a freshly initialised MEND over the last two layers'
+fc1/fc2, statistics gathered from the cases' own edit gradients; for KE without a checkpoint a fresh KE over the
 same sites at ke_world.yaml's sizes, the `a_col` part of its heads' output biases perturbed so that the update is
 not near zero and mostly the gradient term, `fresh_ke`; for SERAC without a checkpoint a fresh SERAC whose
 counterfactual is a copy of the base language model, `fresh_serac`).
+
+FLOPs: every side's matmul FLOPs per edit over a round are counted outside the timed rounds (ours from the step
+programs' jaxprs, the image table's encoder included; the peers' on one extra round through
+`torch_matmul_flops`) and printed beside the FLOP floor (`eval/floor.py`, the whole split's: each distinct image
+and input once), so each row's "x floor" says how much work it does beyond the least the procedure needs.
 """
 
 from __future__ import annotations
@@ -105,6 +112,21 @@ def source_world(args, workdir):
     return model, tok, loaded.records, task, ckpts.get(args.editor)
 
 
+def source_preset(args, workdir):
+    """A random-weight BLIP-2 at a preset's real sizes (`--preset`, `models/presets.py`, as `bench --preset`) on the
+    built-in world's cases, its images read at the preset's size; the editor is fresh unless --editor-ckpt."""
+    from mmedit_jax import pipeline
+    from mmedit_jax.data.mmedit import load_mmedit
+
+    if not args.preset:
+        raise SystemExit("--source preset needs --preset NAME")
+    task = args.task or "vqa"
+    _, tokenizer_dir, eval_json, image_root, _ = pipeline.world_inputs(task, editor=args.editor)
+    model, tok = pipeline.preset_model(args.preset, tokenizer_dir, seed=args.seed)
+    loaded = load_mmedit(eval_json, task, image_root, image_root, size=args.limit)
+    return model, tok, loaded.records, task, args.editor_ckpt
+
+
 def world_available() -> bool:
     try:
         from mmedit_jax.world import assets  # noqa: F401
@@ -113,7 +135,8 @@ def world_available() -> bool:
     return True
 
 
-SOURCES = {"demo": source_demo, "files": source_files, "world": source_world}
+PRESET_NAMES = ("mid", "blip2-opt-2.7b")  # models/presets.py (not imported here: the workers start without jax)
+SOURCES = {"demo": source_demo, "files": source_files, "preset": source_preset, "world": source_world}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,6 +504,7 @@ class OursSide:
             self.edit_all(cases, b)
             self.compile_s[f"E={b}"] = time.perf_counter() - t0
         self.rows, self.means = self.quality(cases) if self.batches else self.quality(cases, 4)
+        self.gflop = self.flops(cases) if self.batches else None
 
     def table(self) -> np.ndarray:
         """Every distinct image encoded once, `[N_images, nq, D]` on the host (or the pixels themselves, for a model
@@ -523,8 +547,38 @@ class OursSide:
             out["steps_s"][str(b)] = time.perf_counter() - t0
         return out
 
+    def flops(self, cases) -> dict:
+        """Matmul FLOPs per edit of a round (`throughput.matmul_flops`, every layer of a scanned stack counted;
+        padding of the last batch and of the image table's last chunk counted, as they run): `{"images": ...,
+        "E=b": steps + images, "floor": ...}`. Each E's step program has one shape, so one trace per E counts every
+        call. The floor (`eval/floor.py`) is the whole split's: each distinct image and input once."""
+        from mmedit_jax.case import pad_batch, take
+        from mmedit_jax.eval import floor
+        from mmedit_jax.eval.throughput import matmul_flops
+
+        jax, params, fns = self.jax, self.model.params, self.editor.fns
+        image_flops = exact_image_flops = 0.0
+        if not fns.uses_pixels:
+            chunk = self.pixels[: self.chunk]
+            per_chunk = matmul_flops(jax.make_jaxpr(lambda p, x: fns.encode(p, {}, x))(params, chunk))
+            image_flops = per_chunk * -(-len(self.pixels) // self.chunk)
+            exact_image_flops = per_chunk * len(self.pixels) / self.chunk
+        out = {"images": image_flops / self.n / 1e9}
+        pre_fn, edit_fn = self.step_fns
+        for b in self.batches:
+            batch = pad_batch(take(cases, np.arange(min(b, self.n))), b)
+            pre_shape = jax.eval_shape(pre_fn, params, batch)
+            per_call = (matmul_flops(jax.make_jaxpr(pre_fn)(params, batch))
+                        + matmul_flops(jax.make_jaxpr(edit_fn)(self.editor.editor_params, params, batch, pre_shape)))
+            out[f"E={b}"] = (per_call * -(-self.n // b) + image_flops) / self.n / 1e9
+        least = floor.flop_floor(self.editor, params, take(cases, np.arange(self.n)), self.prefix, len(self.pixels),
+                                 exact_image_flops)
+        out["floor"] = None if least is None else least.as_dict()["floor_gflop_per_edit"]
+        return out
+
     def info(self) -> dict:
         return {"n": self.n, "compile_s": self.compile_s, "prefix_layer": self.prefix, "batches": list(self.batches),
+                "gflop_per_edit": self.gflop,
                 "device": str(self.jax.devices()[0].device_kind), "jax": self.jax.__version__,
                 "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpus": len(os.sched_getaffinity(0)),
                 "images": int(len(self.pixels)), "image_chunk": self.chunk}
@@ -569,7 +623,7 @@ class PeerSide:
             self.model = PE.load_model(manifest["hf"], attn="sdpa")
             self.peer = PB.make_peer(self.model, f["editor"], f["mend"], f["ke"], em, f["serac"],
                                      compile=kind == "compiled")
-            self.batch = batch
+            self.batch = min(batch, self.n)  # what a call holds (the label's E): fewer cases than --peer-batch
             # torch.compile specialises on shapes: the compiled peer warms up on every batch (untimed).
             PB.run_cases(self.peer, self.cases, self.batch, self.n if kind == "compiled" else min(self.n, batch))
             self.step = lambda: PB.run_cases(self.peer, self.cases, self.batch, self.n)
@@ -595,6 +649,9 @@ class PeerSide:
                 one(i)
             self.step = lambda: [dict(one(i), index=int(self.cases["case_index"][i])) for i in range(self.n)]
         self.setup_s = time.perf_counter() - t0
+        # A round's matmul FLOPs, counted on one extra untimed round (the counter slows what it watches). The
+        # compiled peer runs the best-effort one's procedure: its count is that one's.
+        self.gflop = None if kind == "compiled" else torch_matmul_flops(self.step) / self.n / 1e9
         self.rows = None
 
     def round(self) -> dict:
@@ -607,7 +664,50 @@ class PeerSide:
 
     def info(self) -> dict:
         return {"n": self.n, "setup_s": self.setup_s, "threads": self.torch.get_num_threads(),
-                "torch": self.torch.__version__, "batch": getattr(self, "batch", 1)}
+                "torch": self.torch.__version__, "batch": getattr(self, "batch", 1), "gflop_per_edit": self.gflop}
+
+
+def torch_matmul_flops(run) -> float:
+    """Matmul FLOPs of `run()` as our side counts them (`2 M N K` per product, backward passes included): every
+    aten op that reaches the dispatcher, priced by torch's FLOP formulas (`torch.utils.flop_counter`: mm, addmm,
+    bmm, baddbmm, the attention kernels) plus one for CPU's fused attention kernel (torch has none), convolutions
+    left out (our count has none: the ViT's patch embedding is a convolution on both sides). A dispatch mode of
+    our own rather than `FlopCounterMode`, whose module tracking fails on transformers' BLIP-2 under `no_grad`."""
+    import contextlib
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+    @shape_wrapper
+    def cpu_attention(query, key, value, *args, out_shape=None, **kwargs):  # shapes [B, H, L, D]
+        b, h, lq, d = query
+        return 2 * b * h * lq * key[-2] * (d + value[-1])
+
+    formulas = {op: f for op, f in flop_registry.items() if "conv" not in str(op)}
+    formulas[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = cpu_attention
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = formulas.get(func._overloadpacket)
+            if formula is not None:
+                self.total += int(formula(*args, **kwargs, out_val=out))
+            return out
+
+    # Under `inference_mode` no dispatch mode sees an op (the peers' passes would count zero); the same passes
+    # under `no_grad` do the same arithmetic.
+    inference_mode = torch.inference_mode
+    torch.inference_mode = lambda mode=True: torch.no_grad() if mode else contextlib.nullcontext()
+    try:
+        with Count() as count:
+            run()
+    finally:
+        torch.inference_mode = inference_mode
+    return float(count.total)
 
 
 def peer_files(manifest: dict) -> dict:
@@ -696,11 +796,15 @@ def summarize(sides: dict, rounds: dict) -> list[dict]:
         with_img = [r["image_s"] + r["steps_s"][str(b)] for r in rounds["ours"]]
         steps = [r["steps_s"][str(b)] for r in rounds["ours"]]
         n = ours["info"]["n"]
+        gflop = ours["info"].get("gflop_per_edit") or {}
+        step_gflop = gflop.get(f"E={b}")
         rows.append({"side": "ours", "label": f"ours (JAX), E={b}, images counted", "batch": b,
                      "edits_per_s": n / med(with_img), "round_s": with_img, "images_s": med([r["image_s"] for r in
-                                                                                               rounds["ours"]])})
+                                                                                               rounds["ours"]]),
+                     "gflop_per_edit": step_gflop})
         rows.append({"side": "ours_cached", "label": f"ours (JAX), E={b}, features cached", "batch": b,
-                     "edits_per_s": n / med(steps), "round_s": steps})
+                     "edits_per_s": n / med(steps), "round_s": steps,
+                     "gflop_per_edit": None if step_gflop is None else step_gflop - gflop["images"]})
     labels = {"faithful": "faithful peer (EasyEdit edit_step), 1 by 1",
               "shipped": "as-shipped peer (MultimodalEditor.edit), 1 by 1",
               "best": "best-effort peer (PyTorch, batched)",
@@ -711,7 +815,13 @@ def summarize(sides: dict, rounds: dict) -> list[dict]:
             rows.append({"side": kind, "label": labels[kind] + (f", E={sides[kind]['info']['batch']}" if kind in
                                                                  BATCHED else ""),
                          "batch": sides[kind]["info"]["batch"], "edits_per_s": sides[kind]["info"]["n"] / med(secs),
-                         "round_s": secs})
+                         "round_s": secs, "gflop_per_edit": sides[kind]["info"].get("gflop_per_edit")})
+    if "compiled" in sides and "best" in sides:  # the same procedure: its FLOPs are the best-effort peer's
+        rows[-1]["gflop_per_edit"] = rows[-1]["gflop_per_edit"] or sides["best"]["info"].get("gflop_per_edit")
+    floor = (ours["info"].get("gflop_per_edit") or {}).get("floor")
+    for r in rows:  # the floor counts the images: no ratio for the rows that leave them out
+        counted = floor and r["gflop_per_edit"] and r["side"] != "ours_cached"
+        r["x_floor"] = r["gflop_per_edit"] / floor if counted else None
     return rows
 
 
@@ -720,13 +830,21 @@ def print_table(result: dict, file=sys.stdout) -> None:
           f"{'exact match' if result['exact_match'] else 'token accuracy'}), {result['rounds']} interleaved rounds, "
           f"{result['threads']} threads each side (torch.set_num_threads; XLA_FLAGS {result['xla_flags']!r})",
           file=file)
-    print(f"{'':58s}{'edits/s':>10s}{'cases':>7s}{'peak RSS MiB':>14s}", file=file)
+    fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec[:-3] + "s")  # noqa: E731
+    print(f"{'':58s}{'edits/s':>10s}{'cases':>7s}{'peak RSS MiB':>14s}{'GFLOP/edit':>12s}{'x floor':>9s}", file=file)
     for r in result["table"]:
         side = result["sides"][r["side"].removesuffix("_cached")]
-        print(f"{r['label']:58s}{r['edits_per_s']:>10.2f}{side['info']['n']:>7d}{side['peak_rss_mib']:>14.0f}",
-              file=file)
+        print(f"{r['label']:58s}{r['edits_per_s']:>10.2f}{side['info']['n']:>7d}{side['peak_rss_mib']:>14.0f}"
+              f"{fmt(r.get('gflop_per_edit'), '>12.3f')}{fmt(r.get('x_floor'), '>9.2f')}", file=file)
     for k, v in result["ratios"].items():
         print(f"ratio {k}: {v:.2f}x", file=file)
+    floor = (result["sides"]["ours"]["info"].get("gflop_per_edit") or {}).get("floor")
+    if floor:
+        print(f"GFLOP/edit: matmul FLOPs of each side's timed round per edit (ours from the jaxprs, the peers' "
+              f"by torch's FLOP formulas on an untimed round, torch_matmul_flops; convolutions left out of both); "
+              f"floor: {floor:.3f}, "
+              "the least the procedure needs (eval/floor.py), so faithful x floor is the lead a compute-bound "
+              "machine allows over that peer", file=file)
     common = set.intersection(*({r["index"] for r in s["rows"]} for s in result["sides"].values()))
     print(f"\nmeans over the {len(common)} cases every side scored; identical = cases each peer scores exactly as "
           "ours, over all the cases it scored", file=file)
@@ -765,6 +883,8 @@ def main(argv=None):
     ap.add_argument("--ike-k", type=int, help="IKE: demos retrieved per case (default IKEConfig's, as fit)")
     ap.add_argument("--source", choices=sorted(SOURCES),
                     help="default: files when --model is given, else the built-in world when installed, else demo")
+    ap.add_argument("--preset", choices=sorted(PRESET_NAMES),
+                    help="--source preset: a random-weight BLIP-2 at real sizes")
     ap.add_argument("--model")
     ap.add_argument("--data")
     ap.add_argument("--image-root")
@@ -801,6 +921,8 @@ def main(argv=None):
     args.source = args.source or ("files" if args.model else "world" if world_available() else "demo")
     if args.source == "files" and not (args.model and args.data and args.image_root):
         ap.error("--model needs --data and --image-root")
+    if (args.source == "preset") != bool(args.preset):
+        ap.error("--preset goes with --source preset (and --source preset needs --preset)")
     if args.peers is None:
         args.peers = {"ft-l": "faithful,shipped", "ike": "faithful,best", "serac": "faithful,best"}.get(
             args.editor, "faithful,shipped,best")

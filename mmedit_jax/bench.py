@@ -240,6 +240,7 @@ def main(argv=None):
         one_edit_p50_ms=one["p50_ms"], one_edit_p90_ms=one["p90_ms"],
         peak_host_mib=throughput.peak_host_mib(), peak_device_mib=throughput.peak_device_mib(),
         wall_s=time.perf_counter() - t_start, jax=jax.__version__,
+        command="python -m mmedit_jax.bench " + " ".join(sys.argv[1:] if argv is None else argv),
     )
     print(f"\nthroughput ({args.dtype} matmul peak: {peak:.0f} GFLOP/s, best of {len(peaks)} readings taken between "
           f"the timed batch sizes: {min(peaks):.0f}-{peak:.0f})")
