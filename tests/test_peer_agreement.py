@@ -302,3 +302,11 @@ def test_flop_counters_agree(manifests, attn):
     jaxpr = jax.make_jaxpr(lambda p: model(pixels, ids, mask, params=p))(model.params)
     ours = matmul_flops(jaxpr)
     assert theirs > 0 and ours == pytest.approx(theirs, rel=1e-9), (ours, theirs)
+
+
+@pytest.mark.parametrize("argv", [["--source", "preset"], ["--source", "world", "--preset", "mid"]])
+def test_preset_source_needs_its_preset(argv, capsys):
+    """`--source preset` and `--preset NAME` go together; either alone is refused before anything is prepared."""
+    with pytest.raises(SystemExit) as exc:
+        C.main(argv)
+    assert exc.value.code == 2 and "--preset goes with --source preset" in capsys.readouterr().err
