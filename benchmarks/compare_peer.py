@@ -118,8 +118,6 @@ def source_preset(args, workdir):
     from mmedit_jax import pipeline
     from mmedit_jax.data.mmedit import load_mmedit
 
-    if not args.preset:
-        raise SystemExit("--source preset needs --preset NAME")
     task = args.task or "vqa"
     _, tokenizer_dir, eval_json, image_root, _ = pipeline.world_inputs(task, editor=args.editor)
     model, tok = pipeline.preset_model(args.preset, tokenizer_dir, seed=args.seed)
@@ -135,7 +133,7 @@ def world_available() -> bool:
     return True
 
 
-PRESET_NAMES = ("mid", "blip2-opt-2.7b")  # models/presets.py (not imported here: the workers start without jax)
+PRESET_NAMES = ("blip2-opt-2.7b", "mid")  # models/presets.py's (not imported: the torch workers never load jax)
 SOURCES = {"demo": source_demo, "files": source_files, "preset": source_preset, "world": source_world}
 
 
@@ -816,8 +814,9 @@ def summarize(sides: dict, rounds: dict) -> list[dict]:
                                                                  BATCHED else ""),
                          "batch": sides[kind]["info"]["batch"], "edits_per_s": sides[kind]["info"]["n"] / med(secs),
                          "round_s": secs, "gflop_per_edit": sides[kind]["info"].get("gflop_per_edit")})
-    if "compiled" in sides and "best" in sides:  # the same procedure: its FLOPs are the best-effort peer's
-        rows[-1]["gflop_per_edit"] = rows[-1]["gflop_per_edit"] or sides["best"]["info"].get("gflop_per_edit")
+    for r in rows:  # the compiled peer runs the best-effort one's procedure: its FLOPs are that one's
+        if r["side"] == "compiled" and "best" in sides:
+            r["gflop_per_edit"] = r["gflop_per_edit"] or sides["best"]["info"].get("gflop_per_edit")
     floor = (ours["info"].get("gflop_per_edit") or {}).get("floor")
     for r in rows:  # the floor counts the images: no ratio for the rows that leave them out
         counted = floor and r["gflop_per_edit"] and r["side"] != "ours_cached"

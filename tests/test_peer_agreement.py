@@ -306,7 +306,11 @@ def test_flop_counters_agree(manifests, attn):
 
 @pytest.mark.parametrize("argv", [["--source", "preset"], ["--source", "world", "--preset", "mid"]])
 def test_preset_source_needs_its_preset(argv, capsys):
-    """`--source preset` and `--preset NAME` go together; either alone is refused before anything is prepared."""
+    """`--source preset` and `--preset NAME` go together; either alone is refused before anything is prepared. Its
+    choices are `models/presets.py`'s."""
+    from mmedit_jax.models import presets
+
+    assert C.PRESET_NAMES == tuple(sorted(presets.PRESETS))
     with pytest.raises(SystemExit) as exc:
         C.main(argv)
     assert exc.value.code == 2 and "--preset goes with --source preset" in capsys.readouterr().err
