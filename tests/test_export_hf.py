@@ -82,3 +82,47 @@ def test_export_refuses_a_tree_it_would_lose():
     params = {**model.params, "stray": np.zeros(3)}
     with pytest.raises(ValueError, match="stray"):
         X.state_dict(model.config, params)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_streamed_export_loads_in_transformers_as_the_in_memory_model(tmp_path, tie):
+    """`export_hf` writes the safetensors file itself, tensor by tensor: transformers loads it to exactly the
+    model `to_hf` builds in memory (the tied head left out and tied again on load, an untied one written)."""
+    import transformers
+
+    model = random_model(tiny_config(tie=tie))
+    X.export_hf(model.config, model.params, tmp_path / "hf")
+    loaded = transformers.Blip2ForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    want = X.to_hf(model.config, model.params).state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="numpy") as f:
+        assert ("language_model.lm_head.weight" in f.keys()) == (not tie)
+
+
+def test_write_safetensors_streams_every_dtype_and_refuses_a_changed_second_pass(tmp_path):
+    import ml_dtypes
+    from safetensors import safe_open
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((3, 5)).astype(np.float32),
+               "b.t": rng.standard_normal((4, 2)).astype(np.float32).T,  # a non-contiguous view
+               "c": rng.standard_normal(7).astype(ml_dtypes.bfloat16), "d": np.arange(6, dtype=np.int64).reshape(2, 3)}
+    path = tmp_path / "m.safetensors"
+    X.write_safetensors(path, lambda shapes_only: iter(tensors.items()))
+    with safe_open(str(path), framework="numpy") as f:
+        assert list(f.keys()) == sorted(tensors)
+        for k, v in tensors.items():
+            got = f.get_tensor(k)
+            assert got.dtype == v.dtype and np.array_equal(got, v), k
+
+    def changing(shapes_only):  # the data pass yields another shape than the header's
+        yield "a", tensors["a"] if shapes_only else tensors["a"][:2]
+
+    with pytest.raises(ValueError, match="differs from the header"):
+        X.write_safetensors(tmp_path / "bad.safetensors", changing)
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -10,13 +10,19 @@ The result is the model the PyTorch peer (`benchmarks/peer_easyedit.py`) runs, o
     model = to_hf(config, params)                 # in memory, eval mode, float32
     export_hf(config, params, "out/hf", tok)      # save_pretrained directory (+ tokenizer), loadable by
                                                   # transformers and by `mmedit_jax.loading.from_pretrained`
+
+`export_hf` streams: it writes `model.safetensors` one tensor at a time from the parameter tree (a layer's slice of a
+stacked leaf, transposed), so exporting needs no second copy of the weights (BLIP-2 OPT-2.7B is 15 GB in float32);
+`to_hf` builds transformers' model in memory and needs two.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -66,19 +72,67 @@ def _all_paths(tree, prefix="") -> set[str]:
     return out
 
 
-def rules_state_dict(rules: list[Rule], params: Mapping, what: str = "export") -> dict[str, np.ndarray]:
-    """`{checkpoint key: numpy array}`: every rule run backwards on `params`. Checks that every parameter of the
-    tree is used by exactly one rule (the export loses nothing) and that no key is written twice."""
+def iter_state_dict(rules: list[Rule], params: Mapping, what: str = "export",
+                    shapes_only: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """`(checkpoint key, numpy array)` for every rule run backwards on `params`, one tensor at a time (views of the
+    leaves where the inverse transform allows). Checks that every parameter of the tree is used by exactly one
+    rule (the export loses nothing) and that no key is written twice. `shapes_only`: arrays of the right shape
+    and dtype that hold no memory (zero strides), for writing a header before the data."""
     extra = _all_paths(params) - {r.target for r in rules}
     if extra:
         raise ValueError(f"{what}: parameters with no rule (would be lost): {sorted(extra)[:10]}")
-    out: dict[str, np.ndarray] = {}
+    seen: set[str] = set()
     for rule in rules:
-        for key, value in _unapply(rule, np.asarray(_leaf(params, rule.target))):
-            if key in out:
+        leaf = _leaf(params, rule.target)
+        if shapes_only:
+            value = np.broadcast_to(np.zeros((), np.dtype(leaf.dtype)), leaf.shape)
+        else:
+            value = np.asarray(leaf)
+        for key, v in _unapply(rule, value):
+            if key in seen:
                 raise ValueError(f"{what}: key {key!r} written twice")
-            out[key] = np.ascontiguousarray(value)
-    return out
+            seen.add(key)
+            yield key, v
+
+
+def rules_state_dict(rules: list[Rule], params: Mapping, what: str = "export") -> dict[str, np.ndarray]:
+    """`{checkpoint key: numpy array}`: `iter_state_dict`, every tensor made contiguous (a full copy)."""
+    return {key: np.ascontiguousarray(v) for key, v in iter_state_dict(rules, params, what)}
+
+
+# safetensors' dtype names (https://github.com/huggingface/safetensors: the format is an 8-byte little-endian header
+# length, a JSON header of `{key: {dtype, shape, data_offsets}}`, then the tensors' bytes back to back).
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+                      "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Callable[[bool], Iterator[tuple[str, np.ndarray]]]) -> int:
+    """Writes a safetensors file from `tensors(shapes_only)`, an iterator factory run twice: once with shapes only
+    (the header), once with the data, written tensor by tensor (only one tensor's contiguous copy is held at a
+    time). The second pass must yield the first's keys, shapes and dtypes in order. Returns the bytes of data."""
+    header, offset, order = {}, 0, []
+    for key, v in tensors(True):
+        name = SAFETENSORS_DTYPES.get(np.dtype(v.dtype).name)
+        if name is None:
+            raise ValueError(f"export: {key}: dtype {v.dtype} has no safetensors name")
+        size = int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize
+        header[key] = {"dtype": name, "shape": list(v.shape), "data_offsets": [offset, offset + size]}
+        order.append((key, tuple(v.shape), np.dtype(v.dtype)))
+        offset += size
+    head = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    tmp = f"{path}.partial"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for i, (key, v) in enumerate(tensors(False)):
+            if i >= len(order) or order[i] != (key, tuple(v.shape), np.dtype(v.dtype)):
+                raise ValueError(f"export: tensor {i} ({key}) differs from the header's pass")
+            f.write(np.ascontiguousarray(v).reshape(-1).view(np.uint8).data)  # bytes (bfloat16 has no buffer type)
+        if f.tell() != 8 + len(head) + offset:
+            raise ValueError(f"export: wrote {f.tell()} bytes, the header says {8 + len(head) + offset}")
+    os.replace(tmp, path)  # never a half-written model.safetensors under the real name
+    return offset
 
 
 def state_dict(config: Blip2Config, params: Mapping) -> dict[str, np.ndarray]:
@@ -149,11 +203,24 @@ def to_hf(config: Blip2Config, params: Mapping, attn_implementation: str = "eage
     return model.eval()
 
 
-def export_hf(config: Blip2Config, params: Mapping, out_dir: str | os.PathLike, tokenizer=None):
-    """Writes a `save_pretrained` directory (config.json + model.safetensors, and the tokenizer if given);
-    returns the in-memory model."""
-    model = to_hf(config, params)
-    model.save_pretrained(out_dir)
+def export_hf(config: Blip2Config, params: Mapping, out_dir: str | os.PathLike, tokenizer=None) -> str:
+    """Writes a `save_pretrained`-style directory (config.json + model.safetensors, and the tokenizer if given),
+    streaming the tensors (`write_safetensors`: no second copy of the weights is made). As transformers saves a
+    tied model, the tied `lm_head` is left out; loading ties it again. Returns `out_dir`."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    rules, _ = blip2_rules(config)
+    dtypes = {np.dtype(x.dtype).name for x in _leaves(params)}
+    cfg = hf_config(config)
+    cfg.dtype = dtypes.pop() if len(dtypes) == 1 else "float32"  # what transformers records for its weights
+    cfg.save_pretrained(out_dir)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"),
+                      lambda shapes_only: iter_state_dict(rules, params, shapes_only=shapes_only))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return model
+    return out_dir
+
+
+def _leaves(tree: Mapping):
+    for v in tree.values():
+        yield from _leaves(v) if isinstance(v, Mapping) else (v,)
