@@ -449,6 +449,12 @@ def vm_hwm_mib() -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
+def vm_rss_mib() -> float:
+    """Current RSS of this process (VmRSS)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def xla_thread_flags(threads: int) -> str:
     """XLA CPU flags for `threads` intra-op threads (set before JAX starts: the workers get them by environment)."""
     return f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} intra_op_parallelism_threads={threads}"
@@ -604,10 +610,12 @@ def _peer_module(name: str):
 class PeerSide:
     """A PyTorch peer in this process: `faithful` (`peer_easyedit.edit_and_score`, one record at a time),
     `shipped` (`peer_easyedit.edit_and_score_shipped`) or `best` (`peer_batched`, `batch` cases at a time). The
-    first `warmup` cases (a batch for `best`) run once untimed; a round runs the first `limit` cases, and the
-    first round's metrics are the side's `rows`."""
+    first `warmup` cases (a batch for `best`, when `warmup` > 0; the compiled peer always warms up) run once
+    untimed; a round runs the first `limit` cases, and the first round's metrics are the side's `rows`.
+    `count_flops`: one extra untimed round under the FLOP counter (`gflop`; None without it)."""
 
-    def __init__(self, kind: str, manifest: dict, limit: int | None = None, batch: int = 32, warmup: int = 2):
+    def __init__(self, kind: str, manifest: dict, limit: int | None = None, batch: int = 32, warmup: int = 2,
+                 count_flops: bool = True):
         import torch
 
         PE = _peer_module("peer_easyedit")
@@ -623,7 +631,8 @@ class PeerSide:
                                      compile=kind == "compiled")
             self.batch = min(batch, self.n)  # what a call holds (the label's E): fewer cases than --peer-batch
             # torch.compile specialises on shapes: the compiled peer warms up on every batch (untimed).
-            PB.run_cases(self.peer, self.cases, self.batch, self.n if kind == "compiled" else min(self.n, batch))
+            if kind == "compiled" or warmup:
+                PB.run_cases(self.peer, self.cases, self.batch, self.n if kind == "compiled" else min(self.n, batch))
             self.step = lambda: PB.run_cases(self.peer, self.cases, self.batch, self.n)
         else:
             self.model = PE.load_model(manifest["hf"])
@@ -649,7 +658,7 @@ class PeerSide:
         self.setup_s = time.perf_counter() - t0
         # A round's matmul FLOPs, counted on one extra untimed round (the counter slows what it watches). The
         # compiled peer runs the best-effort one's procedure: its count is that one's.
-        self.gflop = None if kind == "compiled" else torch_matmul_flops(self.step) / self.n / 1e9
+        self.gflop = None if kind == "compiled" or not count_flops else torch_matmul_flops(self.step) / self.n / 1e9
         self.rows = None
 
     def round(self) -> dict:
@@ -769,6 +778,60 @@ class Worker:
         return self.read()
 
 
+def _round_line(r: int, total: int, rounds: dict) -> str:
+    return f"round {r + 1}/{total}: " + ", ".join(
+        f"{k} {x[-1].get('seconds', x[-1].get('image_s', 0) + sum(x[-1].get('steps_s', {}).values())):.2f}s"
+        for k, x in rounds.items() if x)
+
+
+def run_interleaved(kinds, workdir: str, threads: int, n_rounds: int):
+    """Setup (load, compile, warm up) of every side at once: untimed. Then the timed rounds, one side at a time,
+    the order rotating each round, so that each round of each side sees the same machine. Returns `(sides,
+    rounds, timed window s)`."""
+    workers = {k: Worker(k, workdir, threads) for k in kinds}
+    t_setup = time.perf_counter()
+    for w in workers.values():
+        w.read()
+    print(f"sides set up ({time.perf_counter() - t_setup:.0f} s)", file=sys.stderr)
+    rounds = {k: [] for k in kinds}
+    t_rounds = time.perf_counter()
+    for r in range(n_rounds):
+        for k in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
+            rounds[k].append(workers[k].send("round"))
+        print(_round_line(r, n_rounds, rounds), file=sys.stderr)
+    window_s = time.perf_counter() - t_rounds
+    sides = {k: w.send("done") for k, w in workers.items()}
+    for w in workers.values():
+        w.proc.wait()
+    return sides, rounds, window_s
+
+
+def run_one_side_at_a_time(kinds, workdir: str, threads: int, n_rounds: int):
+    """Each side set up, timed for all its rounds and ended before the next starts: only one side's weights are in
+    memory (BLIP-2 OPT-2.7B in float32 is 15 GB a side). Not interleaved, so a change in the host's load between
+    sides is not averaged out: use it only where the sides do not fit together, on an otherwise idle host. The
+    window is the sum of the sides' timed spans."""
+    import gc
+
+    gc.collect()  # the prepared model (the main process's copy) must be gone before a side loads its own
+    print(f"one side at a time; this process holds {vm_rss_mib():.0f} MiB", file=sys.stderr)
+    sides, rounds, window_s = {}, {}, 0.0
+    for k in kinds:
+        t_setup = time.perf_counter()
+        w = Worker(k, workdir, threads)
+        w.read()
+        print(f"{k} set up ({time.perf_counter() - t_setup:.0f} s)", file=sys.stderr)
+        rounds[k] = []
+        t_rounds = time.perf_counter()
+        for r in range(n_rounds):
+            rounds[k].append(w.send("round"))
+            print(_round_line(r, n_rounds, {k: rounds[k]}), file=sys.stderr)
+        window_s += time.perf_counter() - t_rounds
+        sides[k] = w.send("done")
+        w.proc.wait()
+    return sides, rounds, window_s
+
+
 def agreement(ours_rows, peer_rows, show: int = 20) -> dict:
     """Per metric: mean |ours - peer| over the cases both scored, the fraction where they are identical, and the
     first `show` disagreeing cases `(index, ours, peer)`."""
@@ -825,8 +888,9 @@ def summarize(sides: dict, rounds: dict) -> list[dict]:
 
 
 def print_table(result: dict, file=sys.stdout) -> None:
+    how = "interleaved rounds" if result.get("interleaved", True) else "rounds, one side at a time (not interleaved)"
     print(f"\n{result['editor']} on {result['source']} ({result['num_cases']} cases, "
-          f"{'exact match' if result['exact_match'] else 'token accuracy'}), {result['rounds']} interleaved rounds, "
+          f"{'exact match' if result['exact_match'] else 'token accuracy'}), {result['rounds']} {how}, "
           f"{result['threads']} threads each side (torch.set_num_threads; XLA_FLAGS {result['xla_flags']!r})",
           file=file)
     fmt = lambda v, spec: format(v, spec) if v is not None else format("-", spec[:-3] + "s")  # noqa: E731
@@ -911,6 +975,11 @@ def main(argv=None):
     ap.add_argument("--workdir", help="keep the prepared files here (default: a temporary directory)")
     ap.add_argument("--json", help="write the whole comparison here")
     ap.add_argument("--reuse", action="store_true", help="reuse the files a former run prepared in --workdir")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="write the prepared files to --workdir and stop (time them later with --reuse)")
+    ap.add_argument("--one-side-at-a-time", action="store_true",
+                    help="set up, time and end each side before the next (only one copy of the weights in memory; "
+                         "not interleaved: for models whose sides do not fit together, on an idle host)")
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -932,6 +1001,8 @@ def main(argv=None):
         ap.error("FT-L has no best-effort peer: --peers faithful,shipped")
     if args.editor in ("ike", "serac") and "shipped" in peers:
         ap.error(f"{args.editor.upper()} has no as-shipped peer: --peers faithful,best")
+    if args.prepare_only and (args.reuse or not args.workdir):
+        ap.error("--prepare-only needs --workdir (and no --reuse)")
     workdir = args.workdir or tempfile.mkdtemp(prefix="compare_peer_")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.perf_counter()
@@ -948,27 +1019,14 @@ def main(argv=None):
         json.dump(manifest, f, indent=1)
     print(f"prepared {manifest['num_cases']} cases, {manifest['model_params']:,} parameters in {workdir} "
           f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    if args.prepare_only:
+        return manifest
 
-    # Setup (load, compile, warm up) of every side at once: untimed. Then the timed rounds, one side at a time,
-    # the order rotating each round, so that each round of each side sees the same machine.
     kinds = ["ours", *peers]
-    workers = {k: Worker(k, workdir, args.threads) for k in kinds}
-    t_setup = time.perf_counter()
-    for w in workers.values():
-        w.read()
-    print(f"sides set up ({time.perf_counter() - t_setup:.0f} s)", file=sys.stderr)
-    rounds = {k: [] for k in kinds}
-    t_rounds = time.perf_counter()
-    for r in range(args.rounds):
-        for k in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
-            rounds[k].append(workers[k].send("round"))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{k} {x[-1].get('seconds', x[-1].get('image_s', 0) + sum(x[-1].get('steps_s', {}).values())):.2f}s"
-            for k, x in rounds.items()), file=sys.stderr)
-    window_s = time.perf_counter() - t_rounds
-    sides = {k: w.send("done") for k, w in workers.items()}
-    for w in workers.values():
-        w.proc.wait()
+    if args.one_side_at_a_time:
+        sides, rounds, window_s = run_one_side_at_a_time(kinds, workdir, args.threads, args.rounds)
+    else:
+        sides, rounds, window_s = run_interleaved(kinds, workdir, args.threads, args.rounds)
     with open(os.path.join(workdir, "raw.json"), "w") as f:  # what was measured, before any summary
         json.dump({"sides": sides, "rounds": rounds}, f)
 
@@ -980,7 +1038,8 @@ def main(argv=None):
               "ike_context_tokens": manifest.get("ike_context_tokens"),
               "serac_scope_query": manifest.get("serac_scope_query"),
               "ft": manifest.get("ft"),
-              "rounds": args.rounds, "threads": args.threads, "xla_flags": xla_thread_flags(args.threads),
+              "rounds": args.rounds, "interleaved": not args.one_side_at_a_time,
+              "threads": args.threads, "xla_flags": xla_thread_flags(args.threads),
               "table": table, "ratios": ratios(table), "sides": sides, "round_times": rounds,
               "agreement": {k: agreement(sides["ours"]["rows"], sides[k]["rows"]) for k in peers},
               "timed_window_s": window_s, "workdir": workdir, "wall_s": time.perf_counter() - t0,

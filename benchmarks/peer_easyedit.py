@@ -690,12 +690,12 @@ def make_editor(name: str, model, ft: dict | None = None, mend_path: str | None 
 
 def run_files(hf: str, cases: str, editor: str, ft: dict | None = None, mend: str | None = None,
               ke: str | None = None, serac: str | None = None, exact_match: bool = True, limit: int | None = None,
-              threads: int | None = None, model=None) -> dict:
+              threads: int | None = None, model=None, warmup: int = 1) -> dict:
     """The whole peer run on files: the exported model `hf`, the cases npz, the editor's file; `run_peer`'s result
     with `editor` added. `model`: `load_model(hf)` already loaded."""
     model = load_model(hf) if model is None else model
     result = run_peer(model, make_editor(editor, model, ft, mend, ke, serac), load_cases(cases), exact_match, limit,
-                      threads=threads)
+                      warmup=warmup, threads=threads)
     result["editor"] = editor
     return result
 

@@ -76,21 +76,24 @@ def _agree(ours, peer_rows):
 def _check(manifests, editor):
     manifest = manifests[editor]
     ours = manifests.ours(editor)
-    peer = PE.run_files(**C.peer_files(manifest))
+    peer = PE.run_files(**C.peer_files(manifest), threads=1, warmup=0)  # metrics only: no timing choices
     _agree(ours, peer["rows"])
     return ours, peer
 
 
 @pytest.mark.parametrize("editor", ["mend", "ke"])
 def test_shipped_and_best_effort_peers_agree(manifests, editor):
-    """The as-shipped procedure and the best-effort batched peer (two batches: 3 + 1 cases) score as ours."""
+    """The as-shipped procedure and the best-effort batched peer (two batches: 3 + 1 cases) score as ours; MEND's
+    best-effort side also counts its FLOPs (the counter itself: `test_flop_counters_agree`)."""
     manifest = manifests[editor]
     ours = manifests.ours(editor)
     for kind, batch in (("shipped", 1), ("best", 3)):
-        side = C.PeerSide(kind, manifest, batch=batch, warmup=1)
+        count = kind == "best" and editor == "mend"
+        side = C.PeerSide(kind, manifest, batch=batch, warmup=0, count_flops=count)
         side.round()
         assert len(side.rows) == N
         _agree(ours, side.rows)
+        assert (side.gflop > 0) if count else side.gflop is None
 
 
 @pytest.mark.parametrize("editor", ["ike", "serac", SERAC_IMAGE])
@@ -107,7 +110,7 @@ def test_best_effort_peer_agrees_ike_serac(manifests, editor):
     compiler = any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
     compiled = compiler and os.environ.get("MMEDIT_TEST_TORCH_COMPILE") == "1"
     for kind in ("best", "compiled") if editor == "ike" and compiled else ("best",):
-        side = C.PeerSide(kind, manifest, batch=3, warmup=1)
+        side = C.PeerSide(kind, manifest, batch=3, warmup=0, count_flops=False)
         side.round()
         assert len(side.rows) == N
         _agree(ours, side.rows)
@@ -129,7 +132,7 @@ def test_best_effort_ike_shares_its_prefix_exactly(manifests):
     from benchmarks import peer_batched as PB
 
     manifest = manifests["ike"]
-    side = C.PeerSide("best", manifest, batch=3, warmup=1)
+    side = C.PeerSide("best", manifest, batch=3, warmup=0, count_flops=False)
     peer, cases, E = side.peer, side.cases, 3
     idx = np.arange(E)
     inputs = {name: PB._stack(cases, name, idx) for name in PB.INPUT_ORDER}
@@ -314,3 +317,35 @@ def test_preset_source_needs_its_preset(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         C.main(argv)
     assert exc.value.code == 2 and "--preset goes with --source preset" in capsys.readouterr().err
+
+
+def test_one_side_at_a_time_ends_each_side_before_the_next(monkeypatch):
+    """`--one-side-at-a-time`: a side is set up, timed for every round and ended before the next one starts (only
+    one side's weights in memory); the interleaved mode starts every side first and rotates the order."""
+    log = []
+
+    class FakeWorker:
+        def __init__(self, kind, workdir, threads):
+            self.kind = kind
+            log.append(("start", kind))
+            self.proc = self
+
+        def read(self):
+            log.append(("ready", self.kind))
+
+        def send(self, cmd):
+            log.append((cmd, self.kind))
+            return {"seconds": 1.0} if cmd == "round" else {"rows": [], "info": {}}
+
+        def wait(self):
+            log.append(("exit", self.kind))
+
+    monkeypatch.setattr(C, "Worker", FakeWorker)
+    sides, rounds, _ = C.run_one_side_at_a_time(["ours", "faithful"], "w", 2, 2)
+    assert set(sides) == {"ours", "faithful"} and all(len(r) == 2 for r in rounds.values())
+    per_side = ["start", "ready", "round", "round", "done", "exit"]
+    assert log == [(e, "ours") for e in per_side] + [(e, "faithful") for e in per_side]
+    log.clear()
+    C.run_interleaved(["ours", "faithful"], "w", 2, 2)
+    assert log[:4] == [("start", "ours"), ("start", "faithful"), ("ready", "ours"), ("ready", "faithful")]
+    assert log[4:8] == [("round", "ours"), ("round", "faithful"), ("round", "faithful"), ("round", "ours")]
