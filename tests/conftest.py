@@ -34,6 +34,17 @@ def pytest_configure(config):
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core plus one (XLA compiles on one thread, so the extra worker fills the gaps: three
+    on a 2-core host), at most one per 4 GiB of memory."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 16.0
+    return max(1, min(cpus + 1, int(mem_gib // 4)))
+
+
 def pytest_unconfigure(config):
     path = getattr(config, "_mmedit_cache_to_remove", None)
     if path and not hasattr(config, "workerinput"):  # only the process that made it, after the workers are done
