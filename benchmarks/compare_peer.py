@@ -44,7 +44,9 @@ disagreeing cases listed); `--json` writes it all.
 Model and data sources are pluggable (`SOURCES`): `files` (--model/--data/--image-root), `world` (the built-in
 world's shipped model, eval split and editors via `mmedit_jax.world.assets`, the default once it exists),
 `preset` (--preset mid | blip2-opt-2.7b: a random-weight BLIP-2 at real sizes on the world's eval cases, fresh
-editors as for `demo`; every side holds its own copy of the weights, so 2.7B does not fit 24 GB) and `demo`
+editors as for `demo`; every side holds its own copy of the weights, so at 2.7B the sides do not fit 24 GB
+together: `--prepare-only --workdir D`, then `--reuse --workdir D --one-side-at-a-time`, which sets up, times and
+ends each side before the next, not interleaved) and `demo`
 (`mmedit_jax.demo.demo_setup`; for MEND without a checkpoint a freshly initialised MEND over the last two layers'
 fc1/fc2, statistics gathered from the cases' own edit gradients; for KE without a checkpoint a fresh KE over the
 same sites at ke_world.yaml's sizes, the `a_col` part of its heads' output biases perturbed so that the update is
@@ -178,8 +180,9 @@ def fresh_mend(model, cases_batch, pixels, layers: int = 2, seed: int = 0, pertu
     cases = make_cases(cases_batch, fns.image_table(model.params, pixels))
     sites = tuple(shapes)
     out_dims = {s: shapes[s][1] for s in sites}
-    factors = jax.jit(jax.vmap(lambda c: M.capture_factors(fns, model.params, {}, c, sites, out_dims)))(
-        jax.tree.map(np.asarray, cases))
+    # The weights are an argument, not a closure's constant (a second copy of them inside the program).
+    factors = jax.jit(jax.vmap(lambda p, c: M.capture_factors(fns, p, {}, c, sites, out_dims), in_axes=(None, 0)))(
+        model.params, jax.tree.map(np.asarray, cases))
     masks = {s: MN.nonzero_mask(u, d) for s, (u, d) in factors.items()}
     stats, _ = MN.update_stats(spec, stats, factors, masks)
     return spec, params, stats
