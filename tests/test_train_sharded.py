@@ -21,6 +21,16 @@ SCRIPT = textwrap.dedent(
     from worlds import train_world
 
     assert len(jax.devices()) == 8
+    # Every lowering of the train step (the jit cache missed: a compile, or a load from the persistent cache).
+    import logging
+    lowered = []
+    class Lowered(logging.Handler):
+        def emit(self, record):
+            if record.msg.startswith("Compiling") and record.args and record.args[0] == "jit(step)":
+                lowered.append(1)
+    pxla_log = logging.getLogger("jax._src.interpreters.pxla")
+    pxla_log.setLevel(logging.DEBUG)
+    pxla_log.addHandler(Lowered())
     out = {}
     with tempfile.TemporaryDirectory() as d:
         world = train_world(d)
@@ -30,7 +40,9 @@ SCRIPT = textwrap.dedent(
         cfg = dataclasses_replace(CFG, alg=kind.upper(), batch_size=4, accumulate_bs=1, max_iters=3, lr=1e-3)
         runs = {}
         for name, mesh in (("single", None), ("4x2", sharding.make_mesh(data=4, model=2))):
+            before = len(lowered)
             res = T.train(tr, cfg, model.params, cases, None, progress=False, mesh=mesh)
+            out[f"{kind}_{name}_step_lowerings"] = len(lowered) - before
             runs[name] = (jax.device_get(res.state), [r["loss/total_edit"] for r in res.history])
             if mesh is not None:
                 out[kind + "_param_sharding"] = str(jax.tree.leaves(res.state["params"])[0].sharding)
@@ -67,3 +79,5 @@ def test_sharded_training_equals_single_device(result, kind):
     # result far below that.
     assert result[kind + "_param_diff"] <= 1e-5
     assert result[kind + "_state_diff"] <= 1e-5
+    # One program for all three steps on either layout: the sharded state leaves a step as it came in.
+    assert result[kind + "_single_step_lowerings"] == 1 and result[kind + "_4x2_step_lowerings"] == 1, result

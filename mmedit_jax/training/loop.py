@@ -217,7 +217,11 @@ def train(trainable: Trainable, cfg: TrainConfig, base_params, train_cases: Case
     place = sharding.place_batch(mesh, cfg.batch_size)
     if mesh is not None:
         base_params = sharding.shard_params(base_params, mesh)
-        ts = jax.device_put(ts, NamedSharding(mesh, PS()))
+        replicated = NamedSharding(mesh, PS())
+        ts = jax.device_put(ts, replicated)
+        # The state leaves each step as it came in, replicated: left to XLA, the first step's output state has
+        # other shardings than its input, and the second step would compile the program again.
+        step_fn = jax.jit(step_fn, out_shardings=(replicated, replicated))
 
     validator = None
     if val_cases is not None and val_meta:
