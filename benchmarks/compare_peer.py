@@ -446,16 +446,11 @@ def save_strings(path: str, prepared, task: str) -> None:
         json.dump(out, f)
 
 
-def vm_hwm_mib() -> float:
-    """Peak RSS of this process (VmHWM; `peer_easyedit.peak_rss_mib` without importing torch here)."""
+def vm_mib(field: str = "VmHWM") -> float:
+    """This process's `/proc/self/status` memory field in MiB: VmHWM, the peak RSS (`peer_easyedit.peak_rss_mib`
+    without importing torch here), or VmRSS, the current one."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-
-
-def vm_rss_mib() -> float:
-    """Current RSS of this process (VmRSS)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(f"{field}:"))
 
 
 def xla_thread_flags(threads: int) -> str:
@@ -757,7 +752,7 @@ def serve(kind: str, workdir: str) -> None:
         if line.strip() != "round":
             break
         _say(side.round())
-    _say({"rows": side.rows, "info": side.info(), "peak_rss_mib": vm_hwm_mib()})
+    _say({"rows": side.rows, "info": side.info(), "peak_rss_mib": vm_mib()})
 
 
 class Worker:
@@ -817,7 +812,7 @@ def run_one_side_at_a_time(kinds, workdir: str, threads: int, n_rounds: int):
     import gc
 
     gc.collect()  # the prepared model (the main process's copy) must be gone before a side loads its own
-    print(f"one side at a time; this process holds {vm_rss_mib():.0f} MiB", file=sys.stderr)
+    print(f"one side at a time; this process holds {vm_mib('VmRSS'):.0f} MiB", file=sys.stderr)
     sides, rounds, window_s = {}, {}, 0.0
     for k in kinds:
         t_setup = time.perf_counter()

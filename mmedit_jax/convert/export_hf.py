@@ -31,6 +31,7 @@ from mmedit_jax.convert.blip2 import blip2_rules, opt_rules
 from mmedit_jax.convert.rules import Rule
 from mmedit_jax.convert.text_encoder import text_encoder_rules
 from mmedit_jax.models.config import BertConfig, Blip2Config, DistilBertConfig, OPTConfig
+from mmedit_jax.tree import flatten
 
 # The inverse of each forward transform in `rules.TRANSFORMS`.
 INVERSE = {
@@ -64,21 +65,13 @@ def _leaf(params: Mapping, target: str):
     return node
 
 
-def _all_paths(tree, prefix="") -> set[str]:
-    out = set()
-    for k, v in tree.items():
-        p = f"{prefix}/{k}" if prefix else k
-        out |= _all_paths(v, p) if isinstance(v, Mapping) else {p}
-    return out
-
-
 def iter_state_dict(rules: list[Rule], params: Mapping, what: str = "export",
                     shapes_only: bool = False) -> Iterator[tuple[str, np.ndarray]]:
     """`(checkpoint key, numpy array)` for every rule run backwards on `params`, one tensor at a time (views of the
     leaves where the inverse transform allows). Checks that every parameter of the tree is used by exactly one
     rule (the export loses nothing) and that no key is written twice. `shapes_only`: arrays of the right shape
     and dtype that hold no memory (zero strides), for writing a header before the data."""
-    extra = _all_paths(params) - {r.target for r in rules}
+    extra = set(flatten(params)) - {r.target for r in rules}
     if extra:
         raise ValueError(f"{what}: parameters with no rule (would be lost): {sorted(extra)[:10]}")
     seen: set[str] = set()
@@ -210,7 +203,7 @@ def export_hf(config: Blip2Config, params: Mapping, out_dir: str | os.PathLike, 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     rules, _ = blip2_rules(config)
-    dtypes = {np.dtype(x.dtype).name for x in _leaves(params)}
+    dtypes = {np.dtype(x.dtype).name for x in flatten(params).values()}
     cfg = hf_config(config)
     cfg.dtype = dtypes.pop() if len(dtypes) == 1 else "float32"  # what transformers records for its weights
     cfg.save_pretrained(out_dir)
@@ -219,8 +212,3 @@ def export_hf(config: Blip2Config, params: Mapping, out_dir: str | os.PathLike, 
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def _leaves(tree: Mapping):
-    for v in tree.values():
-        yield from _leaves(v) if isinstance(v, Mapping) else (v,)
