@@ -64,11 +64,20 @@ class ModelFns(Protocol):
         """The unedited language model's hidden states entering layer `stop`, `[L, D]`."""
         ...
 
+    def prefix_group(self, params, seqs: Sequence[Seq], images: Sequence, stop: int) -> list:
+        """`prefix` of several inputs (all showing an image, or none) -> their hidden states `[L_i, D]`."""
+        ...
+
     def resume(self, params, patch, seq: Seq, h: jax.Array, start: int, taps=None, rows=None):
         """`forward` from `prefix(..., stop=start)`'s hidden states `h`."""
         ...
 
     def resume_logits(self, params, patch, seq: Seq, h: jax.Array, start: int) -> jax.Array:
+        ...
+
+    def resume_group(self, params, patch, seqs: Sequence[Seq], hs: Sequence, start: int,
+                     rows: Sequence | None = None) -> list:
+        """`resume`'s logits of several inputs (`rows[i]` `[R]` for every input, or None)."""
         ...
 
 
@@ -79,6 +88,7 @@ class Blip2Fns:
 
     module: nn.Module
     pixels: bool = False
+    stack_inputs: bool = True  # False: `prefix_group` runs one `prefix` per input (for the A/B benchmark)
 
     @property
     def uses_pixels(self) -> bool:
@@ -202,6 +212,29 @@ class Blip2Fns:
                               method="text_prefix")
         return h[0]
 
+    def prefix_group(self, params, seqs: Sequence[Seq], images: Sequence, stop: int) -> list:
+        """`prefix` of several inputs in one call: right-padded to the longest (masked, so causal attention leaves
+        every real position as it was) and run as one batch, so each of the language model's matmuls sees all
+        their rows at once. On a CPU a GEMM of ~50 rows runs at a third of the rate of one of ~200
+        (`benchmarks/matmul_shapes.json`), and one case's inputs are ~50 tokens each.
+
+        `images`: one `[nq, E]` embedding per input, or all None (text-only inputs). -> `[L_i, D]` per input.
+        """
+        if len(seqs) == 1 or not self.stack_inputs:
+            return [self.prefix(params, s, im, stop) for s, im in zip(seqs, images)]
+        if self.pixels:
+            raise ValueError("prefix_group() takes cached image embeddings; this Blip2Fns runs pixels")
+        if len({im is None for im in images}) != 1:
+            raise ValueError("prefix_group(): every input shows an image, or none does")
+        lengths = [s.input_ids.shape[-1] for s in seqs]
+        width = max(lengths)
+        # Padded slots repeat the last id (never an image token: an input ends in text) under mask 0.
+        ids = jnp.stack([jnp.pad(s.input_ids, (0, width - n), mode="edge") for s, n in zip(seqs, lengths)])
+        mask = jnp.stack([jnp.pad(s.attention_mask, (0, width - n)) for s, n in zip(seqs, lengths)])
+        embeds = None if images[0] is None else jnp.stack(images)
+        h = self.module.apply({"params": params}, ids, mask, embeds, stop, method="text_prefix")
+        return [h[i, :n] for i, n in enumerate(lengths)]
+
     def resume(self, params, patch, seq: Seq, h: jax.Array, start: int, taps=None, rows=None):
         """Continues `prefix(..., stop=start)`'s hidden states `h [L, D]` through layers `start ..` (patched) and
         the head: -> `(logits [L, V] (or [R, V] at `rows`), captured)`, as `forward` when `patch` and `taps`
@@ -213,6 +246,24 @@ class Blip2Fns:
     def resume_logits(self, params, patch, seq: Seq, h: jax.Array, start: int) -> jax.Array:
         """`resume`'s logits `[L, V]`."""
         return self.resume(params, patch, seq, h, start)[0]
+
+    def resume_group(self, params, patch, seqs: Sequence[Seq], hs: Sequence, start: int,
+                     rows: Sequence | None = None) -> list:
+        """`resume` of several inputs under one `patch` as one padded batch (as `prefix_group`, whose hidden
+        states `hs` `[L_i, D]` it continues). `rows`: `[R_i]` per input (padded with position 0, cut off after),
+        or None. -> logits `[R_i, V]` (or `[L_i, V]`) per input."""
+        if len(seqs) == 1 or not self.stack_inputs:
+            rows = [None] * len(seqs) if rows is None else rows
+            return [self.resume(params, patch, s, h, start, rows=r)[0] for s, h, r in zip(seqs, hs, rows)]
+        lengths = [s.attention_mask.shape[-1] for s in seqs]
+        width = max(lengths)
+        h = jnp.stack([jnp.pad(x, ((0, width - n), (0, 0))) for x, n in zip(hs, lengths)])
+        mask = jnp.stack([jnp.pad(s.attention_mask, (0, width - n)) for s, n in zip(seqs, lengths)])
+        if rows is not None:
+            counts = [r.shape[-1] for r in rows]
+            rows = jnp.stack([jnp.pad(r, (0, max(counts) - c)) for r, c in zip(rows, counts)])
+        logits, _ = self.module.apply({"params": params}, h, mask, start, patch, None, rows, method="text_resume")
+        return [logits[i, : (lengths if rows is None else counts)[i]] for i in range(len(seqs))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,10 +297,16 @@ class RoutedFns:
     def prefix(self, params, seq: Seq, image, stop: int):
         raise ValueError(f"{type(self).__name__} has no frozen-prefix split (supports_prefix is False)")
 
+    def prefix_group(self, params, seqs: Sequence[Seq], images: Sequence, stop: int) -> list:
+        raise ValueError(f"{type(self).__name__} has no frozen-prefix split (supports_prefix is False)")
+
     def resume(self, params, patch, seq: Seq, h, start: int, taps=None, rows=None):
         raise ValueError(f"{type(self).__name__} has no frozen-prefix split (supports_prefix is False)")
 
     def resume_logits(self, params, patch, seq: Seq, h, start: int):
+        raise ValueError(f"{type(self).__name__} has no frozen-prefix split (supports_prefix is False)")
+
+    def resume_group(self, params, patch, seqs: Sequence[Seq], hs: Sequence, start: int, rows=None) -> list:
         raise ValueError(f"{type(self).__name__} has no frozen-prefix split (supports_prefix is False)")
 
 
@@ -302,6 +359,22 @@ def teacher_forced(model: ModelFns, params, patch, seq: Seq, image, taps=None, p
     rows, targets = _answer_layout(seq)
     logits, captured = run(rows)
     return _with_zero_row(logits), targets, captured
+
+
+def teacher_forced_resumed(model: ModelFns, params, patch, seqs: Sequence[Seq], hs: Sequence, start: int) -> list:
+    """`teacher_forced(..., prefix=(hs[i], start))`'s `(logits, labels)` of several inputs (no taps), those with
+    `answer_rows` as one `resume_group` call and those without as another."""
+    out = [None] * len(seqs)
+    for with_rows in (True, False):
+        idx = [i for i, s in enumerate(seqs) if (s.answer_rows is not None) == with_rows]
+        if not idx:
+            continue
+        layouts = [_answer_layout(seqs[i]) for i in idx] if with_rows else None
+        logits = model.resume_group(params, patch, [seqs[i] for i in idx], [hs[i] for i in idx], start,
+                                    rows=None if layouts is None else [a[0] for a in layouts])
+        for j, i in enumerate(idx):
+            out[i] = (_with_zero_row(logits[j]), layouts[j][1]) if with_rows else (logits[j], seqs[i].labels)
+    return out
 
 
 def teacher_forced_group(model: ModelFns, params, patch, seqs: Sequence[Seq], image) -> list:

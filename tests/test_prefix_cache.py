@@ -10,7 +10,7 @@ import pytest
 from worlds import fresh_mend, random_patch
 
 from mmedit_jax import pipeline
-from mmedit_jax.case import METRICS, take
+from mmedit_jax.case import INPUT_NAMES, METRICS, take
 from mmedit_jax.eval import harness, steps
 from mmedit_jax.eval.throughput import xla_cost
 from mmedit_jax.forward import Blip2Fns
@@ -48,6 +48,39 @@ def test_split_forward_equals_full_forward(world, k):
         fns.resume_logits(model.params, random_patch(model, [k - 1]), case.loc, h, start=k)
 
 
+def test_stacked_inputs_equal_one_at_a_time(world):
+    """`prefix_group` / `resume_group` pad inputs of different lengths (and answer-row counts) to one batch: each
+    input's real positions come out as its own `prefix` / `resume` gives them (the padding is cut off), with
+    images and without, patched and not."""
+    model, prepared = world
+    fns = Blip2Fns(model.module)
+    case = jax.tree.map(lambda a: jnp.asarray(a[0]), pipeline.cases_for(fns, model.params, prepared))
+    short = case.edit.replace(input_ids=case.edit.input_ids[:-3], attention_mask=case.edit.attention_mask[:-3])
+    loc_short = case.loc.replace(input_ids=case.loc.input_ids[:-2], attention_mask=case.loc.attention_mask[:-2])
+    groups = ([(case.edit, case.images["edit"]), (short, case.images["image_rephrase"]),
+               (case.loc_image, case.images["loc_image"])], [(case.loc, None), (loc_short, None)])
+    patch = random_patch(model, [2, 3])
+    prefix_group = jax.jit(lambda p, s, i: fns.prefix_group(p, s, i, 2))
+    resume_group = jax.jit(lambda p, d, s, h, r: fns.resume_group(p, d, s, h, 2, rows=r))
+    one = jax.jit(lambda p, d, s, h, r: fns.resume(p, d, s, h, 2, rows=r)[0])
+    for group in groups:
+        seqs, images = zip(*group)
+        assert len({s.input_ids.shape[0] for s in seqs}) > 1  # lengths differ: padding is exercised
+        hs = prefix_group(model.params, seqs, images)
+        for seq, image, h in zip(seqs, images, hs):
+            np.testing.assert_allclose(h, fns.prefix(model.params, seq, image, 2), rtol=1e-5, atol=1e-5)
+        rows = [jnp.arange(1 + i, seq.input_ids.shape[0] - 1) for i, seq in enumerate(seqs)]  # R differ too
+        for d in ({}, patch):
+            for r in (None, rows):
+                got = resume_group(model.params, d, seqs, hs, r)
+                for i, (seq, h) in enumerate(zip(seqs, hs)):
+                    want = one(model.params, d, seq, h, None if r is None else r[i])
+                    assert got[i].shape == want.shape
+                    np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="or none does"):
+        fns.prefix_group(model.params, [case.edit, case.loc], [case.images["edit"], None], 2)
+
+
 def test_first_edited_layer():
     f = steps.first_edited_layer
     assert f(["language_model/layers/3/fc1", "language_model/layers/2/fc2"]) == 2
@@ -74,7 +107,7 @@ def test_step_fns_with_cache_equal_without(world, name, want_k):
         outs.append((pre, edit_fn(editor.editor_params, model.params, batch, pre)))
     (pre0, post0), (pre1, post1) = outs
     assert pre1["hidden_loc"].shape == (N, cases.loc.input_ids.shape[1], model.config.text.hidden_size)
-    assert set(pre1) - set(pre0) == {"hidden_edit", "hidden_loc", "hidden_loc_image"}
+    assert set(pre1) - set(pre0) == {f"hidden_{name}" for name in INPUT_NAMES}
     for key in pre0:
         np.testing.assert_allclose(pre1[key], pre0[key], rtol=1e-6, atol=1e-6, err_msg=key)
     assert set(post1) == set(post0)

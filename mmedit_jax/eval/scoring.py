@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from mmedit_jax.case import ACCURACY_INPUTS, LOCALITY_INPUTS, SPEC, Case, answer_rows_of
+from mmedit_jax.case import ACCURACY_INPUTS, INPUT_NAMES, LOCALITY_INPUTS, SPEC, Case, answer_rows_of
 from mmedit_jax.eval import metrics as M
-from mmedit_jax.forward import ModelFns, teacher_forced, teacher_forced_group
+from mmedit_jax.forward import ModelFns, teacher_forced_group, teacher_forced_resumed
 
 
 def _accuracies(model: ModelFns, params, patch, case: Case, exact_match: bool, prefixes: dict | None = None):
@@ -20,8 +20,11 @@ def _accuracies(model: ModelFns, params, patch, case: Case, exact_match: bool, p
     inputs carry `answer_rows`, 0 elsewhere: what the rows' text needs). `prefixes`: `{input: (h, k)}` inputs
     whose forwards start from their hidden states entering layer k."""
     prefixes = prefixes or {}
-    forwards = {name: teacher_forced(model, params, patch, case.seq(name), case.image(name), prefix=prefixes[name])[:2]
-                for name in ACCURACY_INPUTS if name in prefixes}
+    forwards = {}
+    if prefixes:  # the resumed inputs as one group (`_prefixes` gives them one start layer)
+        names = [n for n in ACCURACY_INPUTS if n in prefixes]
+        forwards.update(zip(names, teacher_forced_resumed(model, params, patch, [case.seq(n) for n in names],
+                                                          [prefixes[n][0] for n in names], prefixes[names[0]][1])))
     for names in _same_image([n for n in ACCURACY_INPUTS if n not in prefixes]):
         seqs = [case.seq(name) for name in names]
         forwards.update(zip(names, teacher_forced_group(model, params, patch, seqs, case.image(names[0]))))
@@ -48,10 +51,21 @@ def _same_image(names) -> list[list[str]]:
 
 
 def _prefixes(pre: dict, prefix_layer: int | None) -> dict:
-    """`{"edit": (hidden_edit, k)}` where `pre` holds the edit input's hidden states, else `{}`."""
-    if prefix_layer is None or "hidden_edit" not in pre:
+    """`{input: (hidden, k)}` for the accuracy inputs whose hidden states `pre` holds, else `{}`."""
+    if prefix_layer is None:
         return {}
-    return {"edit": (pre["hidden_edit"], prefix_layer)}
+    return {name: (pre[f"hidden_{name}"], prefix_layer) for name in ACCURACY_INPUTS if f"hidden_{name}" in pre}
+
+
+def hidden_states(model: ModelFns, params, case: Case, prefix_layer: int) -> dict:
+    """`{hidden_<input>: [L, D]}`: every input's unedited hidden states entering layer `prefix_layer`, each input
+    once. The inputs showing an image run as one stacked call (`prefix_group`), the text-only one apart."""
+    out = {}
+    for has_image in (True, False):
+        names = [n for n in INPUT_NAMES if (SPEC[n].image is not None) == has_image]
+        hs = model.prefix_group(params, [case.seq(n) for n in names], [case.image(n) for n in names], prefix_layer)
+        out.update({f"hidden_{n}": h for n, h in zip(names, hs)})
+    return out
 
 
 def _locality_logits(model: ModelFns, params, patch, case: Case, pre: dict, prefix_layer: int | None):
@@ -59,8 +73,11 @@ def _locality_logits(model: ModelFns, params, patch, case: Case, pre: dict, pref
     that `pre` holds (`hidden_loc`, `hidden_loc_image` `[L, D]`), which no patch of layers >= k changes."""
     if prefix_layer is None:
         return tuple(model.logits(params, patch, case.seq(name), case.image(name)) for name in LOCALITY_INPUTS)
-    return tuple(model.resume_logits(params, patch, case.seq(name), pre[f"hidden_{name}"], prefix_layer)
-                 for name in LOCALITY_INPUTS)
+    seqs = [case.seq(name) for name in LOCALITY_INPUTS]
+    hs = [pre[f"hidden_{name}"] for name in LOCALITY_INPUTS]
+    if len({s.attention_mask.shape[-1] for s in seqs}) == 1:  # one batch where that pads nothing: the head
+        return tuple(model.resume_group(params, patch, seqs, hs, prefix_layer))  # runs every row of these
+    return tuple(model.resume_logits(params, patch, s, h, prefix_layer) for s, h in zip(seqs, hs))
 
 
 def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True, base_accuracy: bool = True,
@@ -71,15 +88,13 @@ def pre_outputs(model: ModelFns, params, case: Case, exact_match: bool = True, b
     `pred_rephrase`, `pred_image_rephrase` `[L]`, in the shifted layout: `pred[t]` predicts `t + 1`) (three more);
     the locality inputs' predictions are the first column of their top-k.
 
-    With `prefix_layer` k (the first edited language-model layer), the two locality passes run in two parts and
-    also return the hidden states entering layer k, `hidden_loc` / `hidden_loc_image` `[L, D]`, for
-    `post_scores` to start from, and those of the edit input, `hidden_edit` (the editor's forward and
-    Reliability's start there).
+    With `prefix_layer` k (the first edited language-model layer), it also returns every input's hidden states
+    entering layer k (`hidden_states`: `hidden_edit`, ..., `hidden_loc_image` `[L, D]`), computed once here: the
+    pre- and post-edit passes all start from them, and the editor's forward from `hidden_edit`.
     """
     out = {}
     if prefix_layer is not None:
-        for name in ("edit", *LOCALITY_INPUTS):
-            out[f"hidden_{name}"] = model.prefix(params, case.seq(name), case.image(name), prefix_layer)
+        out.update(hidden_states(model, params, case, prefix_layer))
     loc, loc_image = _locality_logits(model, params, {}, case, out, prefix_layer)
     out.update(loc_top1=M.topk_indices(loc, 1), loc_image_top10=M.topk_indices(loc_image, 10))
     if base_accuracy:
@@ -94,7 +109,7 @@ def post_scores(model: ModelFns, params, patch, case: Case, pre: dict, exact_mat
     inputs (`pred_<input> [L]`, as `pre_outputs`'s) and its locality top-k (`loc_top1 [L, 1]`, `loc_image_top10`).
 
     With `prefix_layer` k, `patch` must leave layers `< k` alone and `pre` come from `pre_outputs(...,
-    prefix_layer=k)`: the locality and Reliability passes then run layers `k ..` only.
+    prefix_layer=k)`: every pass then runs layers `k ..` only.
     """
     out, preds = _accuracies(model, params, patch, case, exact_match, _prefixes(pre, prefix_layer))
     loc, loc_image = _locality_logits(model, params, patch, case, pre, prefix_layer)

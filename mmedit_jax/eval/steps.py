@@ -2,8 +2,8 @@
 post-edit scores (`vmap(editor.edit)` -> patches `[E, ...]` -> `vmap(post_scores)`; base parameters unbatched).
 
 When every patch leaves the language model's layers below some k alone (MEND, KE, FT-L on late layers), the
-pre-edit program keeps the edit and locality inputs' hidden states at layer k, and the editor's forwards,
-Reliability and the post-edit locality passes start there (the frozen-prefix cache).
+pre-edit program keeps every input's hidden states at layer k, and the editor's forwards and all post-edit
+passes start there (the frozen-prefix cache).
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def make_step_fns(editor: Editor, exact_match: bool, base_accuracy: bool = True,
     `base_accuracy=False` leaves the unedited model's accuracies out of the pre-edit program (the five metrics
     do not need them; throughput timing uses it, as the reference's per-record step computes none).
     `prefix_layer` k (from `prefix_layer()`; every patch must leave the layers below k alone) turns on the
-    frozen-prefix cache: the pre-edit program also returns the edit and locality inputs' hidden states entering
-    layer k (`hidden_edit`, `hidden_loc`, `hidden_loc_image` `[E, L, D]`); the post-edit locality and Reliability
-    passes, and the editor's own forwards where it `resumes`, run layers k.. only. `edit_fn`'s scores carry
+    frozen-prefix cache: the pre-edit program also returns every input's hidden states entering layer k
+    (`hidden_edit`, ..., `hidden_loc_image` `[E, L, D]`); the post-edit passes, and the editor's own forwards
+    where it `resumes`, run layers k.. only. `edit_fn`'s scores carry
     `finite`: whether every entry of the edit's patch is finite.
     """
     model, k = editor.fns, prefix_layer
