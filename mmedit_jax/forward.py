@@ -88,7 +88,7 @@ class Blip2Fns:
 
     module: nn.Module
     pixels: bool = False
-    stack_inputs: bool = True  # False: `prefix_group` runs one `prefix` per input (for the A/B benchmark)
+    stack_inputs: bool = True  # False: `prefix_group` / `resume_group` run one call per input (the A/B benchmark)
 
     @property
     def uses_pixels(self) -> bool:
