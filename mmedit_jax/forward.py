@@ -226,14 +226,12 @@ class Blip2Fns:
             raise ValueError("prefix_group() takes cached image embeddings; this Blip2Fns runs pixels")
         if len({im is None for im in images}) != 1:
             raise ValueError("prefix_group(): every input shows an image, or none does")
-        lengths = [s.input_ids.shape[-1] for s in seqs]
-        width = max(lengths)
         # Padded slots repeat the last id (never an image token: an input ends in text) under mask 0.
-        ids = jnp.stack([jnp.pad(s.input_ids, (0, width - n), mode="edge") for s, n in zip(seqs, lengths)])
-        mask = jnp.stack([jnp.pad(s.attention_mask, (0, width - n)) for s, n in zip(seqs, lengths)])
+        ids = _stack_right_padded([s.input_ids for s in seqs], mode="edge")
+        mask = _stack_right_padded([s.attention_mask for s in seqs])
         embeds = None if images[0] is None else jnp.stack(images)
         h = self.module.apply({"params": params}, ids, mask, embeds, stop, method="text_prefix")
-        return [h[i, :n] for i, n in enumerate(lengths)]
+        return [h[i, : s.input_ids.shape[-1]] for i, s in enumerate(seqs)]
 
     def resume(self, params, patch, seq: Seq, h: jax.Array, start: int, taps=None, rows=None):
         """Continues `prefix(..., stop=start)`'s hidden states `h [L, D]` through layers `start ..` (patched) and
@@ -255,15 +253,12 @@ class Blip2Fns:
         if len(seqs) == 1 or not self.stack_inputs:
             rows = [None] * len(seqs) if rows is None else rows
             return [self.resume(params, patch, s, h, start, rows=r)[0] for s, h, r in zip(seqs, hs, rows)]
-        lengths = [s.attention_mask.shape[-1] for s in seqs]
-        width = max(lengths)
-        h = jnp.stack([jnp.pad(x, ((0, width - n), (0, 0))) for x, n in zip(hs, lengths)])
-        mask = jnp.stack([jnp.pad(s.attention_mask, (0, width - n)) for s, n in zip(seqs, lengths)])
-        if rows is not None:
-            counts = [r.shape[-1] for r in rows]
-            rows = jnp.stack([jnp.pad(r, (0, max(counts) - c)) for r, c in zip(rows, counts)])
-        logits, _ = self.module.apply({"params": params}, h, mask, start, patch, None, rows, method="text_resume")
-        return [logits[i, : (lengths if rows is None else counts)[i]] for i in range(len(seqs))]
+        counts = [len(x) for x in (hs if rows is None else rows)]  # each input's output rows
+        mask = _stack_right_padded([s.attention_mask for s in seqs])
+        stacked_rows = None if rows is None else _stack_right_padded(list(rows))
+        logits, _ = self.module.apply({"params": params}, _stack_right_padded(list(hs)), mask, start, patch, None,
+                                      stacked_rows, method="text_resume")
+        return [logits[i, :n] for i, n in enumerate(counts)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +311,13 @@ def fns_for(model, sites, feature_cache: bool = True) -> Blip2Fns:
     otherwise. The one place that choice is made; the editor carries the result (`Editor.fns`) and everything
     downstream asks it."""
     return Blip2Fns(model.module, pixels=touches_vision(sites) or not feature_cache)
+
+
+def _stack_right_padded(arrays: Sequence[jax.Array], mode: str = "constant") -> jax.Array:
+    """`[L_i, ...]` arrays -> `[n, max L_i, ...]`, each padded at the end of its first axis (`jnp.pad`'s `mode`;
+    "constant" pads zeros: mask 0, hidden state 0, row 0)."""
+    width = max(a.shape[0] for a in arrays)
+    return jnp.stack([jnp.pad(a, [(0, width - a.shape[0])] + [(0, 0)] * (a.ndim - 1), mode=mode) for a in arrays])
 
 
 def forward_each(model: ModelFns, params, patch, seqs: Sequence[Seq], image, rows: Sequence | None = None) -> list:
