@@ -108,7 +108,7 @@ def source_world(args, workdir):
     from mmedit_jax.data.mmedit import load_mmedit
 
     task = args.task or "vqa"
-    model_dir, tokenizer_dir, eval_json, image_root, ckpts = pipeline.world_inputs(task, editor=args.editor)
+    model_dir, tokenizer_dir, eval_json, image_root, ckpts = pipeline.world_inputs(task)
     model, tok = pipeline.load_model(model_dir, tokenizer_dir)
     loaded = load_mmedit(eval_json, task, image_root, image_root, size=args.limit)
     return model, tok, loaded.records, task, ckpts.get(args.editor)
@@ -121,7 +121,7 @@ def source_preset(args, workdir):
     from mmedit_jax.data.mmedit import load_mmedit
 
     task = args.task or "vqa"
-    _, tokenizer_dir, eval_json, image_root, _ = pipeline.world_inputs(task, editor=args.editor)
+    _, tokenizer_dir, eval_json, image_root, _ = pipeline.world_inputs(task)
     model, tok = pipeline.preset_model(args.preset, tokenizer_dir, seed=args.seed)
     loaded = load_mmedit(eval_json, task, image_root, image_root, size=args.limit)
     return model, tok, loaded.records, task, args.editor_ckpt

@@ -9,7 +9,7 @@ metric scoring of E independent cases, compiles apart, median of `--repeats` cal
 Scoring is exact match for every editor, as the world's configs and EasyEdit's MEND and IKE eval yamls
 (`hparams/{MEND,IKE}/blip2.yaml`: `exact_match: True`, also for E-IC; its SERAC eval yaml scores token accuracy).
 Editors: the shipped `mmedit_jax/assets/world/{mend,ke,serac}_{task}`; FT-L and FT-V with their defaults; IKE with
-`configs/ike_world.yaml` (k = 2, on the in-context world model IKE runs on).
+`configs/ike_world.yaml` (k = 2), all on the one world model.
 
 Each finished run is merged into the JSON at once (the file is the table so far), and `--skip-done` skips the
 entries already there, so the table can be filled in parts; `--import vqa:mend=benchmarks/bench_world_mend.json`

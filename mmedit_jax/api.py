@@ -63,8 +63,7 @@ __all__ = ["Model", "MiniGPT4ApiModel", "BoundEditor", "from_pretrained", "load_
            "PatchMismatch", "model_fingerprint"]
 
 WORLD = "world"  # `from_pretrained("world")`: the shipped world model (a directory named so: pass "./world")
-WORLD_INCONTEXT = "world-incontext"  # IKE's world model, trained to read in-context facts (README, "IKE")
-WORLD_DIRS = {WORLD: "model", WORLD_INCONTEXT: assets.IN_CONTEXT_MODEL}  # name -> directory under the assets
+WORLD_DIR = "model"  # its directory under the assets
 # The world model was pretrained on answer tokens only (no end-of-sequence token after them), so it never learns
 # to stop; its answers are one word for E-VQA and three for E-IC by construction (`world/dataset.py`), and
 # `answer` keeps that many words of what it generates.
@@ -222,21 +221,10 @@ class Model(Blip2Model):
 
     @property
     def is_world(self) -> bool:
-        """Whether this is the shipped world model (loaded from its directory; its editors are shipped too)."""
-        return self._world_dir() == WORLD_DIRS[WORLD]
-
-    @property
-    def of_world(self) -> bool:
-        """Whether this is one of the shipped world models ("world" or "world-incontext"): the world's data,
-        demonstration bank and answer lengths apply."""
-        return self._world_dir() is not None
-
-    def _world_dir(self) -> str | None:
-        if self.source_dir is None:
-            return None
-        here = os.path.realpath(self.source_dir)
-        return next((d for d in WORLD_DIRS.values() if here == os.path.realpath(os.path.join(assets.ASSETS, d))),
-                    None)
+        """Whether this is the shipped world model (loaded from its directory): its editors are shipped too, and
+        the world's data, demonstration bank and answer lengths apply."""
+        return self.source_dir is not None and (
+            os.path.realpath(self.source_dir) == os.path.realpath(os.path.join(assets.ASSETS, WORLD_DIR)))
 
     @property
     def image_size(self) -> int:
@@ -537,8 +525,8 @@ def from_pretrained(path: str | os.PathLike = WORLD, dtype: Any = jnp.float32, i
     first use). The world model's answers are cut to its fixed answer lengths (`WORLD_ANSWER_WORDS`).
     """
     path = os.fspath(path)
-    world = path in WORLD_DIRS
-    directory = os.path.join(assets.ASSETS, WORLD_DIRS[path]) if world else path
+    world = path == WORLD
+    directory = os.path.join(assets.ASSETS, WORLD_DIR) if world else path
     if world and not os.path.isdir(directory):
         raise FileNotFoundError(f"the built-in world model {path!r} is missing ({directory}); rebuild it with "
                                 "`python -m mmedit_jax.world.build --install`")
@@ -551,7 +539,7 @@ def from_pretrained(path: str | os.PathLike = WORLD, dtype: Any = jnp.float32, i
     tok_obj = None if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     tok_dir = os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else directory
     model = api_class.wrap(base, name=path, source_dir=directory, tokenizer=tok_obj, tokenizer_dir=tok_dir)
-    if model.of_world:
+    if model.is_world:
         model.answer_words = dict(WORLD_ANSWER_WORDS)
     return model
 
@@ -693,9 +681,9 @@ class BoundEditor:
 
 def _load_ike(model: Model, hparams, task: str, feature_cache: bool, bank, image_root, sentence_encoder):
     if bank is None:
-        if not model.of_world:
+        if not model.is_world:
             raise ValueError("ike needs a demonstration bank: bank= an MMEdit training file (or its records); the "
-                             "world models' default is the world's train split")
+                             "world model's default is the world's train split")
         bank = pipeline.world_train_data(task)
     notes: list[str] = []
     records = bank
@@ -766,7 +754,7 @@ def load_editor(name: str, model: Model, path: str | os.PathLike | None = None, 
             path = shipped_editor(name, task) if model.is_world else None
             if path is None:
                 shipped = sorted(d for d in os.listdir(assets.ASSETS) if os.path.isdir(os.path.join(assets.ASSETS, d))
-                                 and d not in WORLD_DIRS.values())
+                                 and d != WORLD_DIR)
                 raise ValueError(
                     f"{name} needs a trained editor: pass path=DIR (one trained for this model by `python -m "
                     "mmedit_jax.train`" + (", or converted with `python -m mmedit_jax.convert mend-easyedit`"

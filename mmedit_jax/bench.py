@@ -150,7 +150,7 @@ def main(argv=None):
     else:
         say("built-in world: generating its data on first use", t_start)
         model_dir, tok_dir, data, image_root, shipped = pipeline.world_inputs(args.task, args.cache_dir,
-                                                                               args.family, args.editor)
+                                                                               args.family)
         rephrase_root, ckpt = image_root, args.editor_ckpt or shipped.get(args.editor)
     if args.preset:
         say(f"preset {args.preset}: random weights in {args.dtype}", t_start)

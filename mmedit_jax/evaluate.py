@@ -64,7 +64,7 @@ def main(argv=None):
     else:
         if args.world:
             model_dir, tok_dir, data, image_root, shipped = pipeline.world_inputs(args.task or "vqa", args.cache_dir,
-                                                                               args.family, editor_name)
+                                                                               args.family)
             rephrase_root, editor_ckpt = image_root, editor_ckpt or shipped.get(editor_name)
         elif not (args.data and args.image_root):
             ap.error("--model needs --data and --image-root")

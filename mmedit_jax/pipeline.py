@@ -304,10 +304,8 @@ def world_train_data(task: str = "vqa", cache_dir: str | None = None) -> str:
     return assets.ensure(task, cache_dir=cache_dir).train_json
 
 
-def world_inputs(task: str = "vqa", cache_dir: str | None = None, family: str = "blip2", editor: str | None = None):
-    """The built-in world with its `family`'s model ("blip2" | "minigpt4"): `(model dir, tokenizer dir, eval file,
-    image root, {editor: shipped checkpoint})`; with `editor`, the model that editor runs on (`World.model_for`:
-    IKE's in-context world model where shipped)."""
+def world_inputs(task: str = "vqa", cache_dir: str | None = None, family: str = "blip2"):
+    """The built-in world with its `family`'s model ("blip2" | "minigpt4"), the one every editor runs on:
+    `(model dir, tokenizer dir, eval file, image root, {editor: shipped checkpoint})`."""
     w = assets.ensure(task, cache_dir=cache_dir, family=family)
-    model_dir = w.model_for(editor)
-    return model_dir, model_dir, w.eval_json, w.image_root, w.editor_ckpts
+    return w.model_dir, w.tokenizer_dir, w.eval_json, w.image_root, w.editor_ckpts

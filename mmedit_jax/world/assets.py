@@ -23,13 +23,6 @@ ASSETS = ASSETS_OF["blip2"]
 WORLD = dict(seed=0, n_train=512, n_eval=128, image_size=32)  # the shipped editors were trained on this
 
 
-# The world model IKE runs on (shipped beside `model/` where built): the same architecture pretrained further on
-# IKE-shaped in-context examples with random stated answers (`world.pretrain --random-targets`), so that it copies
-# a demonstrated fact; the other editors were meta-trained on `model/` and run there (README, "IKE").
-IN_CONTEXT_MODEL = "model_incontext"
-MODEL_OF_EDITOR = {"ike": IN_CONTEXT_MODEL}
-
-
 @dataclasses.dataclass(frozen=True)
 class World:
     data_dir: str
@@ -39,11 +32,6 @@ class World:
     eval_json: str
     image_root: str
     editor_ckpts: dict
-    editor_models: dict = dataclasses.field(default_factory=dict)  # editor -> its own world model directory
-
-    def model_for(self, editor: str | None) -> str:
-        """The model directory (its tokenizer inside) `editor` runs on: its own where shipped, else `model_dir`."""
-        return self.editor_models.get(editor, self.model_dir)
 
 
 def default_cache_dir(n_train: int | None = None) -> str:
@@ -101,7 +89,5 @@ def ensure(task: str = "vqa", cache_dir: str | None = None, assets: str | None =
     data_dir = ensure_data(cache_dir)
     ckpts = {name.removesuffix(f"_{task}"): os.path.join(assets, name) for name in sorted(os.listdir(assets))
              if name.endswith(f"_{task}") and os.path.isdir(os.path.join(assets, name))}
-    models = {e: os.path.join(assets, name) for e, name in MODEL_OF_EDITOR.items()
-              if os.path.isdir(os.path.join(assets, name))}
     return World(data_dir, model_dir, model_dir, os.path.join(data_dir, FILE_NAMES[(task, "train")]),
-                 os.path.join(data_dir, FILE_NAMES[(task, "eval")]), data_dir, ckpts, models)
+                 os.path.join(data_dir, FILE_NAMES[(task, "eval")]), data_dir, ckpts)
