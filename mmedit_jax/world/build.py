@@ -12,7 +12,8 @@
    editor, IKE included, runs on;
 3. `python -m mmedit_jax.train --editor E --config configs/E_world.yaml` on the E-VQA train split, validated on
    the eval split -> `WORK/E_vqa/editor`; where `configs/E_world_finetune.yaml` exists, a second stage
-   warm-starts from that editor (`--init-editor`) -> `WORK/E_vqa_finetune/editor`, the one installed (for the
+   warm-starts from that editor (`--init-editor`) -> `WORK/E_vqa_finetune/editor`, and so on through
+   `_finetune2`, `_finetune3` where they exist; the last stage's editor is the one installed (for the
    MiniGPT-4 family the configs are `E_world_minigpt4.yaml` and `E_world_minigpt4_finetune.yaml`);
 4. with `--install`, copies the model and editors into the family's assets (`mmedit_jax/assets/world/`,
    `mmedit_jax/assets/world_minigpt4/`: what `bench --family` loads).
@@ -149,6 +150,7 @@ def main(argv=None):
         report = os.path.join(os.path.dirname(model_dir), "pretrain_report.json")
         if os.path.exists(report) and not args.model:
             shutil.copy2(report, os.path.join(installed, "pretrain_report.json"))
+
 
 if __name__ == "__main__":
     main()
